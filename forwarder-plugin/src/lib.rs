@@ -1,0 +1,1 @@
+//! Kernel dataplane for the mesh-proxy NSE.

@@ -1,0 +1,68 @@
+//! Shared harness for the real-kernel integration suites: root/CI guards,
+//! namespaces that remove themselves, and the workspace's binaries.
+
+#![forbid(unsafe_code)]
+
+pub mod netns;
+pub mod process;
+
+/// Whether a root-only test can run here. Under `CI=true` a missing
+/// prerequisite is a failure (never a silent pass); elsewhere the test prints
+/// why it is skipped and returns early.
+pub fn require_root(test: &str) -> bool {
+    let is_root = nix_is_root();
+    if is_root {
+        return true;
+    }
+    let why = format!("{test}: needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to create namespaces");
+    if in_ci() {
+        panic!("{why}; CI=true, so this is a failure, not a skip");
+    }
+    eprintln!("SKIPPED {why}");
+    false
+}
+
+/// Like [`require_root`], for a command-line tool the test needs (e.g. `haproxy`).
+pub fn require_tool(test: &str, tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| std::path::Path::new(d).join(tool).is_file());
+    if found {
+        return true;
+    }
+    let why = format!("{test}: needs `{tool}` (run tests/run.sh, which installs it)");
+    if in_ci() {
+        panic!("{why}; CI=true, so this is a failure, not a skip");
+    }
+    eprintln!("SKIPPED {why}");
+    false
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+fn nix_is_root() -> bool {
+    // /proc/self/status "Uid:" line: real, effective, saved, fs.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A name unique to this process and call, short enough for interface names
+/// when `prefix` is at most 5 bytes (`prefix` + 9 hex digits ≤ 15).
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    format!("{prefix}{:05x}{:04x}", pid & 0xfffff, n & 0xffff)
+}
