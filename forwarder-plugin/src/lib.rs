@@ -1,1 +1,4 @@
-//! Kernel dataplane for the mesh-proxy NSE.
+//! Kernel dataplane for the mesh-proxy NSE: network namespace handles (the only
+//! place that calls setns), links over rtnetlink, and redirect-rule backends.
+
+pub mod netns;
