@@ -7,11 +7,12 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-use nix::sched::{CloneFlags, setns};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
 use nsm_api::inode::InodeUrl;
 
 /// Identity of a network namespace: the (st_dev, st_ino) of its nsfs file.
@@ -54,7 +55,9 @@ pub enum NetnsError {
     },
     #[error("{what} is not a network namespace")]
     NotNetns { what: String },
-    #[error("invalid network namespace name {0:?}: no '/', whitespace or control characters, at most 255 bytes")]
+    #[error(
+        "invalid network namespace name {0:?}: no '/', whitespace or control characters, at most 255 bytes"
+    )]
     BadName(String),
     #[error("cannot enter network namespace {id}: {source}")]
     Enter {
@@ -64,6 +67,32 @@ pub enum NetnsError {
     },
     #[error("namespace worker thread failed: {0}")]
     Thread(String),
+    #[error("network namespace {name:?} already exists")]
+    Exists { name: String },
+    #[error("cannot {op} network namespace {name:?}: {source}")]
+    Named {
+        op: &'static str,
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where named namespaces live, as with `ip netns`.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
+fn check_name(name: &str) -> Result<(), NetnsError> {
+    if name.is_empty()
+        || name.len() > 255
+        || name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    {
+        return Err(NetnsError::BadName(name.to_owned()));
+    }
+    Ok(())
 }
 
 /// An open network namespace. Holding it keeps the namespace alive (even after
@@ -87,17 +116,8 @@ impl Netns {
         if spec.starts_with('/') {
             return Self::open_path(Path::new(spec));
         }
-        if spec.is_empty()
-            || spec.len() > 255
-            || spec == "."
-            || spec == ".."
-            || spec
-                .chars()
-                .any(|c| c == '/' || c.is_whitespace() || c.is_control())
-        {
-            return Err(NetnsError::BadName(spec.to_owned()));
-        }
-        let path = Path::new("/run/netns").join(spec);
+        check_name(spec)?;
+        let path = Path::new(NETNS_RUN_DIR).join(spec);
         if !path.exists() {
             return Err(NetnsError::NotFound {
                 spec: spec.to_owned(),
@@ -127,11 +147,7 @@ impl Netns {
     /// Adopts a descriptor received from elsewhere (e.g. over grpcfd), checking
     /// that it really is a network namespace.
     pub fn from_fd(fd: OwnedFd, what: &str) -> Result<Netns, NetnsError> {
-        // nsfs files read back as "net:[<ino>]" through /proc/self/fd.
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !link.starts_with("net:[") {
+        if !is_netns(fd.as_fd()) {
             return Err(NetnsError::NotNetns {
                 what: what.to_owned(),
             });
@@ -171,15 +187,20 @@ impl Netns {
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
             .map(|e| e.path().join("ns/net"));
         for p in named.chain(procs) {
             if matches(&p) {
                 // Re-check after opening: the process may have exited or changed namespace.
-                if let Ok(ns) = Self::open_path(&p) {
-                    if ns.id == id {
-                        return Ok(ns);
-                    }
+                if let Ok(ns) = Self::open_path(&p)
+                    && ns.id == id
+                {
+                    return Ok(ns);
                 }
             }
         }
@@ -233,6 +254,88 @@ impl Netns {
         })
     }
 
+    /// Creates a new, empty network namespace named `name` under
+    /// `/run/netns` (as `ip netns add` does, without spawning it). The
+    /// namespace is made by `unshare` on a throw-away thread and kept alive by
+    /// a bind mount of that thread's nsfs file.
+    pub fn create_named(name: &str) -> Result<Netns, NetnsError> {
+        check_name(name)?;
+        let named = |op, source| NetnsError::Named {
+            op,
+            name: name.to_owned(),
+            source,
+        };
+        make_run_dir_shared().map_err(|e| named("prepare /run/netns for", e))?;
+        let path = Path::new(NETNS_RUN_DIR).join(name);
+        // The mount point: created exclusively so two creators of one name
+        // cannot both succeed.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => NetnsError::Exists {
+                    name: name.to_owned(),
+                },
+                _ => named("create", e),
+            })?;
+        // unshare(CLONE_NEWNET) affects only the calling thread, which exits
+        // right after the bind mount: nothing else ever runs in the new netns.
+        let bound = std::thread::scope(|s| {
+            s.spawn(|| -> std::io::Result<()> {
+                unshare(CloneFlags::CLONE_NEWNET)?;
+                // /proc/self would name the main thread's namespace.
+                mount(
+                    Some("/proc/thread-self/ns/net"),
+                    &path,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )?;
+                Ok(())
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("namespace thread panicked")))
+        });
+        if let Err(e) = bound {
+            let _ = std::fs::remove_file(&path);
+            return Err(named("create", e));
+        }
+        Self::open_path(&path).inspect_err(|_| {
+            let _ = Self::delete_named(name);
+        })
+    }
+
+    /// Removes a namespace made by [`Netns::create_named`] or `ip netns add`:
+    /// detaches the bind mount and removes the file. The namespace itself
+    /// lives on while anything (an open [`Netns`], a socket, a process) still
+    /// holds it.
+    pub fn delete_named(name: &str) -> Result<(), NetnsError> {
+        check_name(name)?;
+        let path = Path::new(NETNS_RUN_DIR).join(name);
+        if !path.exists() {
+            return Err(NetnsError::NotFound {
+                spec: name.to_owned(),
+            });
+        }
+        match umount2(&path, MntFlags::MNT_DETACH) {
+            // EINVAL: not a mount point (a stale file left by a crash).
+            Ok(()) | Err(nix::Error::EINVAL) => {}
+            Err(e) => {
+                return Err(NetnsError::Named {
+                    op: "unmount",
+                    name: name.to_owned(),
+                    source: e.into(),
+                });
+            }
+        }
+        std::fs::remove_file(&path).map_err(|source| NetnsError::Named {
+            op: "remove",
+            name: name.to_owned(),
+            source,
+        })
+    }
+
     /// Makes `cmd`'s child enter this namespace between fork and exec.
     pub fn enter_in_child(&self, cmd: &mut std::process::Command) {
         let fd = self.fd.as_raw_fd();
@@ -248,6 +351,62 @@ impl Netns {
             });
         }
     }
+}
+
+/// Whether `fd` is a network namespace. The file must be on nsfs (checked
+/// first, so the ioctl below never reaches another driver) and of type net.
+/// (Reading `/proc/self/fd/N` is not enough: a bind-mounted namespace such as
+/// `/run/netns/x` reads back as its mount path, not `net:[ino]`.)
+fn is_netns(fd: BorrowedFd<'_>) -> bool {
+    let on_nsfs = nix::sys::statfs::fstatfs(fd)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
+    if !on_nsfs {
+        return false;
+    }
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the namespace
+    // type of `fd`, a valid descriptor borrowed for this call on nsfs.
+    #[allow(unsafe_code)]
+    let nstype = unsafe { libc::ioctl(fd.as_raw_fd(), libc::NS_GET_NSTYPE) };
+    nstype == libc::CLONE_NEWNET
+}
+
+/// Creates `/run/netns` and makes it a shared mount point, as iproute2 does,
+/// so namespaces mounted later propagate into mount namespaces (containers)
+/// that bind it. Done once per process.
+fn make_run_dir_shared() -> std::io::Result<()> {
+    static DONE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut done = DONE.lock().unwrap_or_else(|p| p.into_inner());
+    if *done {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(NETNS_RUN_DIR)?;
+    let make_shared = || {
+        mount(
+            None::<&str>,
+            NETNS_RUN_DIR,
+            Some("none"),
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    if let Err(nix::Error::EINVAL) = make_shared() {
+        // Not a mount point yet: bind it onto itself first.
+        mount(
+            Some(NETNS_RUN_DIR),
+            NETNS_RUN_DIR,
+            Some("none"),
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )?;
+        make_shared()?;
+    }
+    // Other errors (e.g. read-only /run): keep going, the bind mount of a
+    // namespace works on a private mount too.
+    *done = true;
+    Ok(())
 }
 
 impl AsFd for Netns {
@@ -278,10 +437,7 @@ mod tests {
             Netns::open("no-such-ns-4242"),
             Err(NetnsError::NotFound { .. })
         ));
-        assert!(matches!(
-            Netns::open("a b"),
-            Err(NetnsError::BadName(_))
-        ));
+        assert!(matches!(Netns::open("a b"), Err(NetnsError::BadName(_))));
         assert!(matches!(
             Netns::open("/etc/hostname"),
             Err(NetnsError::NotNetns { .. })
@@ -300,7 +456,10 @@ mod tests {
     fn run_returns_the_closure_value_and_leaves_caller_alone() {
         let before = Netns::current().unwrap().id();
         let ns = Netns::current().unwrap();
-        let inner = ns.run(|| Netns::current().map(|n| n.id())).unwrap().unwrap();
+        let inner = ns
+            .run(|| Netns::current().map(|n| n.id()))
+            .unwrap()
+            .unwrap();
         assert_eq!(inner, before);
         assert_eq!(Netns::current().unwrap().id(), before);
     }

@@ -71,9 +71,7 @@ fn segment_matches(want: &PathSegment, have: &PathSegment) -> bool {
 /// everything; `network_services` filters by service; the selector's segments
 /// must appear as a contiguous run of the path, empty fields being wildcards.
 pub fn selector_matches(sel: &MonitorScopeSelector, conn: &Connection) -> bool {
-    if !sel.network_services.is_empty()
-        && !sel.network_services.iter().any(|s| *s == conn.network_service)
-    {
+    if !sel.network_services.is_empty() && !sel.network_services.contains(&conn.network_service) {
         return false;
     }
     let want = &sel.path_segments;
@@ -104,7 +102,12 @@ mod tests {
             network_service: "mesh-proxy".into(),
             path: Some(Path {
                 index: 2,
-                path_segments: vec![seg("nsc", "c0"), seg("nsmgr", "m1"), seg("fwd", "f2"), seg("nse", "n3")],
+                path_segments: vec![
+                    seg("nsc", "c0"),
+                    seg("nsmgr", "m1"),
+                    seg("fwd", "f2"),
+                    seg("nse", "n3"),
+                ],
             }),
             ..Default::default()
         }
