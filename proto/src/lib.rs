@@ -1,8 +1,10 @@
 //! The NSM API (v1.15) as tonic/prost types, plus the small wire helpers every
 //! crate of this workspace needs: nsurl parsing, mechanism parameters, path
-//! helpers and `inode://dev/ino` URLs. No I/O and no policy live here.
+//! helpers and `inode://dev/ino` URLs. No I/O and no policy live here, except
+//! [`grpcfd`]: fd passing beside gRPC is part of NSM's wire protocol.
 
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: grpcfd adopts fds received via SCM_RIGHTS (one audited `unsafe`).
+#![deny(unsafe_code)]
 
 /// `package connectioncontext`.
 pub mod connectioncontext {
@@ -21,14 +23,17 @@ pub mod registry {
     tonic::include_proto!("registry");
 }
 
+pub mod grpcfd;
 pub mod inode;
 pub mod mechanism;
 pub mod nsurl;
 pub mod path;
 
 /// gRPC service names every NSM server reports as SERVING on `grpc.health.v1.Health`.
-pub const HEALTH_SERVICE_NAMES: [&str; 2] =
-    ["networkservice.NetworkService", "connection.MonitorConnection"];
+pub const HEALTH_SERVICE_NAMES: [&str; 2] = [
+    "networkservice.NetworkService",
+    "connection.MonitorConnection",
+];
 
 /// Metadata keys NSM hops use to pass the per-RPC token of the caller.
 pub const TOKEN_METADATA: &str = "nsm-client-token";

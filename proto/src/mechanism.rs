@@ -135,10 +135,7 @@ mod tests {
         let mut m = kernel([("name".to_owned(), "nsm-1".to_owned())]);
         assert!(m.is_kernel());
         assert_eq!(m.interface_name(), Some("nsm-1"));
-        assert!(matches!(
-            m.inode_url(),
-            Err(MechanismError::Missing { .. })
-        ));
+        assert!(matches!(m.inode_url(), Err(MechanismError::Missing { .. })));
         m.set_param(keys::INODE_URL, "inode://4/42");
         assert_eq!(m.inode_url().unwrap(), InodeUrl::new(4, 42));
     }

@@ -69,9 +69,11 @@ fn percent_decode(s: &str, url: &str) -> Result<String, NsUrlError> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or_else(|| NsUrlError::Encoding {
-                    url: url.to_owned(),
-                })?;
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .ok_or_else(|| NsUrlError::Encoding {
+                        url: url.to_owned(),
+                    })?;
                 let hex = std::str::from_utf8(hex).ok();
                 let v = hex
                     .and_then(|h| u8::from_str_radix(h, 16).ok())

@@ -1,0 +1,117 @@
+//! grpcfd-compatible fd side channel for tonic over unix sockets.
+//!
+//! The one place `nsm-api` does I/O: passing fds (netns, sockets) beside the
+//! gRPC bytes is part of NSM's wire protocol, so every hop needs the same code.
+//!
+//! Wire behaviour (edwarnicke/grpcfd `connwrap.go`): fds queued with
+//! [`FdChannel::send_fd`] go out on the next write on that connection, each on
+//! exactly one payload byte (`sendmsg` + `SCM_RIGHTS`), at most 64 per write,
+//! then the rest of the bytes as usual. Reads use `recvmsg` with
+//! `MSG_CMSG_CLOEXEC`; arriving fds are indexed by `(st_dev, st_ino)` and
+//! fetched with [`FdChannel::recv_fd`] by their `inode://dev/ino` URL. A peer
+//! that does not speak grpcfd simply never sees the fds (the kernel closes
+//! them when it reads the bytes with plain `read`).
+//!
+//! Caveat for Rust peers without grpcfd: the kernel ends every read at an
+//! fd-carrying byte, and tokio's `UnixStream` takes a short read to mean
+//! "drained" (it clears read readiness), so a plain tokio/tonic client can
+//! stall on a response that carries fds until more bytes arrive. Go clients
+//! and [`FdStream`] (which clears readiness only on `EAGAIN`) are unaffected.
+//! So Rust clients of fd-sending servers dial with [`dial`]; plain tonic
+//! clients work as long as they are not sent fds.
+
+mod channel;
+mod conn;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::{Stream, StreamExt, wrappers::UnixListenerStream};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub use channel::{DEFAULT_MAX_HELD_FDS, FdChannel, FdStats, inode_url_of};
+pub use conn::{FdStream, MAX_FDS_PER_WRITE};
+
+use crate::inode::InodeUrl;
+
+/// Why an fd could not be sent or received (carried inside the `io::Error`s of this module).
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcfdError {
+    #[error("no fd for {url} arrived on this connection within {timeout:?}")]
+    Timeout { url: InodeUrl, timeout: Duration },
+    #[error("the connection ended before an fd for {0} arrived")]
+    ClosedBeforeArrival(InodeUrl),
+    #[error("cannot queue an fd: the connection has ended")]
+    Closed,
+    #[error("this channel's unix connection to {0} has ended; dial a new one")]
+    Redial(PathBuf),
+}
+
+impl From<GrpcfdError> for io::Error {
+    fn from(e: GrpcfdError) -> Self {
+        let kind = match e {
+            GrpcfdError::Timeout { .. } => io::ErrorKind::TimedOut,
+            GrpcfdError::ClosedBeforeArrival(_) => io::ErrorKind::ConnectionAborted,
+            GrpcfdError::Closed | GrpcfdError::Redial(_) => io::ErrorKind::NotConnected,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// Server side: for `tonic::transport::Server::builder()...serve_with_incoming(grpcfd::incoming(listener))`; each connection's
+/// FdChannel is in the request extensions: `request.extensions().get::<FdChannel>()`.
+pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<FdStream>> {
+    UnixListenerStream::new(listener).map(|conn| conn.map(FdStream::new))
+}
+
+/// The authority tonic puts in requests; unix sockets ignore it.
+const UDS_ENDPOINT: &str = "http://[::]:50051";
+
+/// Client side: a tonic Channel over ONE fresh unix connection (NSM forwarders dial a fresh connection per Request), and its FdChannel.
+pub async fn dial(path: impl AsRef<Path>) -> Result<(Channel, FdChannel), tonic::transport::Error> {
+    dial_endpoint(Endpoint::from_static(UDS_ENDPOINT), path).await
+}
+
+/// [`dial`] failing after `timeout` if the socket does not accept.
+pub async fn dial_with_timeout(
+    path: impl AsRef<Path>,
+    timeout: Duration,
+) -> Result<(Channel, FdChannel), tonic::transport::Error> {
+    dial_endpoint(
+        Endpoint::from_static(UDS_ENDPOINT).connect_timeout(timeout),
+        path,
+    )
+    .await
+}
+
+/// [`dial`] with the caller's endpoint settings (timeouts, HTTP/2 options); its URI is ignored.
+///
+/// The channel never reconnects: fds belong to one connection, so once it
+/// ends every call fails (`NotConnected`) and the caller dials again.
+pub async fn dial_endpoint(
+    endpoint: Endpoint,
+    path: impl AsRef<Path>,
+) -> Result<(Channel, FdChannel), tonic::transport::Error> {
+    let path = path.as_ref().to_path_buf();
+    let fds = FdChannel::new();
+    // Handed to the first (eager) connect only; the slot then stays empty.
+    let slot = Arc::new(Mutex::new(Some(fds.clone())));
+    let connector = tower::service_fn(move |_: Uri| {
+        let (slot, path) = (slot.clone(), path.clone());
+        async move {
+            let taken = slot
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+            let fds = taken.ok_or_else(|| io::Error::from(GrpcfdError::Redial(path.clone())))?;
+            let io = UnixStream::connect(&path).await?;
+            Ok::<_, io::Error>(TokioIo::new(FdStream::with_channel(io, fds)))
+        }
+    });
+    let channel = endpoint.connect_with_connector(connector).await?;
+    Ok((channel, fds))
+}
