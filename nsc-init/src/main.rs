@@ -1,1 +1,65 @@
-fn main() {}
+//! nsc-init: NSM's client init container (and, with --watch, its sidecar).
+//! See README.md for the contract: environment, output, exit codes.
+
+#![forbid(unsafe_code)]
+
+mod config;
+mod exit;
+mod request;
+mod run;
+mod validate;
+mod wait;
+mod watch;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = match config::Cli::try_parse() {
+        Ok(c) => c,
+        // --help/--version print to stdout and succeed; usage errors are 2.
+        Err(e) => {
+            let _ = e.print();
+            let code = if e.use_stderr() {
+                exit::code::USAGE
+            } else {
+                exit::code::OK
+            };
+            return ExitCode::from(code);
+        }
+    };
+    let cfg = match config::Config::from_cli(&cli, |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => return exit::Failure::from(e).report(),
+    };
+    // Our own events at NSM_LOG_LEVEL; the gRPC stack's only at TRACE.
+    let filter = if cfg.log_level == tracing::Level::TRACE {
+        "trace".to_owned()
+    } else {
+        format!("warn,nsc_init={}", cfg.log_level)
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_target(false)
+        // Colour only for people; kubelet logs keep plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    // On the main thread, before any runtime thread exists.
+    let netns = match request::OwnNetns::open() {
+        Ok(n) => n,
+        Err(f) => return f.report(),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return exit::Failure::Setup(format!("tokio runtime: {e}")).report(),
+    };
+    match rt.block_on(run::run(cfg, netns)) {
+        Ok(()) => ExitCode::from(exit::code::OK),
+        Err(f) => f.report(),
+    }
+}

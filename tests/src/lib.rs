@@ -5,6 +5,7 @@
 
 pub mod netns;
 pub mod process;
+pub mod topology;
 
 /// Whether a root-only test can run here. Under `CI=true` a missing
 /// prerequisite is a failure (never a silent pass); elsewhere the test prints

@@ -1,0 +1,319 @@
+//! Control-plane cost of mesh-proxy-nse alone, against a spawned release build:
+//! Request+Close pairs per second and pair latency (p50/p99) at concurrency 1
+//! and 64, as a forwarder calls (fresh unix connection per call) and over one
+//! kept connection per worker; then resident memory per 1,000 open connections.
+//!
+//! `cargo bench -p nse --bench control_plane`
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use nsm_api::connection::{Connection, Mechanism, Path as NsmPath, PathSegment};
+use nsm_api::grpcfd;
+use nsm_api::networkservice::NetworkServiceRequest;
+use nsm_api::networkservice::network_service_client::NetworkServiceClient;
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mesh-proxy-nse");
+
+struct NseProcess {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl NseProcess {
+    fn spawn() -> Self {
+        let dir = std::env::temp_dir().join(format!("nse-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("nse.sock");
+        let child = Command::new(BIN)
+            .env_clear()
+            .env("NSM_INSECURE", "true")
+            .env("NSM_NAME", "bench-nse")
+            .env("NSM_LISTEN_ON", format!("unix://{}", socket.display()))
+            // 32,768 pairs: more than the benchmark ever holds.
+            .env("NSM_CIDR_PREFIX", "198.18.0.0/16")
+            .env("NSM_LOG_LEVEL", "WARN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn mesh-proxy-nse");
+        NseProcess { child, socket, dir }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+impl Drop for NseProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn wait_ready(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok((ch, _)) = grpcfd::dial(socket).await {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+            let req = tonic_health::pb::HealthCheckRequest {
+                service: "networkservice.NetworkService".into(),
+            };
+            if health.check(req).await.is_ok() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "NSE not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn seg(name: &str, id: &str) -> PathSegment {
+    PathSegment {
+        name: name.into(),
+        id: id.into(),
+        token: format!("token-{name}"),
+        expires: Some(nsm_api::path::to_timestamp(
+            SystemTime::now() + Duration::from_secs(600),
+        )),
+        ..Default::default()
+    }
+}
+
+/// A forwarder's Request for connection number `n`.
+fn request(n: u64) -> tonic::Request<NetworkServiceRequest> {
+    let f2 = format!("f2-{n}");
+    let mech = |t: &str| Mechanism {
+        cls: "LOCAL".into(),
+        r#type: t.into(),
+        ..Default::default()
+    };
+    let msg = NetworkServiceRequest {
+        connection: Some(Connection {
+            id: f2.clone(),
+            network_service: "mesh-proxy".into(),
+            labels: [("app".to_string(), "bench".to_string())].into(),
+            path: Some(NsmPath {
+                index: 2,
+                path_segments: vec![
+                    seg("nsc", &format!("c0-{n}")),
+                    seg("nsmgr", &format!("m1-{n}")),
+                    seg("fwd", &f2),
+                ],
+            }),
+            ..Default::default()
+        }),
+        mechanism_preferences: vec![mech("MEMIF"), mech("KERNEL")],
+    };
+    with_metadata(msg)
+}
+
+fn with_metadata<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    let expires =
+        chrono::DateTime::<chrono::Utc>::from(SystemTime::now() + Duration::from_secs(600))
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    r.metadata_mut()
+        .insert("nsm-client-token", "bench-token".parse().unwrap());
+    r.metadata_mut()
+        .insert("nsm-client-token-expires", expires.parse().unwrap());
+    r.set_timeout(Duration::from_secs(15));
+    r
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// A new unix connection for every call, as NSM forwarders dial.
+    FreshConnection,
+    /// One connection per worker for all its calls.
+    KeptConnection,
+}
+
+async fn client(socket: &Path) -> NetworkServiceClient<Channel> {
+    let (ch, _) = grpcfd::dial(socket).await.expect("dial");
+    NetworkServiceClient::new(ch)
+}
+
+/// One Request+Close pair; returns its latency.
+async fn pair(socket: &Path, kept: Option<&mut NetworkServiceClient<Channel>>, n: u64) -> Duration {
+    let start = Instant::now();
+    match kept {
+        Some(c) => {
+            let conn = c.request(request(n)).await.expect("Request").into_inner();
+            c.close(with_metadata(conn)).await.expect("Close");
+        }
+        None => {
+            let conn = client(socket)
+                .await
+                .request(request(n))
+                .await
+                .expect("Request")
+                .into_inner();
+            client(socket)
+                .await
+                .close(with_metadata(conn))
+                .await
+                .expect("Close");
+        }
+    }
+    start.elapsed()
+}
+
+struct Row {
+    mode: &'static str,
+    concurrency: usize,
+    pairs: usize,
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn run(socket: &Path, mode: Mode, concurrency: usize, pairs: usize) -> Row {
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (socket, next) = (socket.to_owned(), next.clone());
+            tokio::spawn(async move {
+                let mut kept = match mode {
+                    Mode::KeptConnection => Some(client(&socket).await),
+                    Mode::FreshConnection => None,
+                };
+                let mut lat = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= pairs as u64 {
+                        return lat;
+                    }
+                    lat.push(pair(&socket, kept.as_mut(), n).await);
+                }
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for w in workers {
+        lat.extend(w.await.unwrap());
+    }
+    let wall = start.elapsed();
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    Row {
+        mode: match mode {
+            Mode::FreshConnection => "fresh conn/call",
+            Mode::KeptConnection => "kept conn",
+        },
+        concurrency,
+        pairs: lat.len(),
+        per_sec: lat.len() as f64 / wall.as_secs_f64(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+    }
+}
+
+/// Opens `count` connections (16 at a time) numbered from `first`; returns them.
+async fn open(socket: &Path, first: u64, count: u64) -> Vec<Connection> {
+    let mut out = Vec::with_capacity(count as usize);
+    let ids: Vec<u64> = (first..first + count).collect();
+    for chunk in ids.chunks(16) {
+        let calls: Vec<_> = chunk
+            .iter()
+            .map(|&n| {
+                let socket = socket.to_owned();
+                tokio::spawn(async move {
+                    client(&socket)
+                        .await
+                        .request(request(n))
+                        .await
+                        .expect("Request")
+                        .into_inner()
+                })
+            })
+            .collect();
+        for c in calls {
+            out.push(c.await.unwrap());
+        }
+    }
+    out
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    // `cargo bench` passes --bench; nothing to parse.
+    let nse = NseProcess::spawn();
+    wait_ready(&nse.socket).await;
+    run(&nse.socket, Mode::FreshConnection, 8, 500).await; // warm-up
+
+    let mut rows = Vec::new();
+    for mode in [Mode::FreshConnection, Mode::KeptConnection] {
+        rows.push(run(&nse.socket, mode, 1, 2_000).await);
+        rows.push(run(&nse.socket, mode, 64, 10_000).await);
+    }
+    println!(
+        "\nmesh-proxy-nse control plane: Request+Close pairs (2 CPUs shared by client and NSE)\n"
+    );
+    println!(
+        "{:<16} {:>11} {:>7} {:>10} {:>9} {:>9}",
+        "mode", "concurrency", "pairs", "pairs/s", "p50 ms", "p99 ms"
+    );
+    for r in &rows {
+        println!(
+            "{:<16} {:>11} {:>7} {:>10.0} {:>9} {:>9}",
+            r.mode,
+            r.concurrency,
+            r.pairs,
+            r.per_sec,
+            ms(r.p50),
+            ms(r.p99)
+        );
+    }
+
+    // Memory: connections held open (each with begin/monitor/IPAM state and an expiry timer).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = nse.rss_kib();
+    let mut held = Vec::new();
+    let mut rss = vec![(0u64, base)];
+    for step in 1..=5u64 {
+        held.extend(open(&nse.socket, 1_000_000 + (step - 1) * 1_000, 1_000).await);
+        rss.push((held.len() as u64, nse.rss_kib()));
+    }
+    let (n, top) = *rss.last().unwrap();
+    let one = prost::Message::encoded_len(&held[0]);
+    println!("\nmesh-proxy-nse RSS (VmRSS) with open connections\n");
+    println!("{:>12} {:>10}", "connections", "RSS KiB");
+    for (n, kib) in &rss {
+        println!("{n:>12} {kib:>10}");
+    }
+    println!(
+        "\nRSS per 1,000 open connections: {:.0} KiB ({} → {} KiB over {n})",
+        (top - base) as f64 * 1000.0 / n as f64,
+        base,
+        top
+    );
+    println!("(one returned connection is {one} bytes of protobuf)");
+    for c in held {
+        client(&nse.socket)
+            .await
+            .close(with_metadata(c))
+            .await
+            .expect("Close");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    println!("RSS after closing them all: {} KiB", nse.rss_kib());
+}

@@ -1,0 +1,567 @@
+//! Configuration by NSM's environment names, each also a `--flag`.
+//!
+//! Every value is read as text and checked here, so a bad value gives one
+//! line naming the variable, the flag and what is wrong (exit code 64).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use ipnet::IpNet;
+
+use crate::duration;
+use crate::ipam::{Policy, parse_groups};
+
+/// `sysexits.h` EX_USAGE: the configuration is wrong.
+pub const EXIT_CONFIG: u8 = 64;
+
+pub const DEFAULT_LISTEN_ON: &str = "unix:///tmp/mesh-proxy-nse/listen.on.sock";
+
+/// Longest unix socket path (`sun_path` is 108 bytes with the NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "mesh-proxy-nse",
+    version,
+    about = "Network Service Mesh endpoint that puts a service-mesh proxy in a client's traffic path",
+    long_about = "Network Service Mesh endpoint (NSM API v1.15) that puts a service-mesh proxy in a \
+client's traffic path. Serves networkservice.NetworkService, connection.MonitorConnection and \
+grpc.health.v1.Health; hands out KERNEL interfaces in its own network namespace (fd passed over \
+the unix socket) with point-to-point addresses.\n\nEvery option is also read from the NSM \
+environment variable shown with it; the flag wins over the variable."
+)]
+pub struct Args {
+    /// Name of this endpoint: its path-segment name and token subject.
+    #[arg(
+        long,
+        env = "NSM_NAME",
+        value_name = "NAME",
+        default_value = "mesh-proxy-nse"
+    )]
+    pub name: String,
+
+    /// Where to serve: unix:///absolute/path (fd passing, what NSM forwarders need) or tcp://host:port.
+    #[arg(long, env = "NSM_LISTEN_ON", value_name = "URL", default_value = DEFAULT_LISTEN_ON)]
+    pub listen_on: String,
+
+    /// The NSM manager to register with (unix:///… or tcp://…); empty: do not register.
+    /// Stored for registration, which a later version adds.
+    #[arg(long, env = "NSM_CONNECT_TO", value_name = "URL", default_value = "")]
+    pub connect_to: String,
+
+    /// Network services this endpoint provides, comma-separated.
+    #[arg(
+        long,
+        env = "NSM_SERVICE_NAMES",
+        value_name = "NAMES",
+        default_value = "mesh-proxy"
+    )]
+    pub service_names: String,
+
+    /// Labels of this endpoint, as k1:v1,k2:v2.
+    #[arg(long, env = "NSM_LABELS", value_name = "LABELS", default_value = "")]
+    pub labels: String,
+
+    /// Address pools: CIDRs and [bracketed, groups], e.g. "[198.18.0.0/16], [fd00::/64]"; each group gives every connection one point-to-point pair.
+    #[arg(
+        long,
+        env = "NSM_CIDR_PREFIX",
+        value_name = "CIDRS",
+        default_value = "169.254.0.0/16"
+    )]
+    pub cidr_prefix: String,
+
+    /// What to do with addresses a client presents: polite (keep them) or strict (drop those not free in our pools).
+    #[arg(
+        long,
+        env = "NSM_IPAM_POLICY",
+        value_name = "POLICY",
+        default_value = "polite"
+    )]
+    pub ipam_policy: String,
+
+    /// Lifetime of the tokens this endpoint issues (Go duration: 10m, 1h30m, 500ms).
+    #[arg(
+        long,
+        env = "NSM_MAX_TOKEN_LIFETIME",
+        value_name = "DURATION",
+        default_value = "10m"
+    )]
+    pub max_token_lifetime: String,
+
+    /// Payload of the network services: IP or ETHERNET.
+    #[arg(
+        long,
+        env = "NSM_PAYLOAD",
+        value_name = "PAYLOAD",
+        default_value = "IP"
+    )]
+    pub payload: String,
+
+    /// Log level: TRACE, DEBUG, INFO, WARN, ERROR (FATAL and PANIC mean ERROR).
+    #[arg(
+        long,
+        env = "NSM_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "INFO"
+    )]
+    pub log_level: String,
+
+    /// Serve without TLS/SPIFFE (required for now: TLS is not implemented yet); tokens are signed with an ephemeral ES256 key and incoming tokens are not verified.
+    #[arg(
+        long,
+        env = "NSM_INSECURE",
+        default_value = "false",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub insecure: String,
+}
+
+/// Where the gRPC server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenOn {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for ListenOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenOn::Unix(p) => write!(f, "unix://{}", p.display()),
+            ListenOn::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub listen_on: ListenOn,
+    /// Registry URL (`NSM_CONNECT_TO`); `None`: do not register.
+    pub connect_to: Option<String>,
+    pub service_names: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub cidr_groups: Vec<Vec<IpNet>>,
+    pub ipam_policy: Policy,
+    pub max_token_lifetime: Duration,
+    pub payload: String,
+    pub log_level: tracing::Level,
+    pub insecure: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {env} (--{flag}): {reason}")]
+    Invalid {
+        env: &'static str,
+        flag: &'static str,
+        reason: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Usage(String),
+    #[error(
+        "TLS/SPIFFE is not implemented yet: set NSM_INSECURE=true (or --insecure) to serve without TLS, with tokens signed by an ephemeral key"
+    )]
+    TlsNotImplemented,
+}
+
+fn invalid(env: &'static str, flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        env,
+        flag,
+        reason: reason.into(),
+    }
+}
+
+fn first_control(s: &str) -> Option<char> {
+    s.chars().find(|c| c.is_control())
+}
+
+fn parse_listen_on(s: &str) -> Result<ListenOn, String> {
+    if let Some(path) = s.strip_prefix("unix://") {
+        if !path.starts_with('/') {
+            return Err(format!(
+                "{s:?}: a unix URL needs an absolute path, e.g. unix:///tmp/nse/listen.on.sock"
+            ));
+        }
+        if path.len() > MAX_UNIX_PATH {
+            return Err(format!(
+                "{s:?}: unix socket paths are limited to {MAX_UNIX_PATH} bytes"
+            ));
+        }
+        if path.ends_with('/') || first_control(path).is_some() {
+            return Err(format!("{s:?} is not a socket file path"));
+        }
+        return Ok(ListenOn::Unix(PathBuf::from(path)));
+    }
+    if let Some(addr) = s.strip_prefix("tcp://") {
+        if let Some(port) = addr.strip_prefix(':') {
+            let port: u16 = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
+            return Ok(ListenOn::Tcp(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                port,
+            )));
+        }
+        if let Some(port) = addr.strip_prefix("localhost:") {
+            let port: u16 = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
+            return Ok(ListenOn::Tcp(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                port,
+            )));
+        }
+        return addr.parse().map(ListenOn::Tcp).map_err(|_| {
+            format!(
+                "{s:?}: expected tcp://<ip>:<port>, e.g. tcp://127.0.0.1:5001 or tcp://[::1]:5001"
+            )
+        });
+    }
+    Err(format!("{s:?}: expected unix:///path or tcp://host:port"))
+}
+
+fn parse_connect_to(s: &str) -> Result<Option<String>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let ok = match (s.strip_prefix("unix://"), s.strip_prefix("tcp://")) {
+        (Some(p), _) => p.starts_with('/') && p.len() > 1,
+        (_, Some(hp)) => hp
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+        _ => false,
+    };
+    if !ok || first_control(s).is_some() || s.contains(char::is_whitespace) {
+        return Err(format!(
+            "{s:?}: expected unix:///path or tcp://host:port (or empty: do not register)"
+        ));
+    }
+    Ok(Some(s.to_owned()))
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("is empty".into());
+    }
+    if s.contains(|c: char| c.is_control() || c.is_whitespace()) {
+        return Err(format!("{s:?} contains whitespace or a control character"));
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_service_names(s: &str) -> Result<Vec<String>, String> {
+    let names: Vec<&str> = s.split(',').map(str::trim).collect();
+    if names.iter().any(|n| n.is_empty()) {
+        return Err(format!("{s:?} has an empty service name"));
+    }
+    names.into_iter().map(parse_name).collect()
+}
+
+/// `k1:v1,k2:v2` (envconfig's map syntax); empty means no labels.
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    if s.trim().is_empty() {
+        return Ok(out);
+    }
+    for pair in s.split(',') {
+        let (k, v) = pair
+            .split_once(':')
+            .ok_or_else(|| format!("{pair:?} is not key:value"))?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() {
+            return Err(format!("{pair:?} has an empty key"));
+        }
+        if let Some(c) = first_control(k).or_else(|| first_control(v)) {
+            return Err(format!(
+                "{pair:?} contains control character U+{:04X}",
+                c as u32
+            ));
+        }
+        if out.insert(k.to_owned(), v.to_owned()).is_some() {
+            return Err(format!("key {k:?} appears twice"));
+        }
+    }
+    Ok(out)
+}
+
+fn parse_payload(s: &str) -> Result<String, String> {
+    let up = s.trim().to_ascii_uppercase();
+    match up.as_str() {
+        nsm_api::payload::IP | nsm_api::payload::ETHERNET => Ok(up),
+        _ => Err(format!("{s:?} is not a payload: use IP or ETHERNET")),
+    }
+}
+
+fn parse_log_level(s: &str) -> Result<tracing::Level, String> {
+    Ok(match s.trim().to_ascii_uppercase().as_str() {
+        "TRACE" => tracing::Level::TRACE,
+        "DEBUG" => tracing::Level::DEBUG,
+        "INFO" => tracing::Level::INFO,
+        "WARN" | "WARNING" => tracing::Level::WARN,
+        "ERROR" | "FATAL" | "PANIC" => tracing::Level::ERROR,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a log level: use TRACE, DEBUG, INFO, WARN or ERROR"
+            ));
+        }
+    })
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    // Go's strconv.ParseBool, which envconfig uses.
+    match s.trim() {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean: use true or false")),
+    }
+}
+
+impl Config {
+    /// Parses the process's arguments and environment.
+    pub fn from_env_and_args() -> Result<Config, ConfigError> {
+        Self::parse_from(std::env::args_os())
+    }
+
+    /// Parses `args` (argv[0] first) with the environment as fallback.
+    /// `--help`/`--version` print and exit the process, as clap does.
+    pub fn parse_from<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = match Args::try_parse_from(args) {
+            Ok(a) => a,
+            Err(e) if !e.use_stderr() => e.exit(), // --help, --version: stdout, exit 0
+            Err(e) => {
+                let text = e.to_string();
+                let line = text
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ");
+                return Err(ConfigError::Usage(line.to_owned()));
+            }
+        };
+        Self::try_from(args)
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Self, Self::Error> {
+        let insecure =
+            parse_bool(&a.insecure).map_err(|r| invalid("NSM_INSECURE", "insecure", r))?;
+        let cfg = Config {
+            name: parse_name(&a.name).map_err(|r| invalid("NSM_NAME", "name", r))?,
+            listen_on: parse_listen_on(&a.listen_on)
+                .map_err(|r| invalid("NSM_LISTEN_ON", "listen-on", r))?,
+            connect_to: parse_connect_to(&a.connect_to)
+                .map_err(|r| invalid("NSM_CONNECT_TO", "connect-to", r))?,
+            service_names: parse_service_names(&a.service_names)
+                .map_err(|r| invalid("NSM_SERVICE_NAMES", "service-names", r))?,
+            labels: parse_labels(&a.labels).map_err(|r| invalid("NSM_LABELS", "labels", r))?,
+            cidr_groups: parse_groups(&a.cidr_prefix).map_err(|e| {
+                invalid(
+                    "NSM_CIDR_PREFIX",
+                    "cidr-prefix",
+                    format!("{:?} {e}", a.cidr_prefix),
+                )
+            })?,
+            ipam_policy: a
+                .ipam_policy
+                .parse()
+                .map_err(|r: String| invalid("NSM_IPAM_POLICY", "ipam-policy", r))?,
+            max_token_lifetime: match duration::parse(&a.max_token_lifetime) {
+                Ok(d) if d.is_zero() => {
+                    return Err(invalid(
+                        "NSM_MAX_TOKEN_LIFETIME",
+                        "max-token-lifetime",
+                        "must be more than 0",
+                    ));
+                }
+                Ok(d) => d,
+                Err(e) => {
+                    return Err(invalid(
+                        "NSM_MAX_TOKEN_LIFETIME",
+                        "max-token-lifetime",
+                        e.to_string(),
+                    ));
+                }
+            },
+            payload: parse_payload(&a.payload).map_err(|r| invalid("NSM_PAYLOAD", "payload", r))?,
+            log_level: parse_log_level(&a.log_level)
+                .map_err(|r| invalid("NSM_LOG_LEVEL", "log-level", r))?,
+            insecure,
+        };
+        if !cfg.insecure {
+            return Err(ConfigError::TlsNotImplemented);
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["mesh-proxy-nse", "--insecure"];
+        v.extend_from_slice(args);
+        Config::parse_from(v)
+    }
+
+    fn reason(args: &[&str]) -> String {
+        parse(args).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.name, "mesh-proxy-nse");
+        assert_eq!(
+            c.listen_on,
+            ListenOn::Unix("/tmp/mesh-proxy-nse/listen.on.sock".into())
+        );
+        assert_eq!(c.connect_to, None);
+        assert_eq!(c.service_names, ["mesh-proxy"]);
+        assert!(c.labels.is_empty());
+        assert_eq!(
+            c.cidr_groups,
+            vec![vec!["169.254.0.0/16".parse::<IpNet>().unwrap()]]
+        );
+        assert_eq!(c.ipam_policy, Policy::Polite);
+        assert_eq!(c.max_token_lifetime, Duration::from_secs(600));
+        assert_eq!(c.payload, "IP");
+        assert_eq!(c.log_level, tracing::Level::INFO);
+    }
+
+    #[test]
+    fn every_option() {
+        let c = parse(&[
+            "--name=nse-a",
+            "--listen-on=tcp://127.0.0.1:5001",
+            "--connect-to=unix:///var/lib/networkservicemesh/nsm.io.sock",
+            "--service-names=a, b",
+            "--labels=app:gw,zone:z1",
+            "--cidr-prefix=[198.18.0.0/24], [fd00::/120]",
+            "--ipam-policy=strict",
+            "--max-token-lifetime=1h30m",
+            "--payload=ethernet",
+            "--log-level=warning",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.listen_on,
+            ListenOn::Tcp("127.0.0.1:5001".parse().unwrap())
+        );
+        assert_eq!(
+            c.connect_to.as_deref(),
+            Some("unix:///var/lib/networkservicemesh/nsm.io.sock")
+        );
+        assert_eq!(c.service_names, ["a", "b"]);
+        assert_eq!(c.labels["zone"], "z1");
+        assert_eq!(c.cidr_groups.len(), 2);
+        assert_eq!(c.ipam_policy, Policy::Strict);
+        assert_eq!(c.max_token_lifetime, Duration::from_secs(5400));
+        assert_eq!(c.payload, "ETHERNET");
+        assert_eq!(c.log_level, tracing::Level::WARN);
+    }
+
+    #[test]
+    fn insecure_is_required_and_parsed_like_go() {
+        assert_eq!(
+            Config::parse_from(["mesh-proxy-nse"]).unwrap_err(),
+            ConfigError::TlsNotImplemented
+        );
+        assert_eq!(
+            Config::parse_from(["mesh-proxy-nse", "--insecure=false"]).unwrap_err(),
+            ConfigError::TlsNotImplemented
+        );
+        assert!(Config::parse_from(["mesh-proxy-nse", "--insecure=true"]).is_ok());
+        assert!(Config::parse_from(["mesh-proxy-nse", "--insecure", "1"]).is_ok());
+        let e = Config::parse_from(["mesh-proxy-nse", "--insecure=yes"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("NSM_INSECURE (--insecure): \"yes\" is not a boolean"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_problem() {
+        let cases: [(&[&str], &str); 12] = [
+            (
+                &["--cidr-prefix=10.0.0.0/33"],
+                "NSM_CIDR_PREFIX (--cidr-prefix): \"10.0.0.0/33\" has \"10.0.0.0/33\", which is not a CIDR",
+            ),
+            (
+                &["--cidr-prefix=[198.18.0.0/24"],
+                "NSM_CIDR_PREFIX (--cidr-prefix): \"[198.18.0.0/24\" has a group that is never closed",
+            ),
+            (
+                &["--ipam-policy=rude"],
+                "NSM_IPAM_POLICY (--ipam-policy): \"rude\" is not an IPAM policy",
+            ),
+            (
+                &["--max-token-lifetime=10"],
+                "NSM_MAX_TOKEN_LIFETIME (--max-token-lifetime): \"10 (missing unit)\"",
+            ),
+            (&["--max-token-lifetime=0"], "must be more than 0"),
+            (
+                &["--labels=app"],
+                "NSM_LABELS (--labels): \"app\" is not key:value",
+            ),
+            (&["--labels=:x"], "has an empty key"),
+            (
+                &["--payload=L2"],
+                "NSM_PAYLOAD (--payload): \"L2\" is not a payload",
+            ),
+            (
+                &["--listen-on=unix://relative.sock"],
+                "NSM_LISTEN_ON (--listen-on): \"unix://relative.sock\": a unix URL needs an absolute path",
+            ),
+            (
+                &["--listen-on=http://x"],
+                "expected unix:///path or tcp://host:port",
+            ),
+            (
+                &["--log-level=loud"],
+                "NSM_LOG_LEVEL (--log-level): \"loud\" is not a log level",
+            ),
+            (
+                &["--service-names=a,,b"],
+                "NSM_SERVICE_NAMES (--service-names): \"a,,b\" has an empty service name",
+            ),
+        ];
+        for (args, want) in cases {
+            let got = reason(args);
+            assert!(got.contains(want), "{args:?}: {got}");
+            assert!(!got.contains('\n'), "one line: {got}");
+        }
+    }
+
+    #[test]
+    fn unknown_flags_are_one_line_usage_errors() {
+        let e = parse(&["--bogus"]).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Usage(l) if l.contains("--bogus")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn labels_grammar() {
+        assert_eq!(parse_labels("").unwrap().len(), 0);
+        let l = parse_labels("a:1, b:x:y").unwrap();
+        assert_eq!((l["a"].as_str(), l["b"].as_str()), ("1", "x:y"));
+        assert!(parse_labels("a:1,a:2").is_err());
+        assert!(parse_labels("a:\u{1}").is_err());
+    }
+}

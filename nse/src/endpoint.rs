@@ -1,0 +1,155 @@
+//! The assembled endpoint: NSM's endpoint chain in NSM's order, plus the
+//! state the servers and tests look at.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nsm_api::connection::Connection;
+
+use crate::chain::begin::Begin;
+use crate::chain::functions::{Functions, NetworkFunction};
+use crate::chain::ipam::Ipam;
+use crate::chain::mechanism::KernelMechanism;
+use crate::chain::monitor::Monitor;
+use crate::chain::timeout::Timeout;
+use crate::chain::trimpath::TrimPath;
+use crate::chain::updatepath::UpdatePath;
+use crate::chain::updatetoken::UpdateToken;
+use crate::chain::{Ctx, Element, Next, Req};
+use crate::config::Config;
+use crate::error::NseError;
+use crate::ipam::{P2pIpam, Policy};
+use crate::monitor::MonitorHub;
+use crate::netns::{NetnsError, OwnNetns};
+use crate::token::{TokenError, TokenIssuer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+/// What the endpoint needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct EndpointOptions {
+    /// Our path-segment name (`NSM_NAME`).
+    pub name: String,
+    pub cidr_groups: Vec<Vec<ipnet::IpNet>>,
+    pub ipam_policy: Policy,
+    pub max_token_lifetime: Duration,
+}
+
+impl From<&Config> for EndpointOptions {
+    fn from(c: &Config) -> Self {
+        EndpointOptions {
+            name: c.name.clone(),
+            cidr_groups: c.cidr_groups.clone(),
+            ipam_policy: c.ipam_policy,
+            max_token_lifetime: c.max_token_lifetime,
+        }
+    }
+}
+
+/// Counters of what the endpoint holds, for diagnostics, tests and benchmarks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub connections: usize,
+    pub timers: usize,
+    pub ipam_connections: usize,
+    pub monitored: usize,
+    pub monitor_subscribers: usize,
+}
+
+pub struct Endpoint {
+    head: Next,
+    begin: Arc<Begin>,
+    timeout: Arc<Timeout>,
+    ipam: Arc<P2pIpam>,
+    monitor: MonitorHub,
+    netns: Arc<OwnNetns>,
+}
+
+impl Endpoint {
+    /// The endpoint without network functions.
+    pub fn new(opts: &EndpointOptions) -> Result<Self, EndpointError> {
+        Self::with_functions(opts, Vec::new())
+    }
+
+    /// The endpoint with `functions` applied to every connection, in order,
+    /// after IPAM and the mechanism.
+    pub fn with_functions(
+        opts: &EndpointOptions,
+        functions: Vec<Arc<dyn NetworkFunction>>,
+    ) -> Result<Self, EndpointError> {
+        let netns = Arc::new(OwnNetns::open()?);
+        let issuer = Arc::new(TokenIssuer::ephemeral(&opts.name, opts.max_token_lifetime)?);
+        let begin = Arc::new(Begin::new());
+        let timeout = Arc::new(Timeout::new());
+        let ipam = Arc::new(P2pIpam::new(&opts.cidr_groups, opts.ipam_policy));
+        let monitor = MonitorHub::new();
+        let elements: Vec<Arc<dyn Element>> = vec![
+            Arc::new(UpdatePath::new(opts.name.clone())),
+            begin.clone(),
+            Arc::new(UpdateToken::new(issuer)),
+            timeout.clone(),
+            Arc::new(Monitor::new(monitor.clone())),
+            Arc::new(TrimPath),
+            Arc::new(KernelMechanism::new(netns.clone())),
+            Arc::new(Ipam::new(ipam.clone())),
+            Arc::new(Functions::new(functions)),
+        ];
+        Ok(Endpoint {
+            head: Next::chain(elements),
+            begin,
+            timeout,
+            ipam,
+            monitor,
+            netns,
+        })
+    }
+
+    /// Runs a Request through the chain. The chain runs in its own task, so
+    /// a caller that goes away (or whose deadline passes) cannot cut it
+    /// half-way: it completes or rolls back, as sdk's chain does.
+    pub async fn request(&self, ctx: Ctx, req: Req) -> Result<Connection, NseError> {
+        let head = self.head.clone();
+        tokio::spawn(async move {
+            let mut ctx = ctx;
+            head.request(&mut ctx, req).await
+        })
+        .await
+        .map_err(|e| NseError::Internal(format!("request task failed: {e}")))?
+    }
+
+    /// Runs a Close through the chain (in its own task, as [`Endpoint::request`]).
+    pub async fn close(&self, ctx: Ctx, conn: Connection) -> Result<(), NseError> {
+        let head = self.head.clone();
+        tokio::spawn(async move {
+            let mut ctx = ctx;
+            head.close(&mut ctx, conn).await
+        })
+        .await
+        .map_err(|e| NseError::Internal(format!("close task failed: {e}")))?
+    }
+
+    pub fn monitor(&self) -> &MonitorHub {
+        &self.monitor
+    }
+
+    /// `inode://dev/ino` of the netns we hand out.
+    pub fn netns_url(&self) -> nsm_api::inode::InodeUrl {
+        self.netns.url()
+    }
+
+    pub fn stats(&self) -> EndpointStats {
+        EndpointStats {
+            connections: self.begin.connections(),
+            timers: self.timeout.armed(),
+            ipam_connections: self.ipam.connections(),
+            monitored: self.monitor.connections().len(),
+            monitor_subscribers: self.monitor.subscribers(),
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! The endpoint's connection monitor (sdk `monitor_connection_server.go`):
+//! the current connections as the endpoint sees them, and every subscriber's
+//! stream. A subscriber first gets `INITIAL_STATE_TRANSFER` with the
+//! connections its selector matches (even none), then each UPDATE/DELETE
+//! that has a matching connection, in order.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nsm_api::connection::monitor_connection_server::MonitorConnection;
+use nsm_api::connection::{Connection, ConnectionEvent, ConnectionEventType, MonitorScopeSelector};
+use nsm_api::path::selector_matches;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// Events a subscriber may lag behind before it is dropped (it re-subscribes and gets the state again).
+pub const SUBSCRIBER_BUFFER: usize = 1024;
+
+struct Subscriber {
+    selector: MonitorScopeSelector,
+    tx: mpsc::Sender<Result<ConnectionEvent, Status>>,
+}
+
+#[derive(Default)]
+struct State {
+    connections: HashMap<String, Connection>,
+    subscribers: Vec<Subscriber>,
+    shut_down: bool,
+}
+
+#[derive(Default, Clone)]
+pub struct MonitorHub {
+    state: Arc<Mutex<State>>,
+}
+
+fn filtered(
+    conns: &HashMap<String, Connection>,
+    selector: &MonitorScopeSelector,
+) -> HashMap<String, Connection> {
+    conns
+        .iter()
+        .filter(|(_, c)| selector_matches(selector, c))
+        .map(|(k, c)| (k.clone(), c.clone()))
+        .collect()
+}
+
+impl MonitorHub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records and broadcasts an UPDATE for this connection (keyed by its id).
+    pub fn update(&self, conn: &Connection) {
+        self.send(ConnectionEventType::Update, conn);
+    }
+
+    /// Forgets and broadcasts a DELETE for this connection.
+    pub fn delete(&self, conn: &Connection) {
+        self.send(ConnectionEventType::Delete, conn);
+    }
+
+    fn send(&self, kind: ConnectionEventType, conn: &Connection) {
+        let mut st = self.lock();
+        match kind {
+            ConnectionEventType::Update => {
+                st.connections.insert(conn.id.clone(), conn.clone());
+            }
+            ConnectionEventType::Delete => {
+                st.connections.remove(&conn.id);
+            }
+            ConnectionEventType::InitialStateTransfer => return,
+        }
+        // Sent under the lock, so every subscriber sees events in one order.
+        st.subscribers.retain(|sub| {
+            if !selector_matches(&sub.selector, conn) {
+                return !sub.tx.is_closed();
+            }
+            let event = ConnectionEvent {
+                r#type: kind as i32,
+                connections: HashMap::from([(conn.id.clone(), conn.clone())]),
+            };
+            match sub.tx.try_send(Ok(event)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!("monitor subscriber lags {SUBSCRIBER_BUFFER} events behind: dropping its stream");
+                    false
+                }
+            }
+        });
+    }
+
+    /// A new subscription: its first item is the initial state transfer.
+    pub fn subscribe(
+        &self,
+        selector: MonitorScopeSelector,
+    ) -> mpsc::Receiver<Result<ConnectionEvent, Status>> {
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let mut st = self.lock();
+        if st.shut_down {
+            return rx; // tx dropped: the stream ends at once
+        }
+        let initial = ConnectionEvent {
+            r#type: ConnectionEventType::InitialStateTransfer as i32,
+            connections: filtered(&st.connections, &selector),
+        };
+        // Cannot fail: fresh channel with room.
+        let _ = tx.try_send(Ok(initial));
+        st.subscribers.retain(|s| !s.tx.is_closed());
+        st.subscribers.push(Subscriber { selector, tx });
+        rx
+    }
+
+    /// The connections known now.
+    pub fn connections(&self) -> HashMap<String, Connection> {
+        self.lock().connections.clone()
+    }
+
+    pub fn subscribers(&self) -> usize {
+        let mut st = self.lock();
+        st.subscribers.retain(|s| !s.tx.is_closed());
+        st.subscribers.len()
+    }
+
+    /// Ends every stream (graceful shutdown cannot finish while they are open).
+    pub fn shutdown(&self) {
+        let mut st = self.lock();
+        st.shut_down = true;
+        st.subscribers.clear();
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<ConnectionEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl MonitorConnection for MonitorHub {
+    type MonitorConnectionsStream = EventStream;
+
+    async fn monitor_connections(
+        &self,
+        request: Request<MonitorScopeSelector>,
+    ) -> Result<Response<Self::MonitorConnectionsStream>, Status> {
+        let selector = request.into_inner();
+        crate::validate::selector(&selector).map_err(crate::error::NseError::from)?;
+        let rx = self.subscribe(selector);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nsm_api::connection::{Path, PathSegment};
+
+    fn conn(id: &str, fwd: &str, svc: &str) -> Connection {
+        Connection {
+            id: id.into(),
+            network_service: svc.into(),
+            path: Some(Path {
+                index: 1,
+                path_segments: vec![
+                    PathSegment {
+                        name: "fwd".into(),
+                        id: fwd.into(),
+                        ..Default::default()
+                    },
+                    PathSegment {
+                        name: "nse".into(),
+                        id: id.into(),
+                        ..Default::default()
+                    },
+                ],
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn by_fwd(id: &str) -> MonitorScopeSelector {
+        MonitorScopeSelector {
+            path_segments: vec![PathSegment {
+                name: "fwd".into(),
+                id: id.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn kind(e: &ConnectionEvent) -> ConnectionEventType {
+        ConnectionEventType::try_from(e.r#type).unwrap()
+    }
+
+    #[tokio::test]
+    async fn initial_transfer_then_matching_events_only() {
+        let hub = MonitorHub::new();
+        hub.update(&conn("n1", "f1", "s"));
+        let mut all = hub.subscribe(MonitorScopeSelector::default());
+        let mut f2 = hub.subscribe(by_fwd("f2"));
+        let first = all.recv().await.unwrap().unwrap();
+        assert_eq!(kind(&first), ConnectionEventType::InitialStateTransfer);
+        assert_eq!(first.connections.keys().collect::<Vec<_>>(), ["n1"]);
+        let first = f2.recv().await.unwrap().unwrap();
+        assert_eq!(kind(&first), ConnectionEventType::InitialStateTransfer);
+        assert!(first.connections.is_empty());
+
+        hub.update(&conn("n1", "f1", "s"));
+        hub.update(&conn("n2", "f2", "s"));
+        hub.delete(&conn("n2", "f2", "s"));
+        let e = f2.recv().await.unwrap().unwrap();
+        assert_eq!(
+            (kind(&e), e.connections.contains_key("n2")),
+            (ConnectionEventType::Update, true)
+        );
+        let e = f2.recv().await.unwrap().unwrap();
+        assert_eq!(kind(&e), ConnectionEventType::Delete);
+        assert!(f2.try_recv().is_err(), "nothing about n1");
+        assert_eq!(hub.connections().len(), 1);
+        for want in [
+            ConnectionEventType::Update,
+            ConnectionEventType::Update,
+            ConnectionEventType::Delete,
+        ] {
+            assert_eq!(kind(&all.recv().await.unwrap().unwrap()), want);
+        }
+    }
+
+    #[tokio::test]
+    async fn closed_and_lagging_subscribers_are_dropped_and_shutdown_ends_streams() {
+        let hub = MonitorHub::new();
+        drop(hub.subscribe(MonitorScopeSelector::default()));
+        let _lagging = hub.subscribe(MonitorScopeSelector::default());
+        let mut live = hub.subscribe(MonitorScopeSelector {
+            network_services: vec!["other".into()],
+            ..Default::default()
+        });
+        for i in 0..=SUBSCRIBER_BUFFER {
+            hub.update(&conn(&format!("n{i}"), "f", "s"));
+        }
+        assert_eq!(
+            hub.subscribers(),
+            1,
+            "only the non-matching live one is left"
+        );
+        hub.shutdown();
+        assert!(live.recv().await.unwrap().is_ok()); // its initial transfer
+        assert!(live.recv().await.is_none(), "stream ended");
+    }
+}

@@ -1,0 +1,271 @@
+//! The endpoint on gRPC: `networkservice.NetworkService`,
+//! `connection.MonitorConnection` and `grpc.health.v1.Health` on one socket,
+//! unix (with grpcfd, so our netns fd reaches the forwarder) or TCP.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nsm_api::connection::Connection;
+use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
+use nsm_api::grpcfd::{self, FdChannel};
+use nsm_api::networkservice::NetworkServiceRequest;
+use nsm_api::networkservice::network_service_server::{NetworkService, NetworkServiceServer};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::chain::Ctx;
+use crate::config::{Config, ListenOn};
+use crate::endpoint::{Endpoint, EndpointError, EndpointOptions};
+use crate::error::NseError;
+use crate::{metadata, validate};
+
+/// Largest request message accepted (gRPC's usual 4 MiB); larger ones get OUT_OF_RANGE.
+pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+/// How long a graceful shutdown may wait for in-flight calls.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot create the socket directory {0}: {1}")]
+    SocketDir(PathBuf, #[source] std::io::Error),
+    #[error("{0} exists and is not a unix socket: refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("cannot remove the stale socket {0}: {1}")]
+    Stale(PathBuf, #[source] std::io::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, #[source] std::io::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("server task failed: {0}")]
+    Task(String),
+    #[error("cannot install the {0} handler: {1}")]
+    Signal(&'static str, #[source] std::io::Error),
+}
+
+/// `networkservice.NetworkService` over the endpoint.
+pub struct NetworkServiceHandler {
+    endpoint: Arc<Endpoint>,
+}
+
+impl NetworkServiceHandler {
+    pub fn new(endpoint: Arc<Endpoint>) -> Self {
+        NetworkServiceHandler { endpoint }
+    }
+}
+
+/// What the caller sent beside the message.
+fn rpc_ctx<T>(request: &Request<T>) -> Result<Ctx, NseError> {
+    Ok(Ctx {
+        client_token: metadata::client_token(request.metadata())?,
+        request_timeout: metadata::request_timeout(request.metadata()),
+        fds: request.extensions().get::<FdChannel>().cloned(),
+        events: None,
+    })
+}
+
+fn log_outcome<T>(what: &str, id: &str, res: &Result<T, NseError>) {
+    match res {
+        Ok(_) => tracing::debug!(%id, "{what} done"),
+        Err(e) => tracing::info!(%id, code = ?e.code(), error = %e, "{what} refused"),
+    }
+}
+
+#[tonic::async_trait]
+impl NetworkService for NetworkServiceHandler {
+    async fn request(
+        &self,
+        request: Request<NetworkServiceRequest>,
+    ) -> Result<Response<Connection>, Status> {
+        let id = request
+            .get_ref()
+            .connection
+            .as_ref()
+            .map(|c| c.id.clone())
+            .unwrap_or_default();
+        let res = async {
+            let ctx = rpc_ctx(&request)?;
+            let req = validate::request(request.into_inner())?;
+            self.endpoint.request(ctx, req).await
+        }
+        .await;
+        log_outcome("Request", &id, &res);
+        Ok(Response::new(res?))
+    }
+
+    async fn close(&self, request: Request<Connection>) -> Result<Response<()>, Status> {
+        let id = request.get_ref().id.clone();
+        let res = async {
+            let ctx = rpc_ctx(&request)?;
+            let conn = request.into_inner();
+            validate::connection(&conn)?;
+            self.endpoint.close(ctx, conn).await
+        }
+        .await;
+        log_outcome("Close", &id, &res);
+        res?;
+        Ok(Response::new(()))
+    }
+}
+
+/// Removes a stale socket file at `path` (never anything else) and makes its directory.
+fn prepare_socket_path(path: &Path) -> Result<(), ServeError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| ServeError::SocketDir(dir.to_owned(), e))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| ServeError::Stale(path.to_owned(), e))
+        }
+        Ok(_) => Err(ServeError::NotASocket(path.to_owned())),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Removes our socket file on exit, unless someone replaced it meanwhile.
+struct SocketFile {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let now = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if now.is_some() && now == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Serves `endpoint` on `listen_on` until `shutdown` completes, then drains
+/// (monitor streams end, in-flight calls get [`SHUTDOWN_GRACE`]) and removes the socket.
+pub async fn serve(
+    listen_on: &ListenOn,
+    endpoint: Arc<Endpoint>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in nsm_api::HEALTH_SERVICE_NAMES {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+    health.set_service_status("", ServingStatus::Serving).await;
+
+    let hub = endpoint.monitor().clone();
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(
+            NetworkServiceServer::new(NetworkServiceHandler::new(endpoint.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_SIZE),
+        )
+        .add_service(
+            MonitorConnectionServer::new(hub.clone()).max_decoding_message_size(MAX_MESSAGE_SIZE),
+        );
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopped = async move {
+        let _ = stop_rx.await;
+    };
+    // Removes the socket file when `serve` returns, however it returns.
+    let mut socket_file = None;
+    let mut server = match listen_on {
+        ListenOn::Unix(path) => {
+            prepare_socket_path(path)?;
+            let listener =
+                UnixListener::bind(path).map_err(|e| ServeError::Bind(listen_on.to_string(), e))?;
+            let id = std::fs::symlink_metadata(path)
+                .ok()
+                .map(|m| (m.dev(), m.ino()));
+            socket_file = Some(SocketFile {
+                path: path.clone(),
+                id,
+            });
+            tokio::spawn(router.serve_with_incoming_shutdown(grpcfd::incoming(listener), stopped))
+        }
+        ListenOn::Tcp(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServeError::Bind(listen_on.to_string(), e))?;
+            let incoming = TcpListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    };
+    tracing::info!(%listen_on, "serving networkservice.NetworkService, connection.MonitorConnection, grpc.health.v1.Health");
+
+    tokio::select! {
+        res = &mut server => {
+            return match res {
+                Ok(r) => r.map_err(ServeError::from),
+                Err(e) => Err(ServeError::Task(e.to_string())),
+            };
+        }
+        () = shutdown => {}
+    }
+    tracing::info!("shutting down");
+    for name in nsm_api::HEALTH_SERVICE_NAMES {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    hub.shutdown();
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+        Ok(Ok(res)) => res?,
+        Ok(Err(e)) => tracing::warn!(error = %e, "server task failed during shutdown"),
+        Err(_) => {
+            tracing::warn!(
+                "in-flight calls did not finish within {SHUTDOWN_GRACE:?}; stopping anyway"
+            );
+            server.abort();
+        }
+    }
+    drop(socket_file);
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub fn termination() -> Result<impl Future<Output = ()> + Send + 'static, ServeError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Signal("SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Signal("SIGINT", e))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+    })
+}
+
+/// The whole program after configuration: endpoint, server, signals.
+pub async fn run(config: Config) -> Result<(), ServeError> {
+    let endpoint = Arc::new(Endpoint::new(&EndpointOptions::from(&config))?);
+    tracing::info!(
+        name = %config.name,
+        services = ?config.service_names,
+        labels = ?config.labels,
+        cidr_prefix = ?config.cidr_groups,
+        ipam_policy = %config.ipam_policy,
+        max_token_lifetime = ?config.max_token_lifetime,
+        payload = %config.payload,
+        connect_to = ?config.connect_to,
+        netns = %endpoint.netns_url(),
+        "starting (insecure: no TLS, tokens signed with an ephemeral key)"
+    );
+    if config.connect_to.is_some() {
+        tracing::warn!(
+            "NSM_CONNECT_TO is set, but registration is not implemented yet: not registering"
+        );
+    }
+    let shutdown = termination()?;
+    serve(&config.listen_on, endpoint, shutdown).await
+}

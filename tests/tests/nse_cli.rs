@@ -1,0 +1,239 @@
+//! mesh-proxy-nse as a program: `--help`, configuration errors (one line,
+//! exit code 64), the TLS guard, stale sockets, and graceful SIGTERM/SIGINT.
+
+mod nse_support;
+
+use std::os::unix::fs::FileTypeExt;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use nse_support::*;
+use nsm_api::connection::MonitorScopeSelector;
+use nsm_tests::process::{ChildGuard, bin};
+
+/// Runs the NSE with `args` and a clean environment plus `env`; it must exit within `WAIT`.
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    use std::io::Read;
+    let mut cmd = Command::new(bin("mesh-proxy-nse"));
+    cmd.env_clear()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = ChildGuard::spawn(&mut cmd);
+    let status = wait_exit(&mut child);
+    // Small outputs: the pipes never filled, so reading after exit is safe.
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+#[test]
+fn help_documents_every_option() {
+    let out = run(&["--help"], &[]);
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for (flag, env) in [
+        ("--name", "NSM_NAME"),
+        ("--listen-on", "NSM_LISTEN_ON"),
+        ("--connect-to", "NSM_CONNECT_TO"),
+        ("--service-names", "NSM_SERVICE_NAMES"),
+        ("--labels", "NSM_LABELS"),
+        ("--cidr-prefix", "NSM_CIDR_PREFIX"),
+        ("--ipam-policy", "NSM_IPAM_POLICY"),
+        ("--max-token-lifetime", "NSM_MAX_TOKEN_LIFETIME"),
+        ("--payload", "NSM_PAYLOAD"),
+        ("--log-level", "NSM_LOG_LEVEL"),
+        ("--insecure", "NSM_INSECURE"),
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
+        assert!(
+            help.contains(&format!("[env: {env}")),
+            "{env} missing from --help:\n{help}"
+        );
+    }
+    for default in [
+        "mesh-proxy-nse",
+        "mesh-proxy",
+        "169.254.0.0/16",
+        "polite",
+        "10m",
+        "IP",
+    ] {
+        assert!(
+            help.contains(&format!("[default: {default}]")),
+            "default {default} not shown"
+        );
+    }
+}
+
+/// A bad configuration: environment, arguments, and what the error line must say.
+struct BadConfig {
+    env: &'static [(&'static str, &'static str)],
+    args: &'static [&'static str],
+    want: &'static str,
+}
+
+const BAD_CONFIGS: [BadConfig; 8] = [
+    BadConfig {
+        env: &[("NSM_CIDR_PREFIX", "198.18.0.0/33")],
+        args: &[],
+        want: "NSM_CIDR_PREFIX (--cidr-prefix)",
+    },
+    BadConfig {
+        env: &[("NSM_CIDR_PREFIX", "[198.18.0.0/24")],
+        args: &[],
+        want: "never closed",
+    },
+    BadConfig {
+        env: &[("NSM_MAX_TOKEN_LIFETIME", "10x")],
+        args: &[],
+        want: "NSM_MAX_TOKEN_LIFETIME (--max-token-lifetime)",
+    },
+    BadConfig {
+        env: &[("NSM_IPAM_POLICY", "rude")],
+        args: &[],
+        want: "NSM_IPAM_POLICY (--ipam-policy): \"rude\" is not an IPAM policy",
+    },
+    BadConfig {
+        env: &[("NSM_LABELS", "app")],
+        args: &[],
+        want: "NSM_LABELS (--labels): \"app\" is not key:value",
+    },
+    BadConfig {
+        env: &[("NSM_LISTEN_ON", "http://x")],
+        args: &[],
+        want: "NSM_LISTEN_ON (--listen-on)",
+    },
+    BadConfig {
+        env: &[("NSM_PAYLOAD", "L2")],
+        args: &[],
+        want: "NSM_PAYLOAD (--payload)",
+    },
+    BadConfig {
+        env: &[],
+        args: &["--bogus"],
+        want: "--bogus",
+    },
+];
+
+#[test]
+fn invalid_configuration_is_one_line_and_exit_64() {
+    for BadConfig { env, args, want } in BAD_CONFIGS {
+        let mut env = env.to_vec();
+        env.push(("NSM_INSECURE", "true"));
+        let out = run(args, &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{env:?} {args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.contains(want), "{env:?}: {err}");
+        assert!(
+            err.starts_with("mesh-proxy-nse: invalid configuration:"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn refuses_to_start_without_insecure() {
+    for env in [&[][..], &[("NSM_INSECURE", "false")][..]] {
+        let out = run(&[], env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("TLS/SPIFFE is not implemented yet"), "{err}");
+        assert!(err.contains("NSM_INSECURE=true"), "{err}");
+    }
+}
+
+#[test]
+fn an_existing_regular_file_is_not_replaced() {
+    let dir = TempDir::new();
+    let path = dir.path().join("precious");
+    std::fs::write(&path, "keep me").unwrap();
+    let listen = format!("unix://{}", path.display());
+    let out = run(&[], &[("NSM_INSECURE", "true"), ("NSM_LISTEN_ON", &listen)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not a unix socket: refusing to replace it"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+}
+
+fn wait_exit(child: &mut ChildGuard) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            return st;
+        }
+        assert!(std::time::Instant::now() < deadline, "did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn stale_socket_is_replaced_and_signals_remove_it() {
+    for signal in ["-TERM", "-INT"] {
+        // A socket file left behind by a killed instance.
+        let dir = TempDir::new();
+        let stale = dir.path().join("nse.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        assert!(std::fs::metadata(&stale).unwrap().file_type().is_socket());
+
+        let listen = format!("unix://{}", stale.display());
+        let mut nse = Nse::start(&[("NSM_LISTEN_ON", &listen)]).await;
+        assert_eq!(nse.socket, stale, "serving on the formerly stale path");
+        // An open monitor stream must not hold up the shutdown.
+        let (mut stream, _) = nse.monitor(MonitorScopeSelector::default()).await;
+
+        Command::new("kill")
+            .args([signal, &nse.pid().to_string()])
+            .status()
+            .unwrap();
+        // Poll without blocking the runtime: the client must answer the server's GOAWAY/PING.
+        let deadline = std::time::Instant::now() + WAIT;
+        let st = loop {
+            if let Some(st) = nse.child.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{signal}: did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(st.success(), "{signal}: exit {st}:\n{}", nse.log());
+        assert!(!stale.exists(), "{signal}: socket left behind");
+        let log = nse.log();
+        assert!(log.contains("shutting down"), "{log}");
+        assert!(
+            !log.contains("did not finish"),
+            "{signal}: shutdown was not graceful:\n{log}"
+        );
+        assert!(
+            !matches!(stream.message().await, Ok(Some(_))),
+            "{signal}: stream still delivering"
+        );
+    }
+}

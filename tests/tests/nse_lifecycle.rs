@@ -1,0 +1,325 @@
+//! A connection's life at mesh-proxy-nse (nsm-wire.md §9 cases 10, 17–24,
+//! 26): refresh, Close (twice, unknown, bare), expiry without refresh and its
+//! postponement, reselect, the monitor streams, and Request/Close races.
+
+mod nse_support;
+
+use std::time::{Duration, Instant};
+
+use nse_support::*;
+use nsm_api::connection::{
+    ConnectionEvent, ConnectionEventType, MonitorScopeSelector, PathSegment, State,
+};
+use tonic::Code;
+
+fn kind(ev: &ConnectionEvent) -> ConnectionEventType {
+    ConnectionEventType::try_from(ev.r#type).unwrap()
+}
+
+fn by_fwd(id: &str) -> MonitorScopeSelector {
+    MonitorScopeSelector {
+        path_segments: vec![PathSegment {
+            name: "fwd".into(),
+            id: id.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn refresh_keeps_identity_with_a_new_token() {
+    let nse = Nse::start(&[("NSM_CIDR_PREFIX", "198.18.1.100/31")]).await;
+    let (conn, _) = nse.request(req_p()).await.unwrap();
+    let (mut monitor, _) = nse.monitor(MonitorScopeSelector::default()).await;
+    // Tokens have whole-second expiry: make the new one differ.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let mut again = refresh_of(&conn);
+    let new_fwd_token = "fwd-token-refresh";
+    let md = Metadata {
+        token: Some(new_fwd_token.into()),
+        ..Metadata::forwarder()
+    };
+    conn_mut(&mut again).path.as_mut().unwrap().path_segments[2].token = "stale".into();
+    let (refreshed, fds) = nse.request_with(again, &md).await.expect("refresh");
+
+    let (old, new) = (nse_segment(&conn), nse_segment(&refreshed));
+    assert_eq!(new.id, old.id, "same endpoint segment");
+    assert_eq!(refreshed.id, conn.id);
+    assert_eq!(
+        ip(&refreshed),
+        ip(&conn),
+        "same addresses (a /31 has no second pair)"
+    );
+    let (m_old, m_new) = (
+        conn.mechanism.as_ref().unwrap(),
+        refreshed.mechanism.as_ref().unwrap(),
+    );
+    assert_eq!(
+        m_new.parameters["name"], m_old.parameters["name"],
+        "same interface name"
+    );
+    assert_ne!(new.token, old.token, "a new token");
+    assert!(new.expires.as_ref().unwrap().seconds > old.expires.as_ref().unwrap().seconds);
+    assert_eq!(
+        segments(&refreshed)[2].token,
+        new_fwd_token,
+        "the forwarder's new token"
+    );
+    received_netns(&fds, &refreshed).await;
+
+    let ev = next_event(&mut monitor).await.unwrap();
+    assert_eq!(kind(&ev), ConnectionEventType::Update);
+    assert_eq!(ev.connections[&new.id].path.as_ref().unwrap().index, 3);
+}
+
+#[tokio::test]
+async fn close_deletes_once_and_unknown_close_is_quiet() {
+    let nse = Nse::start(&[("NSM_CIDR_PREFIX", "198.18.1.100/31")]).await;
+    let (conn, _) = nse.request(req_p()).await.unwrap();
+    let nse_id = nse_segment(&conn).id.clone();
+    let (mut monitor, _) = nse.monitor(MonitorScopeSelector::default()).await;
+
+    // The Close carries neither context nor mechanism: the NSE uses what it returned.
+    let mut bare = conn.clone();
+    bare.context = None;
+    bare.mechanism = None;
+    nse.close(bare).await.expect("Close");
+    let ev = next_event(&mut monitor).await.unwrap();
+    assert_eq!(kind(&ev), ConnectionEventType::Delete);
+    let deleted = &ev.connections[&nse_id];
+    assert_eq!(
+        ip(deleted).dst_ip_addrs,
+        ["198.18.1.100/32"],
+        "the stored connection was closed"
+    );
+    assert!(deleted.mechanism.is_some());
+
+    nse.close(conn.clone())
+        .await
+        .expect("second Close is Empty");
+    let mut unknown = req_p();
+    conn_mut(&mut unknown)
+        .path
+        .as_mut()
+        .unwrap()
+        .path_segments
+        .push(PathSegment {
+            name: nse.name.clone(),
+            id: "never-seen".into(),
+            ..Default::default()
+        });
+    nse.close(conn_of(&unknown).clone())
+        .await
+        .expect("unknown Close is Empty");
+    assert!(
+        next_event_within(&mut monitor, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "no events"
+    );
+
+    // The pair was freed by the first Close.
+    let (again, _) = nse.request(req_p()).await.unwrap();
+    assert_eq!(ip(&again).dst_ip_addrs, ["198.18.1.100/32"]);
+}
+
+#[tokio::test]
+async fn unrefreshed_connection_is_closed_before_its_token_expires() {
+    let nse = Nse::start(&[("NSM_CIDR_PREFIX", "198.18.1.100/31")]).await;
+    let (mut monitor, _) = nse.monitor(MonitorScopeSelector::default()).await;
+    // The forwarder's token expires in 3 s and its request deadline is 1 s: close at ≈2 s.
+    let md = Metadata::expiring_in(Duration::from_secs(3), Some(Duration::from_secs(1)));
+    let start = Instant::now();
+    let (conn, _) = nse.request_with(req_p(), &md).await.unwrap();
+    assert_eq!(
+        kind(&next_event(&mut monitor).await.unwrap()),
+        ConnectionEventType::Update
+    );
+
+    let ev = next_event(&mut monitor).await.expect("DELETE on expiry");
+    let at = start.elapsed();
+    assert_eq!(kind(&ev), ConnectionEventType::Delete);
+    assert!(ev.connections.contains_key(&nse_segment(&conn).id));
+    assert!(
+        at >= Duration::from_millis(1500) && at <= Duration::from_millis(2700),
+        "closed after {at:?}"
+    );
+    // Its addresses are free again.
+    let (next, _) = nse.request(req_p()).await.unwrap();
+    assert_eq!(ip(&next).dst_ip_addrs, ["198.18.1.100/32"]);
+}
+
+#[tokio::test]
+async fn refresh_moves_the_expiry() {
+    let nse = Nse::start(&[]).await;
+    let (mut monitor, _) = nse.monitor(MonitorScopeSelector::default()).await;
+    let short = || Metadata::expiring_in(Duration::from_secs(3), Some(Duration::from_secs(1)));
+    let start = Instant::now();
+    let (conn, _) = nse.request_with(req_p(), &short()).await.unwrap();
+    next_event(&mut monitor).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (conn, _) = nse
+        .request_with(refresh_of(&conn), &short())
+        .await
+        .expect("refresh");
+    assert_eq!(
+        kind(&next_event(&mut monitor).await.unwrap()),
+        ConnectionEventType::Update
+    );
+
+    // The first deadline (≈2 s) passes without a DELETE; the new one (≈3 s) closes it.
+    let ev = next_event(&mut monitor)
+        .await
+        .expect("DELETE at the moved deadline");
+    assert_eq!(kind(&ev), ConnectionEventType::Delete);
+    assert!(ev.connections.contains_key(&nse_segment(&conn).id));
+    let at = start.elapsed();
+    assert!(
+        at >= Duration::from_millis(2600),
+        "closed at the old deadline: {at:?}"
+    );
+}
+
+#[tokio::test]
+async fn reselect_closes_the_old_state_then_connects_again() {
+    let nse = Nse::start(&[("NSM_CIDR_PREFIX", "198.18.1.100/31")]).await;
+    let (conn, _) = nse.request(req_p()).await.unwrap();
+    let (mut monitor, _) = nse.monitor(MonitorScopeSelector::default()).await;
+
+    // What a healing client sends: state RESELECT_REQUESTED, mechanism cleared.
+    let mut reselect = refresh_of(&conn);
+    conn_mut(&mut reselect).state = State::ReselectRequested as i32;
+    conn_mut(&mut reselect).mechanism = None;
+    let (again, fds) = nse.request(reselect).await.expect("reselect");
+    assert_eq!(again.state, State::Up as i32);
+    received_netns(&fds, &again).await;
+
+    let first = next_event(&mut monitor).await.unwrap();
+    assert_eq!(
+        kind(&first),
+        ConnectionEventType::Delete,
+        "old state closed first"
+    );
+    let second = next_event(&mut monitor).await.unwrap();
+    assert_eq!(kind(&second), ConnectionEventType::Update);
+    let id = &nse_segment(&again).id;
+    assert_eq!(second.connections[id].state, State::Up as i32);
+    // The /31 pair went back to the pool and was recovered from the presented context.
+    assert_eq!(ip(&again).dst_ip_addrs, ["198.18.1.100/32"]);
+}
+
+#[tokio::test]
+async fn monitor_streams_initial_state_updates_and_deletes() {
+    let nse = Nse::start(&[]).await;
+    let req = req_p();
+    let fwd_id = conn_of(&req).id.clone();
+    let (mut mine, initial) = nse.monitor(by_fwd(&fwd_id)).await;
+    assert!(
+        initial.connections.is_empty(),
+        "initial transfer is sent even when empty"
+    );
+    let (mut other_id, _) = nse.monitor(by_fwd("zz")).await;
+    let (mut other_svc, _) = nse
+        .monitor(MonitorScopeSelector {
+            network_services: vec!["other".into()],
+            ..Default::default()
+        })
+        .await;
+
+    let (conn, _) = nse.request(req.clone()).await.unwrap();
+    let nse_id = nse_segment(&conn).id.clone();
+    let ev = next_event(&mut mine).await.unwrap();
+    assert_eq!(kind(&ev), ConnectionEventType::Update);
+    let seen = &ev.connections[&nse_id];
+    assert_eq!(seen.id, nse_id, "as the endpoint sees it");
+    assert_eq!(seen.path.as_ref().unwrap().index, 3);
+    assert_eq!(seen.state, State::Up as i32);
+
+    // A late subscriber gets it in its initial transfer.
+    let (_, late) = nse.monitor(by_fwd(&fwd_id)).await;
+    assert!(late.connections.contains_key(&nse_id));
+
+    nse.close(conn).await.unwrap();
+    let ev = next_event(&mut mine).await.unwrap();
+    assert_eq!(kind(&ev), ConnectionEventType::Delete);
+    assert!(ev.connections.contains_key(&nse_id));
+
+    // The stream stays open: the same forwarder connection id comes back.
+    nse.request(req).await.unwrap();
+    assert_eq!(
+        kind(&next_event(&mut mine).await.unwrap()),
+        ConnectionEventType::Update
+    );
+
+    for (what, s) in [
+        ("other id", &mut other_id),
+        ("other service", &mut other_svc),
+    ] {
+        assert!(
+            next_event_within(s, Duration::from_millis(300))
+                .await
+                .is_none(),
+            "{what} got an event"
+        );
+    }
+}
+
+/// Requests (refreshes) and Closes of one connection from two forwarder connections at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_request_and_close_end_consistent() {
+    let nse = std::sync::Arc::new(Nse::start(&[("NSM_CIDR_PREFIX", "198.18.1.100/31")]).await);
+    let (conn, _) = nse.request(req_p()).await.unwrap();
+    let nse_id = nse_segment(&conn).id.clone();
+    let (mut monitor, _) = nse.monitor(MonitorScopeSelector::default()).await;
+
+    const ROUNDS: usize = 25;
+    let requester = {
+        let (nse, conn) = (nse.clone(), conn.clone());
+        tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                nse.request(refresh_of(&conn))
+                    .await
+                    .expect("Request in the race");
+            }
+        })
+    };
+    let closer = {
+        let (nse, conn) = (nse.clone(), conn.clone());
+        tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                nse.close(conn.clone()).await.expect("Close in the race");
+            }
+        })
+    };
+    requester.await.unwrap();
+    closer.await.unwrap();
+
+    let mut events = Vec::new();
+    while let Some(ev) = next_event_within(&mut monitor, Duration::from_millis(500)).await {
+        assert!(ev.connections.contains_key(&nse_id));
+        events.push(kind(&ev));
+    }
+    assert!(
+        events.len() >= ROUNDS,
+        "every Request made an UPDATE: {events:?}"
+    );
+    assert!(
+        !events
+            .windows(2)
+            .any(|w| w == [ConnectionEventType::Delete; 2]),
+        "a Close of a closed connection emitted DELETE: {events:?}"
+    );
+    let open = *events.last().unwrap() == ConnectionEventType::Update;
+    // The endpoint's state agrees with the last event: the /31 pair is held iff it is open...
+    let other = nse.request(req_p()).await;
+    if open {
+        assert_eq!(other.unwrap_err().code(), Code::ResourceExhausted);
+    } else {
+        other.expect("pair free after the final DELETE");
+    }
+    // ...and so does a fresh monitor's initial state.
+    let (_, state) = nse.monitor(MonitorScopeSelector::default()).await;
+    assert_eq!(state.connections.contains_key(&nse_id), open, "{events:?}");
+}
