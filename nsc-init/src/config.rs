@@ -9,9 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use nsm_api::duration::{self, DurationError};
 use nsm_api::nsurl::{NsUrl, NsUrlError};
-
-use nse::duration::{self, DurationError};
 
 pub const DEFAULT_CONNECT_TO: &str = "unix:///var/lib/networkservicemesh/nsm.io.sock";
 

@@ -11,12 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nsm_api::connection::{Connection, Mechanism, Path, PathSegment};
+use nsm_api::grpcfd;
 use nsm_api::inode::InodeUrl;
 use nsm_api::mechanism::{LINUX_IF_MAX_LENGTH, MechanismExt, keys};
+use nsm_api::metadata;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::networkservice::network_service_client::NetworkServiceClient;
 use nsm_api::nsurl::NsUrl;
-use nsm_api::{TOKEN_EXPIRES_METADATA, TOKEN_METADATA, grpcfd};
+use nsm_api::token::{Token, TokenError, TokenIssuer};
 use rand::Rng;
 use tokio::time::Instant;
 use tonic::Code;
@@ -24,7 +26,6 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{Config, ConnectTo};
 use crate::exit::Failure;
-use nse::token::{Token, TokenError, TokenIssuer};
 
 /// Our own network namespace, opened once on the main thread before the
 /// runtime starts (a runtime thread's `/proc/thread-self` would be its own,
@@ -266,14 +267,7 @@ impl Client {
     fn with_token<T>(msg: T, token: &Token, timeout: Duration) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         req.set_timeout(timeout);
-        let md = req.metadata_mut();
-        // JWTs and RFC 3339 text are plain ASCII, so these parses cannot fail.
-        if let Ok(v) = token.jwt.parse() {
-            md.insert(TOKEN_METADATA, v);
-        }
-        if let Ok(v) = rfc3339(token.expires).parse() {
-            md.insert(TOKEN_EXPIRES_METADATA, v);
-        }
+        metadata::insert_token(req.metadata_mut(), token);
         req
     }
 
@@ -376,10 +370,6 @@ impl Client {
 }
 
 /// RFC 3339 in UTC, as `nsm-client-token-expires` carries it (Go's RFC3339Nano).
-fn rfc3339(t: std::time::SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
-}
-
 /// `e: cause: cause`, because tonic's transport errors hide the useful part
 /// ("No such file or directory") in their sources.
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -426,14 +416,6 @@ mod tests {
             generate_interface_name("mesh-proxy"),
             generate_interface_name("mesh-proxy")
         );
-    }
-
-    #[test]
-    fn token_expiry_metadata_is_rfc3339_utc() {
-        let t = std::time::UNIX_EPOCH + Duration::new(1_700_000_000, 120_000_000);
-        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.120Z");
-        let whole = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        assert_eq!(rfc3339(whole), "2023-11-14T22:13:20Z");
     }
 
     #[test]

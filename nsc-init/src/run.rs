@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
+use nsm_api::token::TokenIssuer;
+
 use crate::config::{Config, ConnectTo};
 use crate::exit::Failure;
 use crate::request::{Client, OwnNetns, Service};
 use crate::wait::Expected;
 use crate::{validate, wait, watch};
-use nse::token::TokenIssuer;
 
 pub async fn run(cfg: Config, netns: OwnNetns) -> Result<(), Failure> {
     let cfg = Arc::new(cfg);

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use ipnet::IpNet;
+use nsm_api::duration;
 
-use crate::duration;
 use crate::ipam::{Policy, parse_groups};
 
 /// `sysexits.h` EX_USAGE: the configuration is wrong.

@@ -4,24 +4,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nsm_api::connection::Connection;
+use nsm_api::chain::begin::Begin;
+use nsm_api::chain::monitor::Monitor;
+use nsm_api::chain::timeout::Timeout;
+use nsm_api::chain::trimpath::TrimPath;
+use nsm_api::chain::updatepath::UpdatePath;
+use nsm_api::chain::updatetoken::UpdateToken;
+use nsm_api::chain::{Ctx, Element, Next, Req};
+use nsm_api::connection::{Connection, MonitorScopeSelector};
+use nsm_api::monitor::MonitorHub;
+use nsm_api::token::{TokenError, TokenIssuer};
+use tonic::Status;
 
-use crate::chain::begin::Begin;
 use crate::chain::functions::{Functions, NetworkFunction};
 use crate::chain::ipam::Ipam;
 use crate::chain::mechanism::KernelMechanism;
-use crate::chain::monitor::Monitor;
-use crate::chain::timeout::Timeout;
-use crate::chain::trimpath::TrimPath;
-use crate::chain::updatepath::UpdatePath;
-use crate::chain::updatetoken::UpdateToken;
-use crate::chain::{Ctx, Element, Next, Req};
 use crate::config::Config;
 use crate::error::NseError;
 use crate::ipam::{P2pIpam, Policy};
-use crate::monitor::MonitorHub;
 use crate::netns::{NetnsError, OwnNetns};
-use crate::token::{TokenError, TokenIssuer};
+use crate::validate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -62,8 +64,13 @@ pub struct EndpointStats {
     pub monitor_subscribers: usize,
 }
 
+/// `MonitorConnections` refuses what [`validate::selector`] refuses, with our status.
+fn check_selector(selector: &MonitorScopeSelector) -> Result<(), Status> {
+    validate::selector(selector).map_err(|e| NseError::from(e).into())
+}
+
 pub struct Endpoint {
-    head: Next,
+    head: Next<NseError>,
     begin: Arc<Begin>,
     timeout: Arc<Timeout>,
     ipam: Arc<P2pIpam>,
@@ -88,8 +95,8 @@ impl Endpoint {
         let begin = Arc::new(Begin::new());
         let timeout = Arc::new(Timeout::new());
         let ipam = Arc::new(P2pIpam::new(&opts.cidr_groups, opts.ipam_policy));
-        let monitor = MonitorHub::new();
-        let elements: Vec<Arc<dyn Element>> = vec![
+        let monitor = MonitorHub::new().with_selector_check(check_selector);
+        let elements: Vec<Arc<dyn Element<NseError>>> = vec![
             Arc::new(UpdatePath::new(opts.name.clone())),
             begin.clone(),
             Arc::new(UpdateToken::new(issuer)),
@@ -113,7 +120,7 @@ impl Endpoint {
     /// Runs a Request through the chain. The chain runs in its own task, so
     /// a caller that goes away (or whose deadline passes) cannot cut it
     /// half-way: it completes or rolls back, as sdk's chain does.
-    pub async fn request(&self, ctx: Ctx, req: Req) -> Result<Connection, NseError> {
+    pub async fn request(&self, ctx: Ctx<NseError>, req: Req) -> Result<Connection, NseError> {
         let head = self.head.clone();
         tokio::spawn(async move {
             let mut ctx = ctx;
@@ -124,7 +131,7 @@ impl Endpoint {
     }
 
     /// Runs a Close through the chain (in its own task, as [`Endpoint::request`]).
-    pub async fn close(&self, ctx: Ctx, conn: Connection) -> Result<(), NseError> {
+    pub async fn close(&self, ctx: Ctx<NseError>, conn: Connection) -> Result<(), NseError> {
         let head = self.head.clone();
         tokio::spawn(async move {
             let mut ctx = ctx;

@@ -1,36 +1,26 @@
 //! The endpoint's error, and the ONE place errors become gRPC statuses.
 
+use nsm_api::chain::ChainError;
 use tonic::{Code, Status};
 
 use crate::chain::functions::FunctionError;
-use crate::chain::timeout::TimeoutError;
-use crate::chain::updatepath::PathError;
 use crate::ipam::IpamError;
 use crate::mechanism::MechanismError;
-use crate::metadata::MetadataError;
-use crate::token::TokenError;
 use crate::validate::ValidateError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NseError {
     #[error(transparent)]
     Invalid(#[from] ValidateError),
+    /// NSM's generic elements (path, token, expiry, metadata): codes as NSM's.
     #[error(transparent)]
-    Metadata(#[from] MetadataError),
-    #[error("connection.id is empty")]
-    EmptyConnectionId,
-    #[error(transparent)]
-    Path(#[from] PathError),
-    #[error(transparent)]
-    Timeout(#[from] TimeoutError),
+    Chain(#[from] ChainError),
     #[error(transparent)]
     Mechanism(#[from] MechanismError),
     #[error(transparent)]
     Ipam(#[from] IpamError),
     #[error(transparent)]
     Function(#[from] FunctionError),
-    #[error(transparent)]
-    Token(#[from] TokenError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -39,18 +29,15 @@ impl NseError {
     /// The gRPC code a caller gets for this error.
     pub fn code(&self) -> Code {
         match self {
+            NseError::Chain(e) => e.code(),
             NseError::Invalid(_)
-            | NseError::Metadata(_)
-            | NseError::EmptyConnectionId
-            | NseError::Path(_)
-            | NseError::Timeout(_)
             | NseError::Mechanism(_)
             | NseError::Ipam(IpamError::Malformed { .. })
             | NseError::Function(FunctionError::Rejected { .. }) => Code::InvalidArgument,
             NseError::Ipam(IpamError::Exhausted { .. }) => Code::ResourceExhausted,
-            NseError::Function(FunctionError::Failed { .. })
-            | NseError::Token(_)
-            | NseError::Internal(_) => Code::Internal,
+            NseError::Function(FunctionError::Failed { .. }) | NseError::Internal(_) => {
+                Code::Internal
+            }
         }
     }
 }
@@ -80,6 +67,11 @@ mod tests {
         assert!(
             s.message()
                 .starts_with("cannot support any of the requested mechanisms: MEMIF")
+        );
+        let s = Status::from(NseError::from(ChainError::EmptyConnectionId));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::InvalidArgument, "connection.id is empty")
         );
     }
 }

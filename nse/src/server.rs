@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nsm_api::chain::Ctx;
 use nsm_api::connection::Connection;
 use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
-use nsm_api::grpcfd::{self, FdChannel};
+use nsm_api::grpcfd;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::networkservice::network_service_server::{NetworkService, NetworkServiceServer};
 use tokio::net::{TcpListener, UnixListener};
@@ -18,11 +19,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
-use crate::chain::Ctx;
 use crate::config::{Config, ListenOn};
 use crate::endpoint::{Endpoint, EndpointError, EndpointOptions};
 use crate::error::NseError;
-use crate::{metadata, validate};
+use crate::validate;
 
 /// Largest request message accepted (gRPC's usual 4 MiB); larger ones get OUT_OF_RANGE.
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
@@ -61,16 +61,6 @@ impl NetworkServiceHandler {
     }
 }
 
-/// What the caller sent beside the message.
-fn rpc_ctx<T>(request: &Request<T>) -> Result<Ctx, NseError> {
-    Ok(Ctx {
-        client_token: metadata::client_token(request.metadata())?,
-        request_timeout: metadata::request_timeout(request.metadata()),
-        fds: request.extensions().get::<FdChannel>().cloned(),
-        events: None,
-    })
-}
-
 fn log_outcome<T>(what: &str, id: &str, res: &Result<T, NseError>) {
     match res {
         Ok(_) => tracing::debug!(%id, "{what} done"),
@@ -91,7 +81,7 @@ impl NetworkService for NetworkServiceHandler {
             .map(|c| c.id.clone())
             .unwrap_or_default();
         let res = async {
-            let ctx = rpc_ctx(&request)?;
+            let ctx = Ctx::from_request(&request)?;
             let req = validate::request(request.into_inner())?;
             self.endpoint.request(ctx, req).await
         }
@@ -103,7 +93,7 @@ impl NetworkService for NetworkServiceHandler {
     async fn close(&self, request: Request<Connection>) -> Result<Response<()>, Status> {
         let id = request.get_ref().id.clone();
         let res = async {
-            let ctx = rpc_ctx(&request)?;
+            let ctx = Ctx::from_request(&request)?;
             let conn = request.into_inner();
             validate::connection(&conn)?;
             self.endpoint.close(ctx, conn).await

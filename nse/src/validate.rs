@@ -5,10 +5,9 @@
 
 use std::collections::HashMap;
 
+use nsm_api::chain::Req;
 use nsm_api::connection::{Connection, Mechanism, MonitorScopeSelector, PathSegment};
 use nsm_api::networkservice::NetworkServiceRequest;
-
-use crate::chain::Req;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValidateError {

@@ -2,6 +2,12 @@
 //! crate of this workspace needs: nsurl parsing, mechanism parameters, path
 //! helpers and `inode://dev/ino` URLs. No I/O and no policy live here, except
 //! [`grpcfd`]: fd passing beside gRPC is part of NSM's wire protocol.
+//!
+//! It also holds what every NSM hop (endpoint, forwarder) and client shares:
+//! the generic server [`chain`] (updatepath, begin, updatetoken, timeout,
+//! monitor, trimpath), per-RPC [`token`]s, their [`metadata`], the
+//! [`monitor`] hub behind `connection.MonitorConnection`, and Go
+//! [`duration`]s as NSM configures them.
 
 // `deny`, not `forbid`: grpcfd adopts fds received via SCM_RIGHTS (one audited `unsafe`).
 #![deny(unsafe_code)]
@@ -23,11 +29,16 @@ pub mod registry {
     tonic::include_proto!("registry");
 }
 
+pub mod chain;
+pub mod duration;
 pub mod grpcfd;
 pub mod inode;
 pub mod mechanism;
+pub mod metadata;
+pub mod monitor;
 pub mod nsurl;
 pub mod path;
+pub mod token;
 
 /// gRPC service names every NSM server reports as SERVING on `grpc.health.v1.Health`.
 pub const HEALTH_SERVICE_NAMES: [&str; 2] = [

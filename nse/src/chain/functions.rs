@@ -10,9 +10,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use nsm_api::chain::{Ctx, Element, Next, Req};
 use nsm_api::connection::Connection;
 
-use super::{Ctx, Element, Next, Req};
 use crate::error::NseError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,12 +76,12 @@ impl Functions {
 }
 
 #[async_trait]
-impl Element for Functions {
+impl Element<NseError> for Functions {
     async fn request(
         &self,
-        ctx: &mut Ctx,
+        ctx: &mut Ctx<NseError>,
         mut req: Req,
-        next: Next,
+        next: Next<NseError>,
     ) -> Result<Connection, NseError> {
         if self.list.is_empty() {
             return next.request(ctx, req).await;
@@ -111,7 +111,12 @@ impl Element for Functions {
         }
     }
 
-    async fn close(&self, ctx: &mut Ctx, conn: Connection, next: Next) -> Result<(), NseError> {
+    async fn close(
+        &self,
+        ctx: &mut Ctx<NseError>,
+        conn: Connection,
+        next: Next<NseError>,
+    ) -> Result<(), NseError> {
         if self.list.is_empty() {
             return next.close(ctx, conn).await;
         }
@@ -159,7 +164,7 @@ mod tests {
         }
     }
 
-    fn chain(fail_b: bool) -> (Next, Arc<Mutex<Vec<String>>>) {
+    fn chain(fail_b: bool) -> (Next<NseError>, Arc<Mutex<Vec<String>>>) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let f = |name, fail| {
             Arc::new(Fake {

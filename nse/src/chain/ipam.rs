@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use nsm_api::chain::{Ctx, Element, Next, Req};
 use nsm_api::connection::Connection;
 
-use super::{Ctx, Element, Next, Req};
 use crate::error::NseError;
 use crate::ipam::P2pIpam;
 
@@ -22,12 +22,12 @@ impl Ipam {
 }
 
 #[async_trait]
-impl Element for Ipam {
+impl Element<NseError> for Ipam {
     async fn request(
         &self,
-        ctx: &mut Ctx,
+        ctx: &mut Ctx<NseError>,
         mut req: Req,
-        next: Next,
+        next: Next<NseError>,
     ) -> Result<Connection, NseError> {
         let id = req.conn.id.clone();
         let ip = req
@@ -49,7 +49,12 @@ impl Element for Ipam {
         }
     }
 
-    async fn close(&self, ctx: &mut Ctx, conn: Connection, next: Next) -> Result<(), NseError> {
+    async fn close(
+        &self,
+        ctx: &mut Ctx<NseError>,
+        conn: Connection,
+        next: Next<NseError>,
+    ) -> Result<(), NseError> {
         let id = conn.id.clone();
         let res = next.close(ctx, conn).await;
         self.ipam.release(&id);

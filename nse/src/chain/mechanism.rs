@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use nsm_api::chain::{Ctx, Element, Next, Req, path_mut};
 use nsm_api::connection::Connection;
 use nsm_api::mechanism::MechanismExt;
 
-use super::{Ctx, Element, Next, Req, path_mut};
 use crate::error::NseError;
 use crate::mechanism::{SERVER_INTERFACE_METRIC, fill_kernel, interface_metric, select};
 use crate::netns::OwnNetns;
@@ -26,7 +26,7 @@ impl KernelMechanism {
     /// Queues our netns fd to go out with the response. A failure means the
     /// caller's connection is gone, so the response cannot reach it either:
     /// log it and let expiry clean up, as for any lost response.
-    fn send_netns(&self, ctx: &Ctx, id: &str) {
+    fn send_netns(&self, ctx: &Ctx<NseError>, id: &str) {
         let Some(fds) = &ctx.fds else { return };
         match fds.send_fd(self.netns.fd()) {
             Ok(url) if url == self.netns.url() => {}
@@ -39,12 +39,12 @@ impl KernelMechanism {
 }
 
 #[async_trait]
-impl Element for KernelMechanism {
+impl Element<NseError> for KernelMechanism {
     async fn request(
         &self,
-        ctx: &mut Ctx,
+        ctx: &mut Ctx<NseError>,
         mut req: Req,
-        next: Next,
+        next: Next<NseError>,
     ) -> Result<Connection, NseError> {
         let mut m = select(req.conn.mechanism.as_ref(), &req.preferences)?;
         fill_kernel(&mut m, &req.conn.network_service, self.netns.url())?;
@@ -61,7 +61,12 @@ impl Element for KernelMechanism {
         Ok(conn)
     }
 
-    async fn close(&self, ctx: &mut Ctx, conn: Connection, next: Next) -> Result<(), NseError> {
+    async fn close(
+        &self,
+        ctx: &mut Ctx<NseError>,
+        conn: Connection,
+        next: Next<NseError>,
+    ) -> Result<(), NseError> {
         let kernel = conn.mechanism.as_ref().is_some_and(|m| m.is_kernel());
         let id = conn.id.clone();
         let res = next.close(ctx, conn).await;

@@ -1,12 +1,11 @@
 //! monitor (sdk `common/monitor` server): UPDATE after every successful
-//! Request, DELETE after every Close, with the connection as the endpoint
+//! Request, DELETE after every Close, with the connection as the hop
 //! sees it (our segment's id and index).
 
 use async_trait::async_trait;
-use nsm_api::connection::Connection;
 
 use super::{Ctx, Element, Next, Req};
-use crate::error::NseError;
+use crate::connection::Connection;
 use crate::monitor::MonitorHub;
 
 pub struct Monitor {
@@ -20,14 +19,14 @@ impl Monitor {
 }
 
 #[async_trait]
-impl Element for Monitor {
-    async fn request(&self, ctx: &mut Ctx, req: Req, next: Next) -> Result<Connection, NseError> {
+impl<E: Send + 'static> Element<E> for Monitor {
+    async fn request(&self, ctx: &mut Ctx<E>, req: Req, next: Next<E>) -> Result<Connection, E> {
         let conn = next.request(ctx, req).await?;
         self.hub.update(&conn);
         Ok(conn)
     }
 
-    async fn close(&self, ctx: &mut Ctx, conn: Connection, next: Next) -> Result<(), NseError> {
+    async fn close(&self, ctx: &mut Ctx<E>, conn: Connection, next: Next<E>) -> Result<(), E> {
         let res = next.close(ctx, conn.clone()).await;
         self.hub.delete(&conn);
         res

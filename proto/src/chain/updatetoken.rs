@@ -5,11 +5,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use nsm_api::connection::Connection;
-use nsm_api::path::to_timestamp;
 
-use super::{Ctx, Element, Next, Req, path_mut};
-use crate::error::NseError;
+use super::{ChainError, Ctx, Element, HopError, Next, Req, path_mut};
+use crate::connection::Connection;
+use crate::path::to_timestamp;
 use crate::token::TokenIssuer;
 
 pub struct UpdateToken {
@@ -21,12 +20,12 @@ impl UpdateToken {
         UpdateToken { issuer }
     }
 
-    fn update(&self, ctx: &Ctx, conn: &mut Connection) -> Result<(), NseError> {
+    fn update<E>(&self, ctx: &Ctx<E>, conn: &mut Connection) -> Result<(), ChainError> {
         let path = path_mut(conn);
         let index = path.index as usize;
         let len = path.path_segments.len();
         if index >= len {
-            return Err(NseError::Internal(format!(
+            return Err(ChainError::Internal(format!(
                 "path index {index} ≥ {len} segments after updatepath"
             )));
         }
@@ -46,18 +45,18 @@ impl UpdateToken {
 }
 
 #[async_trait]
-impl Element for UpdateToken {
+impl<E: HopError> Element<E> for UpdateToken {
     async fn request(
         &self,
-        ctx: &mut Ctx,
+        ctx: &mut Ctx<E>,
         mut req: Req,
-        next: Next,
-    ) -> Result<Connection, NseError> {
+        next: Next<E>,
+    ) -> Result<Connection, E> {
         self.update(ctx, &mut req.conn)?;
         next.request(ctx, req).await
     }
 
-    async fn close(&self, ctx: &mut Ctx, mut conn: Connection, next: Next) -> Result<(), NseError> {
+    async fn close(&self, ctx: &mut Ctx<E>, mut conn: Connection, next: Next<E>) -> Result<(), E> {
         self.update(ctx, &mut conn)?;
         next.close(ctx, conn).await
     }
@@ -67,13 +66,13 @@ impl Element for UpdateToken {
 mod tests {
     use super::*;
     use crate::chain::ClientToken;
-    use nsm_api::connection::{Path, PathSegment};
+    use crate::connection::{Path, PathSegment};
     use std::time::{Duration, SystemTime};
 
     #[tokio::test]
     async fn copies_the_callers_token_back_and_issues_ours() {
         let issuer = Arc::new(TokenIssuer::ephemeral("nse", Duration::from_secs(60)).unwrap());
-        let chain = Next::chain(vec![Arc::new(UpdateToken::new(issuer))]);
+        let chain: Next<ChainError> = Next::chain(vec![Arc::new(UpdateToken::new(issuer))]);
         let seg = |n: &str| PathSegment {
             name: n.into(),
             id: n.into(),

@@ -1,12 +1,15 @@
 //! What a caller sends beside the message: its per-RPC token
-//! (`nsm-client-token`, `nsm-client-token-expires` as RFC 3339) and its
-//! deadline (`grpc-timeout`).
+//! ([`TOKEN_METADATA`], [`TOKEN_EXPIRES_METADATA`] as RFC 3339) and its
+//! deadline (`grpc-timeout`). Read by a hop's server side, written by its
+//! client side (and by NSM clients).
 
 use std::time::{Duration, SystemTime};
 
 use tonic::metadata::MetadataMap;
 
 use crate::chain::ClientToken;
+use crate::token::Token;
+use crate::{TOKEN_EXPIRES_METADATA, TOKEN_METADATA};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MetadataError {
@@ -29,7 +32,7 @@ fn text<'a>(md: &'a MetadataMap, key: &'static str) -> Result<Option<&'a str>, M
 
 /// The caller's token, if it sent one; both keys or neither.
 pub fn client_token(md: &MetadataMap) -> Result<Option<ClientToken>, MetadataError> {
-    let (tk, ek) = (nsm_api::TOKEN_METADATA, nsm_api::TOKEN_EXPIRES_METADATA);
+    let (tk, ek) = (TOKEN_METADATA, TOKEN_EXPIRES_METADATA);
     match (text(md, tk)?, text(md, ek)?) {
         (None, None) => Ok(None),
         (Some(_), None) => Err(MetadataError::Unpaired {
@@ -50,6 +53,22 @@ pub fn client_token(md: &MetadataMap) -> Result<Option<ClientToken>, MetadataErr
             }))
         }
     }
+}
+
+/// Sends `token` as our per-RPC token on an outgoing request.
+pub fn insert_token(md: &mut MetadataMap, token: &Token) {
+    // JWTs and RFC 3339 text are plain ASCII, so these parses cannot fail.
+    if let Ok(v) = token.jwt.parse() {
+        md.insert(TOKEN_METADATA, v);
+    }
+    if let Ok(v) = rfc3339(token.expires).parse() {
+        md.insert(TOKEN_EXPIRES_METADATA, v);
+    }
+}
+
+/// Go's RFC3339Nano in UTC, as NSM sends `nsm-client-token-expires`.
+pub fn rfc3339(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 /// The caller's `grpc-timeout` (gRPC over HTTP/2: 1–8 digits and a unit); zero if none or malformed.
@@ -129,6 +148,26 @@ mod tests {
             ])),
             Err(MetadataError::BadExpires("tomorrow".into()))
         );
+    }
+
+    #[test]
+    fn token_expiry_metadata_is_rfc3339_utc() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 120_000_000);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.120Z");
+        let whole = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(rfc3339(whole), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn written_tokens_read_back() {
+        let token = Token {
+            jwt: "h.p.s".into(),
+            expires: UNIX_EPOCH + Duration::new(2_000_000_000, 120_000_000),
+        };
+        let mut m = MetadataMap::new();
+        insert_token(&mut m, &token);
+        let back = client_token(&m).unwrap().unwrap();
+        assert_eq!((back.token, back.expires), (token.jwt, token.expires));
     }
 
     #[test]

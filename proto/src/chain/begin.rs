@@ -14,10 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use nsm_api::connection::{Connection, State};
 
-use super::{Ctx, Element, Next, Req};
-use crate::error::NseError;
+use super::{ChainError, Ctx, Element, HopError, Next, Req};
+use crate::connection::{Connection, State};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -92,16 +91,26 @@ impl Begin {
     }
 }
 
-/// A handle on one connection for events the endpoint starts itself (sdk's `EventFactory`).
-#[derive(Clone)]
-pub struct ConnEvents {
+/// A handle on one connection for events the hop starts itself (sdk's `EventFactory`).
+pub struct ConnEvents<E> {
     registry: Arc<Registry>,
     id: String,
     entry: Arc<Entry>,
-    next: Next,
+    next: Next<E>,
 }
 
-impl std::fmt::Debug for ConnEvents {
+impl<E> Clone for ConnEvents<E> {
+    fn clone(&self) -> Self {
+        ConnEvents {
+            registry: self.registry.clone(),
+            id: self.id.clone(),
+            entry: self.entry.clone(),
+            next: self.next.clone(),
+        }
+    }
+}
+
+impl<E> std::fmt::Debug for ConnEvents<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnEvents")
             .field("id", &self.id)
@@ -109,7 +118,7 @@ impl std::fmt::Debug for ConnEvents {
     }
 }
 
-impl ConnEvents {
+impl<E: 'static> ConnEvents<E> {
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -118,7 +127,7 @@ impl ConnEvents {
     /// returned state, in turn with its other events; does nothing if
     /// `cancelled()` is true by then (e.g. a refresh moved the expiry) or the
     /// connection is no longer established.
-    pub async fn close(&self, cancelled: impl Fn() -> bool + Send) -> Result<(), NseError> {
+    pub async fn close(&self, cancelled: impl Fn() -> bool + Send) -> Result<(), E> {
         let mut st = self.entry.state.lock().await;
         if cancelled()
             || st.phase != Phase::Established
@@ -139,16 +148,16 @@ impl ConnEvents {
 }
 
 #[async_trait]
-impl Element for Begin {
+impl<E: HopError> Element<E> for Begin {
     async fn request(
         &self,
-        ctx: &mut Ctx,
+        ctx: &mut Ctx<E>,
         mut req: Req,
-        next: Next,
-    ) -> Result<Connection, NseError> {
+        next: Next<E>,
+    ) -> Result<Connection, E> {
         let id = req.conn.id.clone();
         if id.is_empty() {
-            return Err(NseError::EmptyConnectionId);
+            return Err(ChainError::EmptyConnectionId.into());
         }
         loop {
             let entry = self.registry.get_or_insert(&id);
@@ -193,7 +202,7 @@ impl Element for Begin {
         }
     }
 
-    async fn close(&self, ctx: &mut Ctx, conn: Connection, next: Next) -> Result<(), NseError> {
+    async fn close(&self, ctx: &mut Ctx<E>, conn: Connection, next: Next<E>) -> Result<(), E> {
         let id = conn.id;
         let Some(entry) = self.registry.get(&id) else {
             return Ok(()); // unknown: nothing to close
@@ -222,8 +231,11 @@ impl Element for Begin {
 mod tests {
     use super::*;
     use crate::chain::testing::Recorder;
-    use nsm_api::connectioncontext::ConnectionContext;
+    use crate::connectioncontext::ConnectionContext;
     use std::sync::atomic::Ordering;
+
+    type Ctx = super::Ctx<ChainError>;
+    type Next = super::Next<ChainError>;
 
     fn setup() -> (Arc<Begin>, Arc<Recorder>, Next) {
         let begin = Arc::new(Begin::new());
@@ -366,24 +378,29 @@ mod tests {
             .request(&mut Ctx::internal(), req("", "1"))
             .await
             .unwrap_err();
-        assert!(matches!(e, NseError::EmptyConnectionId));
+        assert!(matches!(e, ChainError::EmptyConnectionId));
     }
 
     /// Captures the events handle begin passes down.
-    struct Grab(Mutex<Option<ConnEvents>>);
+    struct Grab(Mutex<Option<ConnEvents<ChainError>>>);
 
     #[async_trait]
-    impl Element for Grab {
+    impl Element<ChainError> for Grab {
         async fn request(
             &self,
             ctx: &mut Ctx,
             req: Req,
             next: Next,
-        ) -> Result<Connection, NseError> {
+        ) -> Result<Connection, ChainError> {
             *self.0.lock().unwrap() = ctx.events.clone();
             next.request(ctx, req).await
         }
-        async fn close(&self, ctx: &mut Ctx, conn: Connection, next: Next) -> Result<(), NseError> {
+        async fn close(
+            &self,
+            ctx: &mut Ctx,
+            conn: Connection,
+            next: Next,
+        ) -> Result<(), ChainError> {
             next.close(ctx, conn).await
         }
     }

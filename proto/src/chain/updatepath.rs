@@ -7,10 +7,9 @@
 //! Inside the chain `connection.id` is our segment's id and `index = i + 1`.
 
 use async_trait::async_trait;
-use nsm_api::connection::{Connection, PathSegment};
 
-use super::{Ctx, Element, Next, Req, path_mut};
-use crate::error::NseError;
+use super::{ChainError, Ctx, Element, HopError, Next, Req, path_mut};
+use crate::connection::{Connection, PathSegment};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -113,21 +112,21 @@ fn restore(conn: &mut Connection, index: u32) {
 }
 
 #[async_trait]
-impl Element for UpdatePath {
+impl<E: HopError> Element<E> for UpdatePath {
     async fn request(
         &self,
-        ctx: &mut Ctx,
+        ctx: &mut Ctx<E>,
         mut req: Req,
-        next: Next,
-    ) -> Result<Connection, NseError> {
-        let index = update_path(&mut req.conn, &self.name)?;
+        next: Next<E>,
+    ) -> Result<Connection, E> {
+        let index = update_path(&mut req.conn, &self.name).map_err(ChainError::from)?;
         let mut conn = next.request(ctx, req).await?;
         restore(&mut conn, index);
         Ok(conn)
     }
 
-    async fn close(&self, ctx: &mut Ctx, mut conn: Connection, next: Next) -> Result<(), NseError> {
-        update_path(&mut conn, &self.name)?;
+    async fn close(&self, ctx: &mut Ctx<E>, mut conn: Connection, next: Next<E>) -> Result<(), E> {
+        update_path(&mut conn, &self.name).map_err(ChainError::from)?;
         next.close(ctx, conn).await
     }
 }
@@ -135,7 +134,7 @@ impl Element for UpdatePath {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nsm_api::connection::Path;
+    use crate::connection::Path;
 
     const ID1: &str = "seg-1";
     const ID2: &str = "seg-2";
@@ -249,7 +248,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_caller_gets_its_own_id_and_index_back() {
-        let chain = Next::chain(vec![std::sync::Arc::new(UpdatePath::new("nse-3"))]);
+        let chain: Next<ChainError> =
+            Next::chain(vec![std::sync::Arc::new(UpdatePath::new("nse-3"))]);
         let req = Req {
             conn: conn(ID2, 1, 2),
             preferences: vec![],

@@ -1,20 +1,22 @@
-//! The endpoint's connection monitor (sdk `monitor_connection_server.go`):
-//! the current connections as the endpoint sees them, and every subscriber's
-//! stream. A subscriber first gets `INITIAL_STATE_TRANSFER` with the
-//! connections its selector matches (even none), then each UPDATE/DELETE
-//! that has a matching connection, in order.
+//! A hop's connection monitor (sdk `monitor_connection_server.go`): the
+//! current connections as the hop sees them, and every subscriber's stream.
+//! A subscriber first gets `INITIAL_STATE_TRANSFER` with the connections its
+//! selector matches (even none), then each UPDATE/DELETE that has a matching
+//! connection, in order. [`crate::chain::monitor::Monitor`] feeds it from the
+//! chain; [`MonitorHub`] itself serves `connection.MonitorConnection`.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use nsm_api::connection::monitor_connection_server::MonitorConnection;
-use nsm_api::connection::{Connection, ConnectionEvent, ConnectionEventType, MonitorScopeSelector};
-use nsm_api::path::selector_matches;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+
+use crate::connection::monitor_connection_server::MonitorConnection;
+use crate::connection::{Connection, ConnectionEvent, ConnectionEventType, MonitorScopeSelector};
+use crate::path::selector_matches;
 
 /// Events a subscriber may lag behind before it is dropped (it re-subscribes and gets the state again).
 pub const SUBSCRIBER_BUFFER: usize = 1024;
@@ -31,9 +33,15 @@ struct State {
     shut_down: bool,
 }
 
+/// Checks a subscriber's selector before it subscribes; its `Status` is the
+/// answer. The hop supplies it, so statuses stay made by the hop's error type.
+pub type SelectorCheck = Arc<dyn Fn(&MonitorScopeSelector) -> Result<(), Status> + Send + Sync>;
+
+/// Cheap to clone: clones share the connections and subscribers.
 #[derive(Default, Clone)]
 pub struct MonitorHub {
     state: Arc<Mutex<State>>,
+    check: Option<SelectorCheck>,
 }
 
 fn filtered(
@@ -50,6 +58,17 @@ fn filtered(
 impl MonitorHub {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// `MonitorConnections` refuses selectors `check` refuses (with its
+    /// status). Set it before cloning the hub: clones made earlier keep
+    /// the previous check.
+    pub fn with_selector_check(
+        mut self,
+        check: impl Fn(&MonitorScopeSelector) -> Result<(), Status> + Send + Sync + 'static,
+    ) -> Self {
+        self.check = Some(Arc::new(check));
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -148,7 +167,9 @@ impl MonitorConnection for MonitorHub {
         request: Request<MonitorScopeSelector>,
     ) -> Result<Response<Self::MonitorConnectionsStream>, Status> {
         let selector = request.into_inner();
-        crate::validate::selector(&selector).map_err(crate::error::NseError::from)?;
+        if let Some(check) = &self.check {
+            check(&selector)?;
+        }
         let rx = self.subscribe(selector);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -157,7 +178,7 @@ impl MonitorConnection for MonitorHub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nsm_api::connection::{Path, PathSegment};
+    use crate::connection::{Path, PathSegment};
 
     fn conn(id: &str, fwd: &str, svc: &str) -> Connection {
         Connection {
@@ -251,5 +272,32 @@ mod tests {
         hub.shutdown();
         assert!(live.recv().await.unwrap().is_ok()); // its initial transfer
         assert!(live.recv().await.is_none(), "stream ended");
+    }
+
+    #[tokio::test]
+    async fn the_hops_check_refuses_selectors_before_they_subscribe() {
+        let hub = MonitorHub::new().with_selector_check(|s| {
+            if s.network_services.iter().any(String::is_empty) {
+                return Err(Status::invalid_argument("empty network service"));
+            }
+            Ok(())
+        });
+        let bad = MonitorScopeSelector {
+            network_services: vec![String::new()],
+            ..Default::default()
+        };
+        let Err(e) = hub.monitor_connections(Request::new(bad)).await else {
+            panic!("a refused selector subscribed");
+        };
+        assert_eq!(
+            (e.code(), e.message()),
+            (tonic::Code::InvalidArgument, "empty network service")
+        );
+        assert_eq!(hub.subscribers(), 0);
+        let _stream = hub
+            .monitor_connections(Request::new(MonitorScopeSelector::default()))
+            .await
+            .expect("an accepted selector");
+        assert_eq!(hub.subscribers(), 1);
     }
 }

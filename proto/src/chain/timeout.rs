@@ -1,5 +1,5 @@
 //! timeout (sdk `common/timeout`): a connection nobody refreshes is closed by
-//! the endpoint itself, at the previous hop's `expires` minus the Request's
+//! the hop itself, at the previous hop's `expires` minus the Request's
 //! own timeout, so the Close still happens while the caller's token is valid
 //! (sdk#1398). Every refresh moves the deadline.
 //!
@@ -12,12 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use nsm_api::connection::Connection;
-use nsm_api::path::{ConnectionExt, from_timestamp};
 use tokio::sync::oneshot;
 
-use super::{Ctx, Element, Next, Req};
-use crate::error::NseError;
+use super::{ChainError, Ctx, Element, HopError, Next, Req};
+use crate::connection::Connection;
+use crate::path::{ConnectionExt, from_timestamp};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimeoutError {
@@ -81,11 +80,11 @@ impl Timeout {
         self.timers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn arm(&self, ctx: &Ctx, id: &str, expires: SystemTime) -> Result<(), NseError> {
+    fn arm<E: HopError>(&self, ctx: &Ctx<E>, id: &str, expires: SystemTime) -> Result<(), E> {
         let events = ctx
             .events
             .clone()
-            .ok_or_else(|| NseError::Internal("timeout runs without begin before it".into()))?;
+            .ok_or_else(|| ChainError::Internal("timeout runs without begin before it".into()))?;
         let delay = expires
             .duration_since(SystemTime::now())
             .unwrap_or_default()
@@ -117,9 +116,9 @@ impl Timeout {
 pub const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[async_trait]
-impl Element for Timeout {
-    async fn request(&self, ctx: &mut Ctx, req: Req, next: Next) -> Result<Connection, NseError> {
-        let expires = prev_expires(&req.conn)?;
+impl<E: HopError> Element<E> for Timeout {
+    async fn request(&self, ctx: &mut Ctx<E>, req: Req, next: Next<E>) -> Result<Connection, E> {
+        let expires = prev_expires(&req.conn).map_err(ChainError::from)?;
         let conn = next.request(ctx, req).await?;
         let expires = prev_expires(&conn).unwrap_or(expires);
         let capped = expires.min(SystemTime::now() + MAX_DELAY);
@@ -127,7 +126,7 @@ impl Element for Timeout {
         Ok(conn)
     }
 
-    async fn close(&self, ctx: &mut Ctx, conn: Connection, next: Next) -> Result<(), NseError> {
+    async fn close(&self, ctx: &mut Ctx<E>, conn: Connection, next: Next<E>) -> Result<(), E> {
         let id = conn.id.clone();
         let res = next.close(ctx, conn).await;
         self.lock().remove(&id);
@@ -140,8 +139,11 @@ mod tests {
     use super::*;
     use crate::chain::begin::Begin;
     use crate::chain::testing::Recorder;
-    use nsm_api::connection::{Path, PathSegment};
-    use nsm_api::path::to_timestamp;
+    use crate::connection::{Path, PathSegment};
+    use crate::path::to_timestamp;
+
+    type Ctx = super::Ctx<ChainError>;
+    type Next = super::Next<ChainError>;
 
     fn req(expires_in: Option<Duration>) -> Req {
         Req {

@@ -1,7 +1,8 @@
-//! The endpoint's own path-segment tokens: ES256 JWTs, as NSM's `spiffejwt`
-//! issues them. Without SPIFFE (`NSM_INSECURE=true`) the key is an ephemeral
-//! P-256 key made at start-up and the subject is `NSM_NAME`: the tokens have
-//! NSM's shape and expiry, but no peer can verify who signed them.
+//! A hop's own path-segment tokens (endpoint, forwarder, client): ES256
+//! JWTs, as NSM's `spiffejwt` issues them. Without SPIFFE (`NSM_INSECURE=true`)
+//! the key is an ephemeral P-256 key made at start-up and the subject is
+//! `NSM_NAME`: the tokens have NSM's shape and expiry, but no peer can verify
+//! who signed them.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
