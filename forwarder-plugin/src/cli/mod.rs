@@ -1,0 +1,4 @@
+//! Subcommands of the `forwarder-plugin` binary.
+
+pub mod rules;
+pub mod serve;

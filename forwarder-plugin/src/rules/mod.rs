@@ -1,0 +1,254 @@
+//! Redirect rules: a [`RedirectSpec`] (istio's options) becomes a backend
+//! neutral [`Plan`], which a [`Backend`] applies to, verifies against, or
+//! removes from a network namespace.
+//!
+//! Backends (netavark's firewall-driver shape): `nft` (default; nftables
+//! over netlink, one owned table), `iptables` (one `iptables-restore
+//! --noflush` per family into owned chains, legacy/nft variant detected) and
+//! `render` (prints what would be applied). Every apply is atomic and
+//! idempotent, `verify` reports drift, [`reconcile`] re-applies on drift and
+//! `cleanup` leaves nothing of ours.
+//!
+//! ```no_run
+//! use forwarder_plugin::netns::Netns;
+//! use forwarder_plugin::rules::{self, BackendKind, BackendOptions, Plan, RedirectSpec};
+//! let spec = RedirectSpec::parse(r#"{"captureDns": true}"#).unwrap();
+//! let plan = Plan::new(&spec).unwrap();
+//! let backend = rules::get_backend(BackendKind::Nft, BackendOptions::default());
+//! let ns = Netns::open("pod1").unwrap();
+//! backend.apply(&ns, &plan).unwrap();
+//! assert!(backend.verify(&ns, &plan).unwrap().is_empty());
+//! backend.cleanup(&ns).unwrap();
+//! ```
+
+pub mod drift;
+pub mod error;
+mod exec;
+pub mod iptables;
+pub mod names;
+pub mod nft;
+pub mod plan;
+mod policy_route;
+pub mod render;
+pub mod spec;
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use crate::netns::Netns;
+
+pub use drift::{Drift, DriftItem};
+pub use error::RulesError;
+pub use iptables::Variant;
+pub use names::Owner;
+pub use plan::Plan;
+pub use policy_route::RT_PROTO;
+pub use spec::{RedirectSpec, SPEC_VERSION, SpecError};
+
+use error::Result;
+
+/// What an apply did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The kernel now holds the plan (nft always replaces its table).
+    Applied,
+    /// The kernel already matched the plan; nothing was written.
+    Unchanged,
+    /// Nothing touched the kernel (the render backend).
+    Rendered,
+}
+
+/// A firewall backend. Implementations validate nothing themselves: a
+/// [`Plan`] can only be built from a valid spec.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Makes the namespace hold exactly `plan` (of ours), all or nothing.
+    fn apply(&self, ns: &Netns, plan: &Plan) -> Result<Outcome>;
+    /// Differences between the namespace and `plan`.
+    fn verify(&self, ns: &Netns, plan: &Plan) -> Result<Drift>;
+    /// Removes everything of ours: tables, chains, rules, ip rules, routes.
+    fn cleanup(&self, ns: &Netns) -> Result<()>;
+    /// Verifies, and re-applies when the namespace drifted from `plan`.
+    /// Returns the drift that was found (empty: nothing was done).
+    fn reconcile(&self, ns: &Netns, plan: &Plan) -> Result<Drift> {
+        reconcile_default(self, ns, plan)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Nft,
+    Iptables,
+    /// Prints the nft script (`Render(Nft)`) or iptables-restore documents.
+    Render(RenderFormat),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenderFormat {
+    Nft,
+    Iptables,
+}
+
+/// Test hooks: make the kernel refuse the last part of an apply.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    RejectLastRule,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    /// Names our table/chains/tags (default `mesh_proxy`).
+    pub owner: Owner,
+    /// iptables only: force `legacy` or `nft` instead of detecting.
+    pub iptables_variant: Option<Variant>,
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
+}
+
+/// The backend called `kind`.
+pub fn get_backend(kind: BackendKind, opts: BackendOptions) -> Box<dyn Backend> {
+    match kind {
+        BackendKind::Nft => Box::new(nft::NftBackend::new(&opts)),
+        BackendKind::Iptables => Box::new(iptables::IptablesBackend::new(&opts)),
+        BackendKind::Render(format) => Box::new(RenderBackend::new(
+            format,
+            opts.owner,
+            Box::new(std::io::stdout()),
+        )),
+    }
+}
+
+/// Verifies, and re-applies when the kernel drifted from `plan`. Returns the
+/// drift that was found (empty: nothing was done).
+pub fn reconcile(backend: &dyn Backend, ns: &Netns, plan: &Plan) -> Result<Drift> {
+    backend.reconcile(ns, plan)
+}
+
+/// [`Backend::reconcile`]'s default: verify, then apply on drift and fix
+/// policy routes (apply only lists those when TPROXY needs them).
+pub fn reconcile_default<B: Backend + ?Sized>(
+    backend: &B,
+    ns: &Netns,
+    plan: &Plan,
+) -> Result<Drift> {
+    let drift = backend.verify(ns, plan)?;
+    if !drift.is_empty() {
+        backend.apply(ns, plan)?;
+        if drift.items.iter().any(|i| {
+            matches!(
+                i,
+                DriftItem::ExtraPolicyRoute { .. } | DriftItem::MissingPolicyRoute { .. }
+            )
+        }) {
+            policy_route::prune(ns, &plan.policy_routes)?;
+        }
+    }
+    Ok(drift)
+}
+
+/// Wraps an apply error with the outcome of the rollback (a cleanup).
+pub(crate) fn rolled_back(ns: &Netns, cause: RulesError, rollback: Result<()>) -> RulesError {
+    match rollback {
+        Ok(()) => RulesError::RolledBack {
+            netns: ns.id(),
+            cause: Box::new(cause),
+        },
+        Err(e) => RulesError::RollbackFailed {
+            cause: Box::new(cause),
+            rollback: Box::new(e),
+        },
+    }
+}
+
+/// Prints what would be applied instead of applying it.
+pub struct RenderBackend {
+    format: RenderFormat,
+    owner: Owner,
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl RenderBackend {
+    pub fn new(format: RenderFormat, owner: Owner, out: Box<dyn Write + Send>) -> Self {
+        RenderBackend {
+            format,
+            owner,
+            out: Mutex::new(out),
+        }
+    }
+
+    /// The text `apply` prints for `plan`.
+    pub fn text(&self, plan: &Plan) -> String {
+        let mut s = match self.format {
+            RenderFormat::Nft => render::nft_script(plan, &self.owner),
+            RenderFormat::Iptables => {
+                let mut s = String::new();
+                for (family, tool) in [
+                    (plan::Family::V4, "iptables"),
+                    (plan::Family::V6, "ip6tables"),
+                ] {
+                    let doc = render::iptables_restore(plan, &self.owner, family);
+                    if !doc.is_empty() {
+                        s.push_str(&format!("# {tool}-restore --noflush\n{}", doc.text()));
+                    }
+                }
+                s
+            }
+        };
+        for r in &plan.policy_routes {
+            let f = match r.family {
+                plan::Family::V4 => "-4",
+                plan::Family::V6 => "-6",
+            };
+            s.push_str(&format!(
+                "# ip {f} route replace local default dev lo table {t} proto {p}\n\
+                 # ip {f} rule add fwmark {m} lookup {t} proto {p}\n",
+                t = r.table,
+                m = r.mark,
+                p = RT_PROTO
+            ));
+        }
+        s
+    }
+
+    fn write(&self, text: &str) -> Result<()> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        out.write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(RulesError::Output)
+    }
+}
+
+impl Backend for RenderBackend {
+    fn name(&self) -> &'static str {
+        "render"
+    }
+
+    fn apply(&self, _ns: &Netns, plan: &Plan) -> Result<Outcome> {
+        self.write(&self.text(plan))?;
+        Ok(Outcome::Rendered)
+    }
+
+    fn verify(&self, _ns: &Netns, _plan: &Plan) -> Result<Drift> {
+        Err(RulesError::Unsupported {
+            backend: "render",
+            op: "verify (it has no kernel state to compare)",
+        })
+    }
+
+    fn cleanup(&self, _ns: &Netns) -> Result<()> {
+        let text = match self.format {
+            RenderFormat::Nft => render::nft_cleanup_script(&self.owner),
+            RenderFormat::Iptables => format!(
+                "# iptables cleanup works from iptables-save of the namespace (legacy and nft,\n\
+                 # IPv4 and IPv6): it deletes every rule commented \"{o}:…\" or jumping to a\n\
+                 # {p}_* chain, then flushes and deletes those chains.\n",
+                o = self.owner,
+                p = self.owner.iptables_prefix()
+            ),
+        };
+        self.write(&format!(
+            "{text}# ip rules and routes with proto {RT_PROTO} are deleted\n"
+        ))
+    }
+}

@@ -1,0 +1,805 @@
+//! Spec → backend-neutral rule list. The rule order and shape follow
+//! istio-iptables (`tools/istio-iptables/pkg/capture/run.go`): every backend
+//! renders this one list, so nft and iptables always agree.
+
+use ipnet::IpNet;
+
+use super::spec::{
+    Mark as MarkMask, Mode, OUTBOUND_MARK, Port, RedirectSpec, Selection, SpecError,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// Loopback destination that is never redirected (istio `HostIPv4LoopbackCidr`).
+    fn localhost(self) -> IpNet {
+        match self {
+            Family::V4 => "127.0.0.1/32".parse().expect("literal"),
+            Family::V6 => "::1/128".parse().expect("literal"),
+        }
+    }
+
+    /// Source the proxy uses to reach the app in inbound passthrough (istio
+    /// binds 127.0.0.6 / ::6).
+    fn passthrough_source(self) -> IpNet {
+        match self {
+            Family::V4 => "127.0.0.6/32".parse().expect("literal"),
+            Family::V6 => "::6/128".parse().expect("literal"),
+        }
+    }
+
+    pub fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// The netfilter table a chain belongs to (iptables tables; nft chain
+/// type + priority).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Mangle,
+    Nat,
+    Raw,
+}
+
+impl Table {
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Mangle => "mangle",
+            Table::Nat => "nat",
+            Table::Raw => "raw",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    Prerouting,
+    Output,
+}
+
+/// Chains we own (besides the base chains of each hook).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OwnChain {
+    Inbound,
+    Redirect,
+    InRedirect,
+    Output,
+    OutputDns,
+    Divert,
+    Tproxy,
+    Drop,
+}
+
+impl OwnChain {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            OwnChain::Inbound => "INBOUND",
+            OwnChain::Redirect => "REDIRECT",
+            OwnChain::InRedirect => "IN_REDIRECT",
+            OwnChain::Output => "OUTPUT",
+            OwnChain::OutputDns => "OUTPUT_DNS",
+            OwnChain::Divert => "DIVERT",
+            OwnChain::Tproxy => "TPROXY",
+            OwnChain::Drop => "DROP",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChainRef {
+    /// The hook's base chain (iptables: the built-in PREROUTING/OUTPUT).
+    Base(Hook),
+    Own(OwnChain),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChainId {
+    pub table: Table,
+    pub chain: ChainRef,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum L4 {
+    Tcp,
+    Udp,
+}
+
+impl L4 {
+    pub fn name(self) -> &'static str {
+        match self {
+            L4::Tcp => "tcp",
+            L4::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CtState {
+    Invalid,
+    EstablishedRelated,
+}
+
+/// One condition of a rule. Port matches need an [`Match::Proto`] before
+/// them in the same rule.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Match {
+    Proto(L4),
+    Dport(u16),
+    /// The destination port is none of these.
+    NotDports(Vec<u16>),
+    Sport(u16),
+    Daddr(IpNet),
+    NotDaddr(IpNet),
+    Saddr(IpNet),
+    Iif(String),
+    Oif(String),
+    Uid(u32),
+    NotUid(u32),
+    Gid(u32),
+    NotGid(u32),
+    Mark(MarkMask),
+    NotMark(MarkMask),
+    ConnMark(u32),
+    Ct(CtState),
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Action {
+    Jump(OwnChain),
+    Return,
+    Accept,
+    Drop,
+    /// NAT to this port on the local host (iptables REDIRECT).
+    Redirect(u16),
+    /// TPROXY to this port, marking the packet (the rule's family says ip/ip6).
+    Tproxy {
+        port: u16,
+        mark: u32,
+    },
+    SetMark(u32),
+    CtZone(u16),
+    /// Copy the packet mark to the connection (CONNMARK --save-mark).
+    SaveMark,
+    /// Copy the connection mark to the packet (CONNMARK --restore-mark).
+    RestoreMark,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub chain: ChainId,
+    /// `None`: both families (whichever reach the chain); `Some`: only this one.
+    pub family: Option<Family>,
+    pub matches: Vec<Match>,
+    pub action: Action,
+}
+
+/// Policy routing TPROXY needs: `ip rule fwmark <mark> lookup <table>` and a
+/// local default route in that table, per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyRoute {
+    pub family: Family,
+    pub mark: u32,
+    pub table: u32,
+}
+
+/// Everything one spec asks of a namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub ipv6: bool,
+    pub rules: Vec<Rule>,
+    pub policy_routes: Vec<PolicyRoute>,
+}
+
+impl Plan {
+    /// Validates `spec` and derives its rules.
+    pub fn new(spec: &RedirectSpec) -> Result<Plan, SpecError> {
+        spec.validate()?;
+        let spec = spec.normalized();
+        let mut g = Gen {
+            spec: &spec,
+            rules: Vec::new(),
+            families: if spec.ipv6 {
+                vec![Family::V4, Family::V6]
+            } else {
+                vec![Family::V4]
+            },
+        };
+        g.nat();
+        if spec.mode == Mode::Tproxy {
+            g.mangle_tproxy();
+        }
+        if spec.drop_invalid {
+            g.drop_invalid();
+        }
+        if spec.capture_dns {
+            g.raw_dns_zones();
+        }
+        let policy_routes = if spec.mode == Mode::Tproxy {
+            g.families
+                .iter()
+                .map(|&family| PolicyRoute {
+                    family,
+                    mark: spec.tproxy_mark,
+                    table: spec.tproxy_route_table,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Plan {
+            ipv6: spec.ipv6,
+            rules: g.rules,
+            policy_routes,
+        })
+    }
+
+    /// Every chain the rules live in or jump to, base chains first, in a
+    /// stable order.
+    pub fn chains(&self) -> Vec<ChainId> {
+        let mut set = std::collections::BTreeSet::new();
+        for r in &self.rules {
+            set.insert(r.chain);
+            if let Action::Jump(own) = r.action {
+                set.insert(ChainId {
+                    table: r.chain.table,
+                    chain: ChainRef::Own(own),
+                });
+            }
+        }
+        set.into_iter().collect()
+    }
+
+    /// The rules that apply to `family`, in order.
+    pub fn rules_for(&self, family: Family) -> impl Iterator<Item = &Rule> {
+        self.rules
+            .iter()
+            .filter(move |r| r.family.is_none_or(|f| f == family))
+    }
+}
+
+/// Rule generator state.
+struct Gen<'a> {
+    spec: &'a RedirectSpec,
+    rules: Vec<Rule>,
+    families: Vec<Family>,
+}
+
+fn base(table: Table, hook: Hook) -> ChainId {
+    ChainId {
+        table,
+        chain: ChainRef::Base(hook),
+    }
+}
+
+fn own(table: Table, chain: OwnChain) -> ChainId {
+    ChainId {
+        table,
+        chain: ChainRef::Own(chain),
+    }
+}
+
+fn ports(v: &[Port]) -> Vec<u16> {
+    v.iter().map(|p| p.0).collect()
+}
+
+impl Gen<'_> {
+    fn push(
+        &mut self,
+        chain: ChainId,
+        family: Option<Family>,
+        matches: Vec<Match>,
+        action: Action,
+    ) {
+        self.rules.push(Rule {
+            chain,
+            family,
+            matches,
+            action,
+        });
+    }
+
+    /// Family of rules in base chains: without IPv6 capture, IPv6 packets
+    /// must not even enter our chains (nft `inet` tables see both).
+    fn base_family(&self) -> Option<Family> {
+        if self.spec.ipv6 {
+            None
+        } else {
+            Some(Family::V4)
+        }
+    }
+
+    /// Interface exclusions go first in each base chain: RETURN there skips
+    /// our jump (istio `-A PREROUTING -i NIC -j RETURN`).
+    fn interface_returns(&mut self, table: Table) {
+        let fam = self.base_family();
+        for nic in self.spec.exclude_interfaces.clone() {
+            self.push(
+                base(table, Hook::Prerouting),
+                fam,
+                vec![Match::Iif(nic.clone())],
+                Action::Return,
+            );
+            self.push(
+                base(table, Hook::Output),
+                fam,
+                vec![Match::Oif(nic)],
+                Action::Return,
+            );
+        }
+    }
+
+    fn nat(&mut self) {
+        use Action::*;
+        use Match::*;
+        let s = self.spec;
+        let fam = self.base_family();
+        let t = Table::Nat;
+        self.interface_returns(t);
+
+        // Inbound (REDIRECT mode; TPROXY mode captures inbound in mangle).
+        let inbound_redirect = s.mode == Mode::Redirect
+            && !matches!(&s.include_inbound_ports, Selection::List(l) if l.is_empty());
+        if inbound_redirect {
+            self.push(
+                base(t, Hook::Prerouting),
+                fam,
+                vec![Proto(L4::Tcp)],
+                Jump(OwnChain::Inbound),
+            );
+            match &s.include_inbound_ports {
+                Selection::All => {
+                    for p in ports(&s.exclude_inbound_ports) {
+                        self.push(
+                            own(t, OwnChain::Inbound),
+                            None,
+                            vec![Proto(L4::Tcp), Dport(p)],
+                            Return,
+                        );
+                    }
+                    self.push(
+                        own(t, OwnChain::Inbound),
+                        None,
+                        vec![Proto(L4::Tcp)],
+                        Jump(OwnChain::InRedirect),
+                    );
+                }
+                Selection::List(l) => {
+                    for p in ports(l) {
+                        self.push(
+                            own(t, OwnChain::Inbound),
+                            None,
+                            vec![Proto(L4::Tcp), Dport(p)],
+                            Jump(OwnChain::InRedirect),
+                        );
+                    }
+                }
+            }
+        }
+
+        // Outbound.
+        self.push(base(t, Hook::Output), fam, vec![], Jump(OwnChain::Output));
+        let out = own(t, OwnChain::Output);
+        // 1. Port excludes, TCP and UDP, before anything can loop back.
+        for p in ports(&s.exclude_outbound_ports) {
+            self.push(out, None, vec![Proto(L4::Tcp), Dport(p)], Return);
+            self.push(out, None, vec![Proto(L4::Udp), Dport(p)], Return);
+        }
+        // 2. The proxy's inbound passthrough source (127.0.0.6 / ::6).
+        for f in self.families.clone() {
+            self.push(
+                out,
+                Some(f),
+                vec![Oif("lo".into()), Saddr(f.passthrough_source())],
+                Return,
+            );
+        }
+        // 3. Socket-mark bypass (ambient style): protocol independent.
+        if let Some(m) = s.bypass_mark {
+            self.push(out, None, vec![Mark(m)], Return);
+        }
+        // 4. Owner exemptions, per uid then per gid (istio's three rules).
+        // The hairpin skips DNS (when captured) and excluded inbound ports.
+        let mut hairpin_skip: Vec<u16> = Vec::new();
+        if s.capture_dns {
+            hairpin_skip.push(53);
+        }
+        hairpin_skip.extend(ports(&s.exclude_inbound_ports));
+        hairpin_skip.sort_unstable();
+        hairpin_skip.dedup();
+        let owners: Vec<(Match, Match)> = s
+            .proxy_uids
+            .iter()
+            .map(|&u| (Uid(u), NotUid(u)))
+            .chain(s.proxy_gids.iter().map(|&g| (Gid(g), NotGid(g))))
+            .collect();
+        for (is, is_not) in &owners {
+            // (a) proxy → own pod address over lo → inbound proxy (hairpin).
+            for f in self.families.clone() {
+                let mut m = vec![Oif("lo".into()), NotDaddr(f.localhost()), Proto(L4::Tcp)];
+                if !hairpin_skip.is_empty() {
+                    m.push(NotDports(hairpin_skip.clone()));
+                }
+                m.push(is.clone());
+                self.push(out, Some(f), m, Jump(OwnChain::InRedirect));
+            }
+            // (b) anyone else over lo goes straight to the app.
+            self.push(out, None, self.lo_return(is_not.clone()), Return);
+            // (c) the proxy's own traffic never loops.
+            self.push(out, None, vec![is.clone()], Return);
+        }
+        if owners.is_empty() {
+            // Mark-only identity (ambient): loopback is never captured.
+            let m = self.lo_matches();
+            self.push(out, None, m, Return);
+        }
+        // 5. DNS.
+        if s.capture_dns {
+            self.push(out, None, vec![], Jump(OwnChain::OutputDns));
+            let dns = own(t, OwnChain::OutputDns);
+            for l4 in [L4::Tcp, L4::Udp] {
+                self.push(
+                    dns,
+                    None,
+                    vec![Proto(l4), Dport(53)],
+                    Redirect(s.dns_port.0),
+                );
+            }
+        }
+        // 6. localhost.
+        for f in self.families.clone() {
+            self.push(out, Some(f), vec![Daddr(f.localhost())], Return);
+        }
+        // 7. CIDR excludes, then port includes, then CIDR includes.
+        for net in s.exclude_outbound_cidrs.clone() {
+            self.push(out, Some(Family::of(&net)), vec![Daddr(net)], Return);
+        }
+        for p in ports(&s.include_outbound_ports) {
+            self.push(
+                out,
+                None,
+                vec![Proto(L4::Tcp), Dport(p)],
+                Jump(OwnChain::Redirect),
+            );
+        }
+        match &s.include_outbound_cidrs {
+            Selection::All => self.push(out, None, vec![], Jump(OwnChain::Redirect)),
+            Selection::List(l) => {
+                for net in l.clone() {
+                    self.push(
+                        out,
+                        Some(Family::of(&net)),
+                        vec![Daddr(net)],
+                        Jump(OwnChain::Redirect),
+                    );
+                }
+            }
+        }
+        self.push(
+            own(t, OwnChain::Redirect),
+            None,
+            vec![Proto(L4::Tcp)],
+            Redirect(s.outbound_port.0),
+        );
+        self.push(
+            own(t, OwnChain::InRedirect),
+            None,
+            vec![Proto(L4::Tcp)],
+            Redirect(s.inbound_port.0),
+        );
+    }
+
+    /// `-o lo` matches of istio's rule (b); with DNS capture, UDP and TCP 53
+    /// over lo (to a local resolver) must still reach the DNS chain.
+    fn lo_matches(&self) -> Vec<Match> {
+        let mut m = vec![Match::Oif("lo".into())];
+        if self.spec.capture_dns {
+            m.push(Match::Proto(L4::Tcp));
+            m.push(Match::NotDports(vec![53]));
+        }
+        m
+    }
+
+    fn lo_return(&self, owner: Match) -> Vec<Match> {
+        let mut m = self.lo_matches();
+        m.push(owner);
+        m
+    }
+
+    /// TPROXY inbound capture in mangle (istio `tproxy.golden`).
+    fn mangle_tproxy(&mut self) {
+        use Action::*;
+        use Match::*;
+        let s = self.spec;
+        let fam = self.base_family();
+        let t = Table::Mangle;
+        let mark = s.tproxy_mark;
+        let full = |value| MarkMask {
+            value,
+            mask: u32::MAX,
+        };
+        self.interface_returns(t);
+        let capture = !matches!(&s.include_inbound_ports, Selection::List(l) if l.is_empty());
+        if capture {
+            self.push(
+                base(t, Hook::Prerouting),
+                fam,
+                vec![Proto(L4::Tcp)],
+                Jump(OwnChain::Inbound),
+            );
+        }
+        self.push(
+            base(t, Hook::Prerouting),
+            fam,
+            vec![Proto(L4::Tcp), Mark(full(mark))],
+            SaveMark,
+        );
+        let out = base(t, Hook::Output);
+        self.push(
+            out,
+            fam,
+            vec![Proto(L4::Tcp), Oif("lo".into()), Mark(full(mark))],
+            Return,
+        );
+        let owners: Vec<Match> = s
+            .proxy_uids
+            .iter()
+            .map(|&u| Uid(u))
+            .chain(s.proxy_gids.iter().map(|&g| Gid(g)))
+            .collect();
+        for owner in owners {
+            for f in self.families.clone() {
+                self.push(
+                    out,
+                    Some(f),
+                    vec![
+                        NotDaddr(f.localhost()),
+                        Proto(L4::Tcp),
+                        Oif("lo".into()),
+                        owner.clone(),
+                    ],
+                    SetMark(OUTBOUND_MARK),
+                );
+            }
+        }
+        self.push(out, fam, vec![Proto(L4::Tcp), ConnMark(mark)], RestoreMark);
+
+        if !capture {
+            return;
+        }
+        let inb = own(t, OwnChain::Inbound);
+        self.push(inb, None, vec![Proto(L4::Tcp), Mark(full(mark))], Return);
+        for f in self.families.clone() {
+            self.push(
+                inb,
+                Some(f),
+                vec![
+                    Proto(L4::Tcp),
+                    Saddr(f.passthrough_source()),
+                    Iif("lo".into()),
+                ],
+                Return,
+            );
+        }
+        self.push(
+            inb,
+            None,
+            vec![
+                Proto(L4::Tcp),
+                Iif("lo".into()),
+                NotMark(full(OUTBOUND_MARK)),
+            ],
+            Return,
+        );
+        let divert_and_tproxy = |g: &mut Self, port: Option<u16>| {
+            let mut m = vec![Proto(L4::Tcp)];
+            if let Some(p) = port {
+                m.push(Dport(p));
+            }
+            let mut est = m.clone();
+            est.push(Ct(CtState::EstablishedRelated));
+            g.push(inb, None, est, Jump(OwnChain::Divert));
+            g.push(inb, None, m, Jump(OwnChain::Tproxy));
+        };
+        match &s.include_inbound_ports {
+            Selection::All => {
+                for p in ports(&s.exclude_inbound_ports) {
+                    self.push(inb, None, vec![Proto(L4::Tcp), Dport(p)], Return);
+                }
+                divert_and_tproxy(self, None);
+            }
+            Selection::List(l) => {
+                for p in ports(l) {
+                    divert_and_tproxy(self, Some(p));
+                }
+            }
+        }
+        let divert = own(t, OwnChain::Divert);
+        self.push(divert, None, vec![], SetMark(mark));
+        self.push(divert, None, vec![], Accept);
+        for f in self.families.clone() {
+            self.push(
+                own(t, OwnChain::Tproxy),
+                Some(f),
+                vec![NotDaddr(f.localhost()), Proto(L4::Tcp)],
+                Tproxy {
+                    port: s.inbound_port.0,
+                    mark,
+                },
+            );
+        }
+    }
+
+    fn drop_invalid(&mut self) {
+        let fam = self.base_family();
+        self.push(
+            base(Table::Mangle, Hook::Prerouting),
+            fam,
+            vec![Match::Ct(CtState::Invalid)],
+            Action::Jump(OwnChain::Drop),
+        );
+        self.push(
+            own(Table::Mangle, OwnChain::Drop),
+            None,
+            vec![],
+            Action::Drop,
+        );
+    }
+
+    /// Conntrack zones for DNS (istio#33469): zone 1 = proxy ↔ upstream
+    /// resolver, zone 2 = app ↔ proxy, so a UDP 4-tuple reused by both
+    /// sides cannot skip the NAT.
+    fn raw_dns_zones(&mut self) {
+        use Action::*;
+        use Match::*;
+        let s = self.spec;
+        let fam = self.base_family();
+        let t = Table::Raw;
+        let dns = own(t, OwnChain::OutputDns);
+        self.push(
+            base(t, Hook::Output),
+            fam,
+            vec![],
+            Jump(OwnChain::OutputDns),
+        );
+        let mut owners: Vec<Match> = s
+            .proxy_uids
+            .iter()
+            .map(|&u| Uid(u))
+            .chain(s.proxy_gids.iter().map(|&g| Gid(g)))
+            .collect();
+        if let Some(m) = s.bypass_mark {
+            owners.push(Mark(m));
+        }
+        for owner in owners {
+            self.push(
+                dns,
+                None,
+                vec![Proto(L4::Udp), Dport(53), owner.clone()],
+                CtZone(1),
+            );
+            self.push(
+                dns,
+                None,
+                vec![Proto(L4::Udp), Sport(s.dns_port.0), owner],
+                CtZone(2),
+            );
+        }
+        self.push(dns, None, vec![Proto(L4::Udp), Dport(53)], CtZone(2));
+        self.push(
+            base(t, Hook::Prerouting),
+            fam,
+            vec![],
+            Jump(OwnChain::Inbound),
+        );
+        self.push(
+            own(t, OwnChain::Inbound),
+            None,
+            vec![Proto(L4::Udp), Sport(53)],
+            CtZone(1),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(plan: &Plan, table: Table) -> usize {
+        plan.rules.iter().filter(|r| r.chain.table == table).count()
+    }
+
+    #[test]
+    fn defaults_match_istio_cni_basic_shape() {
+        let plan = Plan::new(&RedirectSpec::default()).unwrap();
+        // nat only, no policy routing.
+        assert_eq!(count(&plan, Table::Mangle) + count(&plan, Table::Raw), 0);
+        assert!(plan.policy_routes.is_empty());
+        let out: Vec<_> = plan
+            .rules
+            .iter()
+            .filter(|r| r.chain == own(Table::Nat, OwnChain::Output))
+            .collect();
+        // istio basic.txt.golden has 11 ISTIO_OUTPUT rules; we add no more.
+        assert_eq!(out.len(), 11, "{out:#?}");
+        assert_eq!(out.last().unwrap().action, Action::Jump(OwnChain::Redirect));
+        assert_eq!(
+            out[0].matches,
+            vec![Match::Proto(L4::Tcp), Match::Dport(15020)]
+        );
+    }
+
+    #[test]
+    fn v4_only_spec_keeps_ipv6_out_of_our_chains() {
+        let plan = Plan::new(&RedirectSpec::default()).unwrap();
+        for r in &plan.rules {
+            if matches!(r.chain.chain, ChainRef::Base(_)) {
+                assert_eq!(r.family, Some(Family::V4), "{r:?}");
+            }
+            assert_ne!(r.family, Some(Family::V6));
+        }
+    }
+
+    #[test]
+    fn tproxy_adds_mangle_and_policy_routes_per_family() {
+        let spec = RedirectSpec {
+            mode: Mode::Tproxy,
+            ipv6: true,
+            ..Default::default()
+        };
+        let plan = Plan::new(&spec).unwrap();
+        assert_eq!(plan.policy_routes.len(), 2);
+        assert!(plan.rules.iter().any(|r| matches!(
+            r.action,
+            Action::Tproxy {
+                port: 15006,
+                mark: 1337
+            }
+        ) && r.family == Some(Family::V6)));
+        assert!(
+            !plan.rules.iter().any(|r| r.chain.table == Table::Nat
+                && r.chain.chain == ChainRef::Base(Hook::Prerouting))
+        );
+    }
+
+    #[test]
+    fn dns_capture_adds_zones_and_redirect() {
+        let spec = RedirectSpec {
+            capture_dns: true,
+            ..Default::default()
+        };
+        let plan = Plan::new(&spec).unwrap();
+        assert!(
+            plan.rules
+                .iter()
+                .any(|r| r.action == Action::Redirect(15053)
+                    && r.matches == vec![Match::Proto(L4::Udp), Match::Dport(53)])
+        );
+        assert_eq!(
+            plan.rules
+                .iter()
+                .filter(|r| matches!(r.action, Action::CtZone(_)))
+                .count(),
+            // uid + gid, two rules each, plus the catch-all and the inbound one
+            6
+        );
+    }
+
+    #[test]
+    fn invalid_spec_yields_no_plan() {
+        let spec = RedirectSpec {
+            proxy_uids: vec![],
+            proxy_gids: vec![],
+            ..Default::default()
+        };
+        assert_eq!(Plan::new(&spec), Err(SpecError::NoProxyIdentity));
+    }
+}

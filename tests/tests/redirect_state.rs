@@ -1,0 +1,349 @@
+//! Kernel state under apply / verify / reconcile / cleanup, for every
+//! backend: re-applying changes nothing, cleanup leaves nothing of ours, a
+//! rule deleted or added by hand is reported and repaired, and an apply the
+//! kernel refuses leaves the namespace as it was.
+
+#[macro_use]
+mod redirect_common;
+
+use forwarder_plugin::rules::{self, DriftItem, Outcome, RulesError};
+use nsm_tests::topology::{Client, PEER_V4, v4};
+use redirect_common::{Kind, Lab, app, assert_same, backend, faulty_backend, plan, state};
+
+/// Everything the spec can switch on at once.
+const RICH: &str = r#"{"mode": "tproxy", "ipv6": true, "captureDns": true, "dropInvalid": true,
+    "excludeOutboundCidrs": ["198.19.1.0/24", "fd00:1::/64"], "excludeInterfaces": ["eth9"],
+    "includeOutboundPorts": [7070], "proxyGids": [1337, 1500]}"#;
+
+fn root(name: &str) -> bool {
+    nsm_tests::require_root(name)
+}
+
+fn apply_twice_changes_nothing(kind: Kind) {
+    if !root("apply_twice_changes_nothing") {
+        return;
+    }
+    let lab = Lab::new();
+    let b = backend(kind);
+    let p = plan(RICH);
+    assert_eq!(b.apply(lab.pod(), &p).unwrap(), Outcome::Applied);
+    let first = state(&lab.topo.pod);
+    assert!(first.mentions_ours());
+    // Check-then-apply: nothing is written the second time.
+    assert_eq!(b.apply(lab.pod(), &p).unwrap(), Outcome::Unchanged);
+    assert_same(
+        &first,
+        &state(&lab.topo.pod),
+        "second apply changed the namespace",
+    );
+    assert!(b.verify(lab.pod(), &p).unwrap().is_empty());
+    assert_eq!(lab.out(app(), v4(PEER_V4, 8080)).label, "pod-out");
+}
+
+/// A different spec over an existing one replaces it: chains the new spec
+/// does not use are gone, and verify against the new spec is clean.
+fn a_new_spec_replaces_the_old_one(kind: Kind) {
+    if !root("a_new_spec_replaces_the_old_one") {
+        return;
+    }
+    let lab = Lab::new();
+    let b = backend(kind);
+    let big = plan(r#"{"captureDns": true, "dropInvalid": true, "ipv6": true}"#);
+    let small = plan(r#"{"includeInboundPorts": [], "excludeOutboundPorts": [9090]}"#);
+    b.apply(lab.pod(), &big).unwrap();
+    assert_eq!(b.apply(lab.pod(), &small).unwrap(), Outcome::Applied);
+    assert!(b.verify(lab.pod(), &small).unwrap().is_empty());
+    assert!(!b.verify(lab.pod(), &big).unwrap().is_empty());
+    let s = state(&lab.topo.pod);
+    for gone in [
+        "raw",
+        "mangle",
+        "OUTPUT_DNS",
+        "output_dns",
+        "INBOUND",
+        "inbound",
+        "ip6",
+    ] {
+        assert!(
+            !s.nft.contains(&format!("mesh_proxy {gone}"))
+                && !s.nft.contains(&format!("chain {gone}"))
+                && !s.xtables.contains(&format!("MESH_PROXY_{gone}")),
+            "{gone} left over"
+        );
+    }
+    assert_eq!(lab.out(app(), v4(PEER_V4, 9090)).label, "peer");
+    assert_eq!(lab.out(app(), v4(PEER_V4, 8080)).label, "pod-out");
+    // Back to the big one.
+    b.apply(lab.pod(), &big).unwrap();
+    assert!(b.verify(lab.pod(), &big).unwrap().is_empty());
+}
+
+fn cleanup_leaves_nothing(kind: Kind) {
+    if !root("cleanup_leaves_nothing") {
+        return;
+    }
+    let lab = Lab::new();
+    let before = state(&lab.topo.pod);
+    assert!(!before.mentions_ours());
+    let b = backend(kind);
+    b.apply(lab.pod(), &plan(RICH)).unwrap();
+    let applied = state(&lab.topo.pod);
+    assert!(
+        applied.ip_rules.contains("lookup 133"),
+        "{}",
+        applied.ip_rules
+    );
+    assert!(applied.routes.contains("table 133"), "{}", applied.routes);
+    b.cleanup(lab.pod()).unwrap();
+    let after = state(&lab.topo.pod);
+    assert_same(
+        &before,
+        &after,
+        "cleanup must restore the namespace exactly",
+    );
+    // Cleanup again is fine, and traffic is direct again.
+    b.cleanup(lab.pod()).unwrap();
+    assert_eq!(lab.out(app(), v4(PEER_V4, 8080)).label, "peer");
+    // And verify now reports everything missing.
+    assert!(!b.verify(lab.pod(), &plan(RICH)).unwrap().is_empty());
+}
+
+/// Removes the rule exempting uid 1337 by hand, the way an operator would.
+fn delete_uid_rule_by_hand(kind: Kind, lab: &Lab) {
+    let pod = &lab.topo.pod;
+    match kind {
+        Kind::Nft => {
+            let listing = pod.exec_ok(&[
+                "nft",
+                "-a",
+                "list",
+                "chain",
+                "inet",
+                "mesh_proxy",
+                "nat_output",
+            ]);
+            let handle = listing
+                .lines()
+                .find(|l| l.contains("meta skuid 1337 return"))
+                .and_then(|l| l.rsplit("handle ").next())
+                .unwrap_or_else(|| panic!("uid rule not found in\n{listing}"))
+                .trim()
+                .to_owned();
+            pod.exec_ok(&[
+                "nft",
+                "delete",
+                "rule",
+                "inet",
+                "mesh_proxy",
+                "nat_output",
+                "handle",
+                &handle,
+            ]);
+        }
+        Kind::Iptables | Kind::IptablesLegacy => {
+            let tool = if kind == Kind::Iptables {
+                "iptables-nft"
+            } else {
+                "iptables-legacy"
+            };
+            let listing = pod.exec_ok(&[tool, "-t", "nat", "-S", "MESH_PROXY_OUTPUT"]);
+            // -S prints the -N line first, then the rules numbered from 1.
+            let n = listing
+                .lines()
+                .filter(|l| l.starts_with("-A"))
+                .position(|l| {
+                    l.contains("--uid-owner 1337")
+                        && l.ends_with("-j RETURN")
+                        && !l.contains("! --uid-owner")
+                        && !l.contains("-o lo")
+                })
+                .unwrap_or_else(|| panic!("uid rule not found in\n{listing}"))
+                + 1;
+            pod.exec_ok(&[tool, "-t", "nat", "-D", "MESH_PROXY_OUTPUT", &n.to_string()]);
+        }
+    }
+}
+
+fn verify_reports_a_deleted_rule_and_reconcile_restores_it(kind: Kind) {
+    if !root("verify_reports_a_deleted_rule_and_reconcile_restores_it") {
+        return;
+    }
+    let lab = Lab::new();
+    let b = backend(kind);
+    let p = plan("{}");
+    b.apply(lab.pod(), &p).unwrap();
+    let dst = v4(PEER_V4, 8080);
+    assert_eq!(lab.out(Client::uid(1337), dst).label, "peer");
+    delete_uid_rule_by_hand(kind, &lab);
+    // The drift matters: the proxy's own connection now loops into itself.
+    assert_eq!(lab.out(Client::uid(1337), dst).label, "pod-out");
+    let drift = b.verify(lab.pod(), &p).unwrap();
+    assert_eq!(drift.items.len(), 1, "{drift}");
+    let DriftItem::MissingRule { chain, rule } = &drift.items[0] else {
+        panic!("expected a missing rule, got {drift}");
+    };
+    assert!(
+        chain.ends_with("nat_output") || chain.ends_with("MESH_PROXY_OUTPUT"),
+        "{chain}"
+    );
+    assert!(
+        rule.contains("skuid 1337 return") || rule.contains("--uid-owner 1337 -m comment"),
+        "{rule}"
+    );
+
+    let repaired = rules::reconcile(b.as_ref(), lab.pod(), &p).unwrap();
+    assert_eq!(repaired, drift);
+    assert!(b.verify(lab.pod(), &p).unwrap().is_empty());
+    assert_eq!(lab.out(Client::uid(1337), dst).label, "peer");
+    // Nothing left to repair.
+    assert!(
+        rules::reconcile(b.as_ref(), lab.pod(), &p)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+fn verify_reports_an_added_rule_and_reconcile_removes_it(kind: Kind) {
+    if !root("verify_reports_an_added_rule_and_reconcile_removes_it") {
+        return;
+    }
+    let lab = Lab::new();
+    let b = backend(kind);
+    let p = plan("{}");
+    b.apply(lab.pod(), &p).unwrap();
+    let pod = &lab.topo.pod;
+    match kind {
+        Kind::Nft => {
+            pod.exec_ok(&[
+                "nft",
+                "insert",
+                "rule",
+                "inet",
+                "mesh_proxy",
+                "nat_output",
+                "return",
+            ]);
+        }
+        Kind::Iptables => {
+            pod.exec_ok(&[
+                "iptables-nft",
+                "-t",
+                "nat",
+                "-I",
+                "MESH_PROXY_OUTPUT",
+                "1",
+                "-j",
+                "RETURN",
+            ]);
+        }
+        Kind::IptablesLegacy => {
+            pod.exec_ok(&[
+                "iptables-legacy",
+                "-t",
+                "nat",
+                "-I",
+                "MESH_PROXY_OUTPUT",
+                "1",
+                "-j",
+                "RETURN",
+            ]);
+        }
+    }
+    let dst = v4(PEER_V4, 8080);
+    assert_eq!(
+        lab.out(app(), dst).label,
+        "peer",
+        "the foreign rule bypasses the proxy"
+    );
+    let drift = b.verify(lab.pod(), &p).unwrap();
+    assert!(
+        matches!(drift.items.as_slice(), [DriftItem::ExtraRule { .. }]),
+        "{drift}"
+    );
+    rules::reconcile(b.as_ref(), lab.pod(), &p).unwrap();
+    assert!(b.verify(lab.pod(), &p).unwrap().is_empty());
+    assert_eq!(lab.out(app(), dst).label, "pod-out");
+}
+
+fn failed_apply_leaves_nothing_behind(kind: Kind) {
+    if !root("failed_apply_leaves_nothing_behind") {
+        return;
+    }
+    let lab = Lab::new();
+    let before = state(&lab.topo.pod);
+    let err = faulty_backend(kind)
+        .apply(lab.pod(), &plan(RICH))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("DOES_NOT_EXIST") || msg.contains("rejected"),
+        "{msg}"
+    );
+    if kind != Kind::Nft {
+        // iptables-restore had committed earlier tables: they were undone.
+        assert!(matches!(err, RulesError::RolledBack { .. }), "{err:?}");
+    }
+    assert_same(
+        &before,
+        &state(&lab.topo.pod),
+        "failed apply left something",
+    );
+    assert_eq!(lab.out(app(), v4(PEER_V4, 8080)).label, "peer");
+}
+
+fn failed_apply_keeps_the_previous_rules(kind: Kind) {
+    if !root("failed_apply_keeps_the_previous_rules") {
+        return;
+    }
+    let lab = Lab::new();
+    let good = plan(r#"{"excludeOutboundPorts": [9090]}"#);
+    backend(kind).apply(lab.pod(), &good).unwrap();
+    let before = state(&lab.topo.pod);
+    faulty_backend(kind)
+        .apply(lab.pod(), &plan(RICH))
+        .unwrap_err();
+    let after = state(&lab.topo.pod);
+    assert_eq!(after.ip_rules, before.ip_rules);
+    assert_eq!(after.routes, before.routes);
+    assert!(backend(kind).verify(lab.pod(), &good).unwrap().is_empty());
+    if kind == Kind::Nft {
+        assert_same(&before, &after, "failed nft apply changed the namespace");
+    }
+    assert_eq!(lab.out(app(), v4(PEER_V4, 8080)).label, "pod-out");
+    assert_eq!(lab.out(app(), v4(PEER_V4, 9090)).label, "peer");
+}
+
+/// An invalid spec is refused before any backend runs: nothing to apply.
+fn invalid_spec_never_reaches_the_kernel(kind: Kind) {
+    if !root("invalid_spec_never_reaches_the_kernel") {
+        return;
+    }
+    let lab = Lab::new();
+    let before = state(&lab.topo.pod);
+    for bad in [
+        r#"{"outboundPort": 70000}"#,
+        r#"{"excludeInterfaces": ["../x"]}"#,
+        r#"{"excludeOutboundCidrs": ["10.0.0.0/40"]}"#,
+        r#"{"proxyUids": [], "proxyGids": []}"#,
+    ] {
+        assert!(rules::RedirectSpec::parse(bad).is_err(), "{bad}");
+    }
+    // The backend itself still works afterwards (and cleanup of nothing is fine).
+    backend(kind).cleanup(lab.pod()).unwrap();
+    assert_same(
+        &before,
+        &state(&lab.topo.pod),
+        "cleanup of nothing changed something",
+    );
+}
+
+per_backend!(
+    apply_twice_changes_nothing,
+    a_new_spec_replaces_the_old_one,
+    cleanup_leaves_nothing,
+    verify_reports_a_deleted_rule_and_reconcile_restores_it,
+    verify_reports_an_added_rule_and_reconcile_removes_it,
+    failed_apply_leaves_nothing_behind,
+    failed_apply_keeps_the_previous_rules,
+    invalid_spec_never_reaches_the_kernel,
+);
