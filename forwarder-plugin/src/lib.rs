@@ -1,4 +1,8 @@
 //! Kernel dataplane for the mesh-proxy NSE: network namespace handles (the only
 //! place that calls setns), links over rtnetlink, and redirect-rule backends.
 
+pub mod hop;
+pub mod link;
 pub mod netns;
+pub mod rules;
+pub mod serve;

@@ -22,7 +22,10 @@ mod veth;
 pub use addr::AddrOptions;
 pub use error::{LinkError, Result};
 pub use mac::MacAddr;
-pub use plumb::{NeighbourSpec, Plumbed, PlumbedEnd, VethEnd, VethPlan, plumb_veth, unplumb};
+pub use plumb::{
+    NeighbourSpec, Plumbed, PlumbedEnd, VethEnd, VethPlan, plumb_veth, plumb_veth_in, unplumb,
+    unplumb_in,
+};
 pub use route::RouteSpec;
 pub use veth::{LinkState, VethPair, VethSpec};
 

@@ -145,8 +145,21 @@ enum Undo {
 /// is left half-plumbed. Needs a tokio runtime.
 pub async fn plumb_veth(plan: &VethPlan) -> Result<Plumbed> {
     plan.validate()?;
-    let a = Links::open(&Netns::open(&plan.a.netns)?)?;
-    let b = Links::open(&Netns::open(&plan.b.netns)?)?;
+    plumb_veth_in(
+        plan,
+        &Netns::open(&plan.a.netns)?,
+        &Netns::open(&plan.b.netns)?,
+    )
+    .await
+}
+
+/// [`plumb_veth`] into namespaces the caller already holds (e.g. descriptors
+/// received over grpcfd, which may have no path to open them by): `a` and
+/// `b` are used instead of opening `plan.a.netns` and `plan.b.netns`.
+pub async fn plumb_veth_in(plan: &VethPlan, a: &Netns, b: &Netns) -> Result<Plumbed> {
+    plan.validate()?;
+    let a = Links::open(a)?;
+    let b = Links::open(b)?;
     let mut undo = Vec::new();
     match apply(&a, &b, plan, &mut undo).await {
         Ok(pair) => Ok(Plumbed {
@@ -270,13 +283,21 @@ pub async fn unplumb(plan: &VethPlan) -> Result<()> {
         // The kernel destroys a veth pair together with either namespace.
         return Ok(());
     };
-    let a = Links::open(&a_ns)?;
+    let b_ns = open_if_exists(&plan.b.netns)?;
+    unplumb_in(plan, &a_ns, b_ns.as_ref()).await
+}
+
+/// [`unplumb`] in namespaces the caller already holds; `b: None` means end
+/// `b`'s namespace is gone (then only the kind of link `a` is checked).
+pub async fn unplumb_in(plan: &VethPlan, a_ns: &Netns, b_ns: Option<&Netns>) -> Result<()> {
+    plan.validate()?;
+    let a = Links::open(a_ns)?;
     let Some(link) = a.link(&plan.a.name).await? else {
         return Ok(());
     };
-    match open_if_exists(&plan.b.netns)? {
+    match b_ns {
         Some(b_ns) => {
-            let b = Links::open(&b_ns)?;
+            let b = Links::open(b_ns)?;
             // Confirms the pair is ours (a veth whose peer is `b` in that
             // namespace); MTU and MACs may have been changed since.
             let ours = VethSpec {

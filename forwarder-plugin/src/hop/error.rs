@@ -1,0 +1,67 @@
+use crate::link::LinkError;
+use crate::netns::NetnsError;
+use crate::rules::{RulesError, SpecError};
+
+use super::state::StateError;
+
+/// Why the hop could not plumb (or unplumb) a connection. Everything but
+/// `Link`, `Rules`, `State` and `Task` is found before anything in the
+/// kernel changes.
+#[derive(Debug, thiserror::Error)]
+pub enum HopError {
+    /// The endpoint's connection lacks something a KERNEL veth needs.
+    #[error("the endpoint's connection has no {what}: a KERNEL veth needs {why}")]
+    Missing {
+        what: &'static str,
+        why: &'static str,
+    },
+    /// A value in the endpoint's connection does not parse.
+    #[error("the endpoint's connection.context.ip_context.{field}[{index}] {value:?}: {why}")]
+    Malformed {
+        field: &'static str,
+        index: usize,
+        value: String,
+        why: String,
+    },
+    /// The endpoint asked for client-side rules the redirect spec refuses.
+    #[error("the endpoint's connection.context.extra_context[{key:?}]: {source}")]
+    Redirect {
+        key: &'static str,
+        #[source]
+        source: SpecError,
+    },
+    /// Another connection of this hop already uses the interface.
+    #[error(
+        "interface {name:?} in network namespace {netns} is already plumbed for connection {other}"
+    )]
+    InUse {
+        name: String,
+        netns: String,
+        other: String,
+    },
+    /// Two TPROXY specs in one namespace need one policy route; they differ.
+    #[error(
+        "connection {other} already diverts TPROXY traffic in network namespace {netns} with mark {have_mark} and table {have_table}; \
+         this one asks for mark {mark} and table {table} (TPROXY policy routing is per namespace)"
+    )]
+    TproxyClash {
+        netns: String,
+        other: String,
+        have_mark: u32,
+        have_table: u32,
+        mark: u32,
+        table: u32,
+    },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("client-side redirect rules: {0}")]
+    Rules(#[from] RulesError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("internal error: {0}")]
+    Task(String),
+}
+
+pub type Result<T, E = HopError> = std::result::Result<T, E>;

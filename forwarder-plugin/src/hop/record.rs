@@ -1,0 +1,56 @@
+//! What the hop remembers about one plumbed connection: enough to undo it
+//! after a restart without any descriptor (namespaces are found again by
+//! inode) and to Close the next hop with the connection it last returned.
+
+use serde::{Deserialize, Serialize};
+
+use super::redirect::BackendName;
+use crate::link::VethPlan;
+use crate::rules::RedirectSpec;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopRecord {
+    /// The veth: end `a` in the client's namespace, end `b` in the endpoint's.
+    pub plan: VethPlan,
+    /// Client-side redirect rules, if the endpoint asked for any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<RedirectSpec>,
+    /// The backend the rules were applied with (cleanup uses the same one,
+    /// whatever `--backend` says after a restart).
+    pub backend: BackendName,
+    /// Owner of the rules: nft table `inet <owner>`, iptables chains `<OWNER>_*`.
+    pub owner: String,
+    /// `inode://dev/ino` of the client's network namespace.
+    pub client_netns: String,
+    /// `inode://dev/ino` of the endpoint's network namespace.
+    pub endpoint_netns: String,
+    #[serde(default)]
+    pub session: Session,
+}
+
+impl HopRecord {
+    /// Whether `other` asks for the same kernel state (sessions may differ).
+    pub fn same_dataplane(&self, other: &HopRecord) -> bool {
+        self.plan == other.plan
+            && self.rules == other.rules
+            && self.backend == other.backend
+            && self.owner == other.owner
+            && self.client_netns == other.client_netns
+            && self.endpoint_netns == other.endpoint_netns
+    }
+}
+
+/// What the gRPC side keeps beside the dataplane.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// The next hop the connection went to (`unix:///…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop: Option<String>,
+    /// The connection as the next hop last returned it, protobuf-encoded in
+    /// hex: what a Close after a restart sends downstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downstream: Option<String>,
+    /// Unix time (seconds) after which an unrefreshed connection is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix: Option<u64>,
+}

@@ -1,0 +1,357 @@
+//! `forwarder-plugin serve` configuration: NSM's environment names, each
+//! also a `--flag` (the flag wins). Every value is read as text and checked
+//! here, so a bad one gives one line naming the variable, the flag and what
+//! is wrong (exit code 64).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::hop::BackendName;
+
+/// `sysexits.h` EX_USAGE: the configuration is wrong.
+pub const EXIT_CONFIG: u8 = 64;
+
+pub const DEFAULT_LISTEN_ON: &str = "unix:///var/lib/networkservicemesh/forwarder-plugin.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/forwarder-plugin";
+
+/// Longest unix socket path (`sun_path` is 108 bytes with the NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+#[derive(Args, Debug, Clone)]
+#[command(
+    about = "Serve networkservice.NetworkService as an NSM forwarder hop: veth between the client's and the endpoint's namespaces",
+    long_about = "Serve networkservice.NetworkService as a Network Service Mesh forwarder (API v1.15). \
+A client (nsc-init, or nsmgr in a cluster) requests a LOCAL/KERNEL connection and passes its network \
+namespace fd over the unix socket; the hop forwards the Request to the next hop (the endpoint or \
+nsmgr) on a fresh connection, receives the endpoint's namespace fd, and plumbs a veth pair between \
+the two namespaces with the endpoint's addresses and routes, plus the client-side redirect rules \
+the endpoint asks for in extra_context \"mesh-proxy.v1/client-redirect\".\n\nEvery NSM_* option is \
+also read from that environment variable; the flag wins. Invalid configuration exits with 64."
+)]
+pub struct ServeArgs {
+    /// Name of this hop: its path-segment name and token subject.
+    #[arg(long, env = "NSM_NAME", default_value = "forwarder-plugin")]
+    pub name: String,
+
+    /// Where to serve: unix:///absolute/path (fd passing needs a unix socket).
+    #[arg(long, env = "NSM_LISTEN_ON", default_value = DEFAULT_LISTEN_ON)]
+    pub listen_on: String,
+
+    /// The next hop (the endpoint, or nsmgr): unix:///absolute/path. Required.
+    #[arg(long, env = "NSM_NEXT_HOP")]
+    pub next_hop: Option<String>,
+
+    /// Timeout for dialing the next hop (Go duration: 750ms, 1s).
+    #[arg(long, env = "NSM_DIAL_TIMEOUT", default_value = "750ms")]
+    pub dial_timeout: String,
+
+    /// Longest a Request may take, next hop included, when the caller sets no shorter deadline.
+    #[arg(long, env = "NSM_REQUEST_TIMEOUT", default_value = "15s")]
+    pub request_timeout: String,
+
+    /// Lifetime of the tokens this hop issues (Go duration).
+    #[arg(long, env = "NSM_MAX_TOKEN_LIFETIME", default_value = "10m")]
+    pub max_token_lifetime: String,
+
+    /// Serve without TLS/SPIFFE (required for now: TLS is not implemented yet); tokens are signed with an ephemeral ES256 key.
+    #[arg(
+        long,
+        env = "NSM_INSECURE",
+        default_value = "false",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub insecure: String,
+
+    /// Log level: TRACE, DEBUG, INFO, WARN, ERROR (FATAL and PANIC mean ERROR).
+    #[arg(long, env = "NSM_LOG_LEVEL", default_value = "INFO")]
+    pub log_level: String,
+
+    /// Backend for the client-side redirect rules: nft or iptables.
+    #[arg(long, default_value = "nft")]
+    pub backend: String,
+
+    /// Directory of the state file (state.json): what a restarted hop undoes.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+
+    /// On SIGTERM/SIGINT, undo every plumbed connection (and Close it downstream) instead of leaving the dataplane for the next start to adopt.
+    #[arg(long)]
+    pub cleanup_on_exit: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub name: String,
+    pub listen_on: PathBuf,
+    pub next_hop: PathBuf,
+    pub dial_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_token_lifetime: Duration,
+    pub log_level: tracing::Level,
+    pub backend: BackendName,
+    pub state_dir: PathBuf,
+    pub cleanup_on_exit: bool,
+}
+
+impl ServeConfig {
+    pub fn listen_on_url(&self) -> String {
+        format!("unix://{}", self.listen_on.display())
+    }
+
+    pub fn next_hop_url(&self) -> String {
+        format!("unix://{}", self.next_hop.display())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {env} (--{flag}): {reason}")]
+    Invalid {
+        env: &'static str,
+        flag: &'static str,
+        reason: String,
+    },
+    #[error("invalid configuration: --{flag}: {reason}")]
+    Flag { flag: &'static str, reason: String },
+    #[error(
+        "TLS/SPIFFE is not implemented yet: set NSM_INSECURE=true (or --insecure) to serve without TLS, with tokens signed by an ephemeral key"
+    )]
+    TlsNotImplemented,
+}
+
+fn invalid(env: &'static str, flag: &'static str) -> impl FnOnce(String) -> ConfigError {
+    move |reason| ConfigError::Invalid { env, flag, reason }
+}
+
+/// `unix:///absolute/path` → the path.
+fn parse_unix_url(s: &str, example: &str) -> Result<PathBuf, String> {
+    let Some(path) = s.strip_prefix("unix://") else {
+        return Err(format!(
+            "{s:?}: expected unix:///absolute/path, e.g. {example} (fds only pass over unix sockets)"
+        ));
+    };
+    if !path.starts_with('/') || path.len() < 2 {
+        return Err(format!(
+            "{s:?}: a unix URL needs an absolute path, e.g. {example}"
+        ));
+    }
+    if path.len() > MAX_UNIX_PATH {
+        return Err(format!(
+            "{s:?}: unix socket paths are limited to {MAX_UNIX_PATH} bytes"
+        ));
+    }
+    if path.ends_with('/') || path.contains(|c: char| c.is_control()) {
+        return Err(format!("{s:?} is not a socket file path"));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("is empty".into());
+    }
+    if s.contains(|c: char| c.is_control() || c.is_whitespace()) {
+        return Err(format!("{s:?} contains whitespace or a control character"));
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match nsm_api::duration::parse(s) {
+        Ok(d) if d.is_zero() => Err(format!("{s:?} must be more than 0")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn parse_log_level(s: &str) -> Result<tracing::Level, String> {
+    Ok(match s.trim().to_ascii_uppercase().as_str() {
+        "TRACE" => tracing::Level::TRACE,
+        "DEBUG" => tracing::Level::DEBUG,
+        "INFO" => tracing::Level::INFO,
+        "WARN" | "WARNING" => tracing::Level::WARN,
+        "ERROR" | "FATAL" | "PANIC" => tracing::Level::ERROR,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a log level: use TRACE, DEBUG, INFO, WARN or ERROR"
+            ));
+        }
+    })
+}
+
+/// Go's `strconv.ParseBool`, which NSM's envconfig uses.
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim() {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean: use true or false")),
+    }
+}
+
+fn parse_backend(s: &str) -> Result<BackendName, String> {
+    match s.trim() {
+        "nft" => Ok(BackendName::Nft),
+        "iptables" => Ok(BackendName::Iptables),
+        _ => Err(format!("{s:?} is not a backend: use nft or iptables")),
+    }
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgs) -> Result<Self, Self::Error> {
+        let insecure = parse_bool(&a.insecure).map_err(invalid("NSM_INSECURE", "insecure"))?;
+        let next_hop = match a.next_hop.as_deref().map(str::trim) {
+            None | Some("") => {
+                return Err(ConfigError::Invalid {
+                    env: "NSM_NEXT_HOP",
+                    flag: "next-hop",
+                    reason: "is required: the endpoint's or nsmgr's unix:///path".into(),
+                });
+            }
+            Some(s) => parse_unix_url(s, "unix:///var/lib/networkservicemesh/nse.sock")
+                .map_err(invalid("NSM_NEXT_HOP", "next-hop"))?,
+        };
+        let cfg = ServeConfig {
+            name: parse_name(&a.name).map_err(invalid("NSM_NAME", "name"))?,
+            listen_on: parse_unix_url(&a.listen_on, DEFAULT_LISTEN_ON)
+                .map_err(invalid("NSM_LISTEN_ON", "listen-on"))?,
+            next_hop,
+            dial_timeout: parse_positive_duration(&a.dial_timeout)
+                .map_err(invalid("NSM_DIAL_TIMEOUT", "dial-timeout"))?,
+            request_timeout: parse_positive_duration(&a.request_timeout)
+                .map_err(invalid("NSM_REQUEST_TIMEOUT", "request-timeout"))?,
+            max_token_lifetime: parse_positive_duration(&a.max_token_lifetime)
+                .map_err(invalid("NSM_MAX_TOKEN_LIFETIME", "max-token-lifetime"))?,
+            log_level: parse_log_level(&a.log_level)
+                .map_err(invalid("NSM_LOG_LEVEL", "log-level"))?,
+            backend: parse_backend(&a.backend).map_err(|reason| ConfigError::Flag {
+                flag: "backend",
+                reason,
+            })?,
+            state_dir: if a.state_dir.is_absolute() {
+                a.state_dir
+            } else {
+                return Err(ConfigError::Flag {
+                    flag: "state-dir",
+                    reason: format!("{:?} is not an absolute path", a.state_dir),
+                });
+            },
+            cleanup_on_exit: a.cleanup_on_exit,
+        };
+        if cfg.listen_on == cfg.next_hop {
+            return Err(ConfigError::Invalid {
+                env: "NSM_NEXT_HOP",
+                flag: "next-hop",
+                reason: format!(
+                    "{} is where this hop listens (NSM_LISTEN_ON): it would forward to itself",
+                    cfg.next_hop_url()
+                ),
+            });
+        }
+        if !insecure {
+            return Err(ConfigError::TlsNotImplemented);
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    /// `args` plus `--insecure` and a next hop unless `args` set them.
+    fn parse(args: &[&str]) -> Result<ServeConfig, ConfigError> {
+        let mut v = vec!["serve"];
+        v.extend_from_slice(args);
+        if !args.iter().any(|a| a.starts_with("--insecure")) {
+            v.push("--insecure");
+        }
+        if !args.contains(&"--next-hop") {
+            v.extend(["--next-hop", "unix:///run/nse.sock"]);
+        }
+        ServeConfig::try_from(Cli::try_parse_from(v).unwrap().args)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.name, "forwarder-plugin");
+        assert_eq!(
+            c.listen_on,
+            PathBuf::from("/var/lib/networkservicemesh/forwarder-plugin.sock")
+        );
+        assert_eq!(c.next_hop, PathBuf::from("/run/nse.sock"));
+        assert_eq!(c.dial_timeout, Duration::from_millis(750));
+        assert_eq!(c.request_timeout, Duration::from_secs(15));
+        assert_eq!(c.max_token_lifetime, Duration::from_secs(600));
+        assert_eq!(c.log_level, tracing::Level::INFO);
+        assert_eq!(c.backend, BackendName::Nft);
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert!(!c.cleanup_on_exit);
+    }
+
+    #[test]
+    fn each_bad_value_names_its_variable_and_flag() {
+        let cases: [(&[&str], &str); 10] = [
+            (
+                &["--listen-on", "tcp://127.0.0.1:5000"],
+                "NSM_LISTEN_ON (--listen-on)",
+            ),
+            (&["--listen-on", "unix://relative"], "absolute path"),
+            (
+                &["--next-hop", "unix:///run/x/"],
+                "NSM_NEXT_HOP (--next-hop)",
+            ),
+            (
+                &["--dial-timeout", "750"],
+                "NSM_DIAL_TIMEOUT (--dial-timeout)",
+            ),
+            (&["--request-timeout", "0"], "must be more than 0"),
+            (&["--max-token-lifetime", "10d"], "NSM_MAX_TOKEN_LIFETIME"),
+            (&["--log-level", "LOUD"], "NSM_LOG_LEVEL (--log-level)"),
+            (&["--backend", "pf"], "--backend"),
+            (&["--state-dir", "rel/dir"], "--state-dir"),
+            (&["--name", "a b"], "NSM_NAME (--name)"),
+        ];
+        for (args, want) in cases {
+            let e = parse(args).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn next_hop_is_required_and_not_ourselves() {
+        let e = ServeConfig::try_from(Cli::try_parse_from(["serve", "--insecure"]).unwrap().args)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("NSM_NEXT_HOP (--next-hop): is required"),
+            "{e}"
+        );
+        let e = parse(&["--listen-on", "unix:///run/nse.sock"]).unwrap_err();
+        assert!(e.to_string().contains("forward to itself"), "{e}");
+    }
+
+    #[test]
+    fn insecure_must_be_true_for_now() {
+        let e = parse(&["--insecure=false"]).unwrap_err();
+        assert_eq!(e, ConfigError::TlsNotImplemented);
+        let e = parse(&["--insecure=maybe"]).unwrap_err();
+        assert!(e.to_string().contains("NSM_INSECURE (--insecure)"), "{e}");
+        assert!(parse(&["--insecure=t"]).is_ok());
+    }
+}

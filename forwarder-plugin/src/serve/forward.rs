@@ -1,0 +1,291 @@
+//! What makes this hop a forwarder: Request the next hop, plumb the two
+//! namespaces from its answer, answer the client with its own mechanism;
+//! Close undoes and closes downstream. Runs behind the NSM hop chain
+//! (updatepath, begin, updatetoken, timeout), so it sees the connection at
+//! our own path segment, one event per connection at a time.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nsm_api::connection::{Connection, Mechanism};
+use nsm_api::grpcfd::FdChannel;
+use nsm_api::mechanism::MechanismExt;
+use nsm_api::path::{ConnectionExt, from_timestamp, to_timestamp};
+use nsm_api::token::TokenIssuer;
+use prost::Message;
+use tokio::time::Instant;
+
+use super::client_side::{client_mechanism, client_netns};
+use super::downstream::{Accepted, CallToken, NextHop};
+use super::error::ForwardError;
+use crate::hop::{Hop, HopRecord, PlumbRequest, Session};
+
+pub struct Forwarder {
+    hop: Arc<Hop>,
+    next_hop: NextHop,
+    issuer: Arc<TokenIssuer>,
+    dial_timeout: Duration,
+    /// Bound on a Close downstream.
+    close_timeout: Duration,
+}
+
+impl Forwarder {
+    pub fn new(
+        hop: Arc<Hop>,
+        next_hop: NextHop,
+        issuer: Arc<TokenIssuer>,
+        dial_timeout: Duration,
+        close_timeout: Duration,
+    ) -> Forwarder {
+        Forwarder {
+            hop,
+            next_hop,
+            issuer,
+            dial_timeout,
+            close_timeout,
+        }
+    }
+
+    pub fn hop(&self) -> &Arc<Hop> {
+        &self.hop
+    }
+
+    /// `conn` is at our own path segment, which carries our fresh token.
+    pub async fn request(
+        &self,
+        fds: Option<&FdChannel>,
+        conn: Connection,
+        preferences: &[Mechanism],
+        deadline: Instant,
+    ) -> Result<Connection, ForwardError> {
+        let id = conn.id.clone();
+        let client_mech = client_mechanism(&conn, preferences)?;
+        let client = client_netns(fds, &client_mech).await?;
+        let known = self.hop.record(&id);
+        let token = own_token(&conn)?;
+        let expires = prev_expires(&conn);
+        let mut down = conn;
+        // A refresh presents the endpoint's mechanism as it returned it
+        // (NSM's mechanismtranslation); a first Request presents none.
+        down.mechanism = known
+            .as_ref()
+            .and_then(decode_downstream)
+            .and_then(|c| c.mechanism);
+        let accepted = self.next_hop.request(down, &token, deadline).await?;
+        match self
+            .plumb(&id, client, &client_mech, &accepted, expires)
+            .await
+        {
+            Ok(conn) => Ok(conn),
+            Err(e) => {
+                // A refresh that fails keeps the established connection (NSM's
+                // begin); a new one the endpoint accepted must not linger there.
+                if known.is_none() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let timeout = left.max(self.dial_timeout);
+                    if let Err(ce) = self
+                        .next_hop
+                        .close(accepted.conn.clone(), &token, timeout)
+                        .await
+                    {
+                        tracing::warn!(%id, error = %ce, "cannot Close the refused connection downstream");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn plumb(
+        &self,
+        id: &str,
+        client: crate::netns::Netns,
+        client_mech: &Mechanism,
+        accepted: &Accepted,
+        expires: Option<SystemTime>,
+    ) -> Result<Connection, ForwardError> {
+        let (endpoint_mech, endpoint) = self.next_hop.endpoint_netns(accepted).await?;
+        let client_if = client_mech.interface_name().unwrap_or_default();
+        let endpoint_if = endpoint_mech.interface_name().unwrap_or_default();
+        let session = Session {
+            next_hop: Some(self.next_hop.url().to_owned()),
+            downstream: Some(hex(&accepted.conn.encode_to_vec())),
+            expires_unix: expires
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+        };
+        let done = self
+            .hop
+            .plumb(PlumbRequest {
+                id,
+                client,
+                endpoint,
+                client_if,
+                endpoint_if,
+                connection: &accepted.conn,
+                session,
+            })
+            .await?;
+        tracing::info!(
+            %id,
+            client_if,
+            endpoint_if,
+            client_index = done.applied.client_index,
+            endpoint_index = done.applied.endpoint_index,
+            refreshed = done.refreshed,
+            changed = done.applied.changed,
+            rules = done.record.rules.is_some(),
+            "plumbed"
+        );
+        // The client gets its own mechanism back (NSM forwarders return the
+        // upstream mechanism), with everything else as the endpoint answered.
+        let mut out = accepted.conn.clone();
+        out.mechanism = Some(client_mech.clone());
+        Ok(out)
+    }
+
+    /// Undoes connection `id` and closes it downstream with the connection
+    /// the next hop last returned (or, if nothing is recorded, `fallback`:
+    /// an NSM hop closes by id and path, whatever the mechanism says);
+    /// `token` goes in our segment and the metadata. The local undo runs
+    /// first and its error wins; the Close downstream is attempted either way.
+    pub async fn close(
+        &self,
+        id: &str,
+        token: &CallToken,
+        fallback: Option<Connection>,
+    ) -> Result<(), ForwardError> {
+        let record = self.hop.record(id);
+        let undone = match &record {
+            Some(_) => self.hop.unplumb(id).await.map(|_| ()),
+            None => Ok(()),
+        };
+        match &undone {
+            Ok(()) if record.is_some() => tracing::info!(%id, "unplumbed"),
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "cannot unplumb; the state file keeps the connection for a later try")
+            }
+        }
+        let down = record.as_ref().and_then(decode_downstream).or_else(|| {
+            fallback.map(|mut c| {
+                c.mechanism = None;
+                c
+            })
+        });
+        if let Some(mut down) = down {
+            set_own_token(&mut down, token);
+            let next = match &record {
+                Some(r) => self.next_hop_of(r),
+                None => self.next_hop.clone(),
+            };
+            if let Err(e) = next.close(down, token, self.close_timeout).await {
+                tracing::warn!(%id, error = %e, "Close downstream failed; the endpoint expires the connection itself");
+            }
+        }
+        undone.map_err(ForwardError::from)
+    }
+
+    /// [`Forwarder::close`] with a token of our own (no caller: expiry of
+    /// an adopted connection, `--cleanup-on-exit`, a Close after a restart).
+    pub async fn close_own(&self, id: &str) -> Result<(), ForwardError> {
+        let token = self
+            .issuer
+            .issue()
+            .map_err(|e| ForwardError::Internal(format!("cannot issue a token: {e}")))?;
+        let token = CallToken {
+            jwt: token.jwt,
+            expires: token.expires,
+        };
+        self.close(id, &token, None).await
+    }
+
+    fn next_hop_of(&self, record: &HopRecord) -> NextHop {
+        match record
+            .session
+            .next_hop
+            .as_deref()
+            .and_then(|u| u.strip_prefix("unix://"))
+        {
+            Some(path) if path != self.next_hop_path() => {
+                NextHop::new(&PathBuf::from(path), self.dial_timeout)
+            }
+            _ => self.next_hop.clone(),
+        }
+    }
+
+    fn next_hop_path(&self) -> &str {
+        self.next_hop.url().trim_start_matches("unix://")
+    }
+}
+
+/// Our segment's token (set by updatetoken) for the call downstream.
+pub fn own_token(conn: &Connection) -> Result<CallToken, ForwardError> {
+    let seg = conn
+        .current_segment()
+        .ok_or_else(|| ForwardError::Internal("no own path segment after updatepath".into()))?;
+    let expires = seg
+        .expires
+        .as_ref()
+        .and_then(from_timestamp)
+        .ok_or_else(|| {
+            ForwardError::Internal("own path segment has no expires after updatetoken".into())
+        })?;
+    Ok(CallToken {
+        jwt: seg.token.clone(),
+        expires,
+    })
+}
+
+fn set_own_token(conn: &mut Connection, token: &CallToken) {
+    let index = conn.index();
+    if let Some(seg) = conn
+        .path
+        .as_mut()
+        .and_then(|p| p.path_segments.get_mut(index))
+    {
+        seg.token = token.jwt.clone();
+        seg.expires = Some(to_timestamp(token.expires));
+    }
+}
+
+/// The previous hop's token expiry: when an unrefreshed connection expires.
+fn prev_expires(conn: &Connection) -> Option<SystemTime> {
+    conn.prev_segment()
+        .and_then(|s| s.expires.as_ref())
+        .and_then(from_timestamp)
+}
+
+/// The connection the next hop last returned, from the record.
+pub fn decode_downstream(record: &HopRecord) -> Option<Connection> {
+    let bytes = unhex(record.session.downstream.as_deref()?)?;
+    Connection::decode(bytes.as_slice()).ok()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        let data: Vec<u8> = (0..=255).collect();
+        assert_eq!(unhex(&hex(&data)).unwrap(), data);
+        assert_eq!(unhex("0"), None);
+        assert_eq!(unhex("zz"), None);
+    }
+}

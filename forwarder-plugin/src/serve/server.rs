@@ -1,0 +1,371 @@
+//! The hop on gRPC: `networkservice.NetworkService`,
+//! `connection.MonitorConnection` and `grpc.health.v1.Health` on one unix
+//! socket with grpcfd (the client's netns fd arrives on it), until SIGTERM.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nsm_api::chain::begin::Begin;
+use nsm_api::chain::monitor::Monitor;
+use nsm_api::chain::timeout::Timeout;
+use nsm_api::chain::updatepath::UpdatePath;
+use nsm_api::chain::updatetoken::UpdateToken;
+use nsm_api::chain::{Ctx, Element, Next, Req};
+use nsm_api::connection::Connection;
+use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
+use nsm_api::grpcfd;
+use nsm_api::monitor::MonitorHub;
+use nsm_api::networkservice::NetworkServiceRequest;
+use nsm_api::networkservice::network_service_server::{NetworkService, NetworkServiceServer};
+use nsm_api::token::TokenIssuer;
+use tokio::net::UnixListener;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use super::config::ServeConfig;
+use super::downstream::NextHop;
+use super::elements::{Adopt, Forward};
+use super::error::ForwardError;
+use super::forward::Forwarder;
+use crate::hop::{Hop, HopError, HopOptions};
+
+/// Largest request message accepted (gRPC's usual 4 MiB).
+pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+/// How long a graceful stop waits for in-flight calls.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Hop(#[from] HopError),
+    #[error("cannot make a token key: {0}")]
+    Token(String),
+    #[error("cannot create the socket directory {0}: {1}")]
+    SocketDir(PathBuf, #[source] std::io::Error),
+    #[error("{0} exists and is not a unix socket: refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("cannot remove the stale socket {0}: {1}")]
+    Stale(PathBuf, #[source] std::io::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, #[source] std::io::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("server task failed: {0}")]
+    Task(String),
+    #[error("cannot install the {0} handler: {1}")]
+    Signal(&'static str, #[source] std::io::Error),
+}
+
+/// The forwarder chain and what the server and shutdown need of it.
+pub struct ForwarderHop {
+    head: Next<ForwardError>,
+    forwarder: Arc<Forwarder>,
+    monitor: MonitorHub,
+}
+
+impl ForwarderHop {
+    pub fn new(cfg: &ServeConfig) -> Result<ForwarderHop, ServeError> {
+        let hop = Arc::new(Hop::open(&HopOptions {
+            state_dir: cfg.state_dir.clone(),
+            backend: cfg.backend,
+        })?);
+        let issuer = Arc::new(
+            TokenIssuer::ephemeral(&cfg.name, cfg.max_token_lifetime)
+                .map_err(|e| ServeError::Token(e.to_string()))?,
+        );
+        let forwarder = Arc::new(Forwarder::new(
+            hop,
+            NextHop::new(&cfg.next_hop, cfg.dial_timeout),
+            issuer.clone(),
+            cfg.dial_timeout,
+            cfg.request_timeout,
+        ));
+        let monitor = MonitorHub::new();
+        let elements: Vec<Arc<dyn Element<ForwardError>>> = vec![
+            Arc::new(UpdatePath::new(cfg.name.clone())),
+            Arc::new(Adopt::new(forwarder.clone())),
+            Arc::new(Begin::new()),
+            Arc::new(UpdateToken::new(issuer)),
+            Arc::new(Timeout::new()),
+            Arc::new(Monitor::new(monitor.clone())),
+            Arc::new(Forward::new(forwarder.clone(), cfg.request_timeout)),
+        ];
+        Ok(ForwarderHop {
+            head: Next::chain(elements),
+            forwarder,
+            monitor,
+        })
+    }
+
+    pub fn hop(&self) -> &Arc<Hop> {
+        self.forwarder.hop()
+    }
+
+    /// Runs a Request through the chain in its own task, so a caller that
+    /// goes away cannot cut plumbing half-way: it completes or rolls back.
+    pub async fn request(
+        &self,
+        ctx: Ctx<ForwardError>,
+        req: Req,
+    ) -> Result<Connection, ForwardError> {
+        let head = self.head.clone();
+        tokio::spawn(async move {
+            let mut ctx = ctx;
+            head.request(&mut ctx, req).await
+        })
+        .await
+        .map_err(|e| ForwardError::Internal(format!("request task failed: {e}")))?
+    }
+
+    pub async fn close(
+        &self,
+        ctx: Ctx<ForwardError>,
+        conn: Connection,
+    ) -> Result<(), ForwardError> {
+        let head = self.head.clone();
+        tokio::spawn(async move {
+            let mut ctx = ctx;
+            head.close(&mut ctx, conn).await
+        })
+        .await
+        .map_err(|e| ForwardError::Internal(format!("close task failed: {e}")))?
+    }
+
+    /// Connections a previous run plumbed and nobody refreshed since are
+    /// closed when their caller's token expires, as the timeout element
+    /// would have done.
+    pub async fn arm_adopted_expiry(self: &Arc<Self>) {
+        for (id, rec) in self.hop().adopted().await {
+            let Some(at) = rec.session.expires_unix else {
+                continue;
+            };
+            let delay = (UNIX_EPOCH + Duration::from_secs(at))
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            tracing::info!(%id, client_if = %rec.plan.a.name, ?delay, "adopted a connection plumbed before the restart");
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if this.hop().is_adopted(&id).await {
+                    tracing::info!(%id, "adopted connection expired without refresh: closing it");
+                    if let Err(e) = this.forwarder.close_own(&id).await {
+                        tracing::warn!(%id, error = %e, "closing the expired adopted connection failed");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Undoes every connection and closes it downstream (`--cleanup-on-exit`).
+    pub async fn cleanup_all(&self) {
+        for id in self.hop().records().into_keys() {
+            match self.forwarder.close_own(&id).await {
+                Ok(()) => tracing::info!(%id, "cleaned up on exit"),
+                Err(e) => tracing::warn!(%id, error = %e, "cleanup on exit failed"),
+            }
+        }
+    }
+}
+
+/// `networkservice.NetworkService` over the forwarder chain.
+pub struct Handler {
+    hop: Arc<ForwarderHop>,
+}
+
+fn log_outcome<T>(what: &str, id: &str, res: &Result<T, ForwardError>) {
+    match res {
+        Ok(_) => tracing::debug!(%id, "{what} done"),
+        Err(e) => tracing::info!(%id, code = ?e.code(), error = %e, "{what} refused"),
+    }
+}
+
+#[tonic::async_trait]
+impl NetworkService for Handler {
+    async fn request(
+        &self,
+        request: Request<NetworkServiceRequest>,
+    ) -> Result<Response<Connection>, Status> {
+        let id = request
+            .get_ref()
+            .connection
+            .as_ref()
+            .map(|c| c.id.clone())
+            .unwrap_or_default();
+        let res = async {
+            let ctx = Ctx::from_request(&request)?;
+            let msg = request.into_inner();
+            let conn = msg
+                .connection
+                .ok_or_else(|| ForwardError::Invalid("the request has no connection".into()))?;
+            let req = Req {
+                conn,
+                preferences: msg.mechanism_preferences,
+            };
+            self.hop.request(ctx, req).await
+        }
+        .await;
+        log_outcome("Request", &id, &res);
+        Ok(Response::new(res?))
+    }
+
+    async fn close(&self, request: Request<Connection>) -> Result<Response<()>, Status> {
+        let id = request.get_ref().id.clone();
+        let res = async {
+            let ctx = Ctx::from_request(&request)?;
+            self.hop.close(ctx, request.into_inner()).await
+        }
+        .await;
+        log_outcome("Close", &id, &res);
+        res?;
+        Ok(Response::new(()))
+    }
+}
+
+/// Removes a stale socket file at `path` (never anything else) and makes its directory.
+fn prepare_socket_path(path: &Path) -> Result<(), ServeError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| ServeError::SocketDir(dir.to_owned(), e))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| ServeError::Stale(path.to_owned(), e))
+        }
+        Ok(_) => Err(ServeError::NotASocket(path.to_owned())),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Removes our socket file on exit, unless someone replaced it meanwhile.
+struct SocketFile {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let now = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if now.is_some() && now == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Serves until `shutdown` completes; then stops accepting, drains, and
+/// (with `--cleanup-on-exit`) undoes every connection.
+pub async fn serve(
+    cfg: &ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let hop = Arc::new(ForwarderHop::new(cfg)?);
+    hop.arm_adopted_expiry().await;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in nsm_api::HEALTH_SERVICE_NAMES {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+    health.set_service_status("", ServingStatus::Serving).await;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(
+            NetworkServiceServer::new(Handler { hop: hop.clone() })
+                .max_decoding_message_size(MAX_MESSAGE_SIZE),
+        )
+        .add_service(
+            MonitorConnectionServer::new(hop.monitor.clone())
+                .max_decoding_message_size(MAX_MESSAGE_SIZE),
+        );
+
+    prepare_socket_path(&cfg.listen_on)?;
+    let listener =
+        UnixListener::bind(&cfg.listen_on).map_err(|e| ServeError::Bind(cfg.listen_on_url(), e))?;
+    let _socket = SocketFile {
+        path: cfg.listen_on.clone(),
+        id: std::fs::symlink_metadata(&cfg.listen_on)
+            .ok()
+            .map(|m| (m.dev(), m.ino())),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
+        grpcfd::incoming(listener),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    tracing::info!(
+        listen_on = %cfg.listen_on_url(),
+        next_hop = %cfg.next_hop_url(),
+        "serving networkservice.NetworkService, connection.MonitorConnection, grpc.health.v1.Health"
+    );
+    tokio::select! {
+        res = &mut server => {
+            return match res {
+                Ok(r) => r.map_err(ServeError::from),
+                Err(e) => Err(ServeError::Task(e.to_string())),
+            };
+        }
+        () = shutdown => {}
+    }
+    tracing::info!("stopping");
+    for name in nsm_api::HEALTH_SERVICE_NAMES {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    hop.monitor.shutdown();
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+        Ok(Ok(res)) => res?,
+        Ok(Err(e)) => tracing::warn!(error = %e, "server task failed while stopping"),
+        Err(_) => {
+            tracing::warn!(
+                "in-flight calls did not finish within {SHUTDOWN_GRACE:?}; stopping anyway"
+            );
+            server.abort();
+        }
+    }
+    if cfg.cleanup_on_exit {
+        hop.cleanup_all().await;
+    } else {
+        let left = hop.hop().records().len();
+        tracing::info!(connections = left, state = %hop.hop().state_path().display(), "leaving the dataplane for the next start to adopt");
+    }
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub fn termination() -> Result<impl Future<Output = ()> + Send + 'static, ServeError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Signal("SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Signal("SIGINT", e))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+    })
+}
+
+/// The whole subcommand after configuration: chain, server, signals.
+pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
+    tracing::info!(
+        name = %cfg.name,
+        listen_on = %cfg.listen_on_url(),
+        next_hop = %cfg.next_hop_url(),
+        dial_timeout = ?cfg.dial_timeout,
+        request_timeout = ?cfg.request_timeout,
+        max_token_lifetime = ?cfg.max_token_lifetime,
+        backend = %cfg.backend,
+        state_dir = %cfg.state_dir.display(),
+        cleanup_on_exit = cfg.cleanup_on_exit,
+        "starting (insecure: no TLS, tokens signed with an ephemeral key)"
+    );
+    let shutdown = termination()?;
+    serve(&cfg, shutdown).await
+}

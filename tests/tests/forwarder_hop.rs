@@ -1,0 +1,702 @@
+//! `forwarder-plugin serve` as NSM's forwarder hop, against the real
+//! kernel: a test client passes its namespace fd, a fake endpoint answers
+//! with fixed addresses (198.18.0.0/15) and its own namespace fd, and the
+//! hop plumbs a veth between the two namespaces — checked with `ip -j`,
+//! `nft` and TCP across it; refresh, Close, expiry, restart adoption, the
+//! client-side redirect rules the endpoint asks for, and every refusal
+//! leaving both namespaces as they were.
+
+mod hop_support;
+
+use std::time::Duration;
+
+use hop_support::*;
+use nsm_api::inode::InodeUrl;
+use nsm_tests::netns::TestNetns;
+use nsm_tests::process::fd_count;
+use nsm_tests::require_root;
+use tonic::Code;
+
+const TTL: Duration = Duration::from_secs(600);
+
+struct Setup {
+    dir: TempDir,
+    client_ns: TestNetns,
+    endpoint_ns: TestNetns,
+    nse: FakeEndpoint,
+    hop: Hop,
+    client: TestClient,
+}
+
+async fn setup(behaviour: Behaviour, args: &[&str], env: &[(&str, &str)]) -> Setup {
+    let dir = TempDir::new();
+    let client_ns = TestNetns::new("hc");
+    let endpoint_ns = TestNetns::new("he");
+    let nse = FakeEndpoint::start(dir.path(), &endpoint_ns, behaviour).await;
+    let hop = Hop::start(dir.path(), &nse.url(), args, env);
+    let client = TestClient::new(&hop.socket);
+    Setup {
+        dir,
+        client_ns,
+        endpoint_ns,
+        nse,
+        hop,
+        client,
+    }
+}
+
+impl Setup {
+    async fn request(
+        &self,
+        conn: nsm_api::connection::Connection,
+    ) -> Result<nsm_api::connection::Connection, tonic::Status> {
+        self.client
+            .request(conn, "nsm-1", ClientNetns::Fd(&self.client_ns), TTL, WAIT)
+            .await
+    }
+
+    fn snapshots(&self) -> (String, String) {
+        (snapshot(&self.client_ns), snapshot(&self.endpoint_ns))
+    }
+
+    fn assert_pristine(&self, before: &(String, String), what: &str) {
+        let after = self.snapshots();
+        let log = self.hop.log();
+        assert_same(
+            &before.0,
+            &after.0,
+            &format!("{what}: the client namespace changed\n{log}"),
+        );
+        assert_same(
+            &before.1,
+            &after.1,
+            &format!("{what}: the endpoint namespace changed\n{log}"),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plumbs_refreshes_and_closes_like_an_nsm_forwarder() {
+    if !require_root("plumbs_refreshes_and_closes_like_an_nsm_forwarder") {
+        return;
+    }
+    let s = setup(Behaviour::default(), &[], &[("NSM_NAME", "fwd-test")]).await;
+    let pristine = s.snapshots();
+    let fds_before = fd_count(s.hop.child.pid());
+
+    let conn = s
+        .request(s.client.first())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+
+    // The client's own mechanism comes back (name, its netns).
+    assert_eq!(
+        kernel_name(conn.mechanism.as_ref()).as_deref(),
+        Some("nsm-1")
+    );
+    assert_eq!(conn.id, s.client.id, "the caller's id is restored");
+    assert_eq!(conn.path.as_ref().unwrap().index, 0);
+    // Path: client, forwarder (with a JWT and expiry), endpoint.
+    let segs = segments(&conn);
+    let names: Vec<_> = conn
+        .path
+        .as_ref()
+        .unwrap()
+        .path_segments
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["test-client", "fwd-test", "fake-nse"]);
+    let fwd = &segs["fwd-test"];
+    assert_eq!(fwd.token.split('.').count(), 3, "a JWT: {:?}", fwd.token);
+    assert!(fwd.expires.is_some());
+    assert!(!fwd.id.is_empty() && fwd.id != s.client.id);
+
+    // The endpoint got an empty KERNEL preference, our token, and our segment.
+    let reqs = s.nse.requests();
+    assert_eq!(reqs.len(), 1);
+    let (req, token) = &reqs[0];
+    assert_eq!(req.mechanism_preferences.len(), 1);
+    let pref = &req.mechanism_preferences[0];
+    assert_eq!(
+        (pref.cls.as_str(), pref.r#type.as_str()),
+        ("LOCAL", "KERNEL")
+    );
+    assert!(pref.parameters.is_empty(), "{pref:?}");
+    assert_eq!(token.as_deref(), Some(fwd.token.as_str()));
+    assert_eq!(req.connection.as_ref().unwrap().id, fwd.id);
+
+    // Client end: nsm-1 with the src address and src routes.
+    assert_eq!(addrs(&s.client_ns, "nsm-1"), [format!("{CLIENT_IP}/32")]);
+    assert_eq!(
+        routes(&s.client_ns, "nsm-1"),
+        [
+            format!("{ENDPOINT_IP}/32"),
+            format!("{FAR_NET} via {ENDPOINT_IP}")
+        ]
+    );
+    assert_eq!(link(&s.client_ns, "nsm-1").unwrap()["mtu"], 1500);
+    // Endpoint end: the endpoint's name, dst address and dst routes.
+    assert_eq!(
+        addrs(&s.endpoint_ns, &s.nse.ifname),
+        [format!("{ENDPOINT_IP}/32")]
+    );
+    assert_eq!(
+        routes(&s.endpoint_ns, &s.nse.ifname),
+        [
+            format!("{CLIENT_IP}/32"),
+            format!("{NEAR_NET} via {CLIENT_IP}")
+        ]
+    );
+
+    // Traffic flows both ways across the veth.
+    let listener = listen_in(&s.endpoint_ns, &format!("{ENDPOINT_IP}:7000"));
+    let (echoed, peer) = echo(
+        &listener,
+        &s.client_ns,
+        &format!("{ENDPOINT_IP}:7000"),
+        b"across the hop",
+    );
+    assert_eq!(echoed, b"across the hop");
+    assert_eq!(peer.ip().to_string(), CLIENT_IP);
+
+    // The state file records the connection under our segment's id.
+    let state = s.hop.state();
+    assert_eq!(state["version"], 1);
+    let rec = &state["connections"][&fwd.id];
+    assert_eq!(rec["plan"]["a"]["name"], "nsm-1");
+    assert_eq!(rec["backend"], "nft");
+
+    // Refresh: the same connection again changes nothing.
+    let (ci, ei) = (
+        ifindex(&s.client_ns, "nsm-1"),
+        ifindex(&s.endpoint_ns, &s.nse.ifname),
+    );
+    let plumbed = s.snapshots();
+    let again = s
+        .request(conn.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+    assert_eq!(
+        segments(&again)["fwd-test"].id,
+        fwd.id,
+        "same forwarder segment id"
+    );
+    assert_eq!(
+        (
+            ifindex(&s.client_ns, "nsm-1"),
+            ifindex(&s.endpoint_ns, &s.nse.ifname)
+        ),
+        (ci, ei)
+    );
+    s.assert_pristine(&plumbed, "a refresh");
+    let reqs = s.nse.requests();
+    assert_eq!(reqs.len(), 2, "the refresh went downstream");
+    let refresh = reqs[1].0.connection.as_ref().unwrap();
+    assert_eq!(
+        kernel_name(refresh.mechanism.as_ref()).as_deref(),
+        Some(s.nse.ifname.as_str()),
+        "a refresh presents the endpoint's own mechanism"
+    );
+    let (echoed, _) = echo(
+        &listener,
+        &s.client_ns,
+        &format!("{ENDPOINT_IP}:7000"),
+        b"still",
+    );
+    assert_eq!(echoed, b"still");
+    drop(listener);
+
+    // Close: everything goes, in both namespaces, and the endpoint hears of it.
+    s.client.close(again).await.unwrap();
+    assert_eq!(s.nse.closes().len(), 1);
+    assert_eq!(s.nse.closes()[0].id, fwd.id);
+    s.assert_pristine(&pristine, "after Close");
+    assert_eq!(s.hop.state()["connections"], serde_json::json!({}));
+    // A second Close is a no-op.
+    s.client.close(conn).await.unwrap();
+    assert_eq!(s.nse.closes().len(), 1);
+    // Nothing is held any more: namespace fds, netlink sockets, connections.
+    eventually("the hop's fds to drop back", || {
+        fd_count(s.hop.child.pid()) <= fds_before
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_side_rules_from_extra_context_redirect_in_the_client_netns() {
+    if !require_root("client_side_rules_from_extra_context_redirect_in_the_client_netns") {
+        return;
+    }
+    let spec = r#"{"version":1,"outboundPort":15001,"inboundPort":15006,"proxyUids":[1337]}"#;
+    let s = setup(
+        Behaviour {
+            redirect: Some(spec.into()),
+            mtu: 1400,
+            ..Default::default()
+        },
+        &[],
+        &[],
+    )
+    .await;
+    let pristine = s.snapshots();
+    let endpoint_pristine = nft_tables(&s.endpoint_ns);
+    let conn = s
+        .request(s.client.first())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+    assert_eq!(
+        link(&s.client_ns, "nsm-1").unwrap()["mtu"],
+        1400,
+        "context.MTU"
+    );
+
+    // One table of ours in the client namespace, none in the endpoint's.
+    let tables = nft_tables(&s.client_ns);
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    assert!(tables[0].starts_with("inet fp_"), "{tables:?}");
+    assert_eq!(nft_tables(&s.endpoint_ns), endpoint_pristine);
+
+    // A connection from the client to the endpoint's port 8080 (nothing
+    // listens there) lands on the local proxy port instead.
+    let proxy = listen_in(&s.client_ns, "0.0.0.0:15001");
+    let (echoed, _) = echo(
+        &proxy,
+        &s.client_ns,
+        &format!("{ENDPOINT_IP}:8080"),
+        b"captured",
+    );
+    assert_eq!(echoed, b"captured");
+
+    // A refresh leaves the rules as they are.
+    let ruleset = s.client_ns.exec_ok(&["nft", "list", "ruleset"]);
+    let conn = s.request(conn).await.unwrap();
+    assert_eq!(s.client_ns.exec_ok(&["nft", "list", "ruleset"]), ruleset);
+
+    s.client.close(conn).await.unwrap();
+    drop(proxy);
+    s.assert_pristine(&pristine, "after Close");
+    assert_eq!(s.nse.closes().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_side_rules_with_the_iptables_backend() {
+    if !require_root("client_side_rules_with_the_iptables_backend")
+        || !nsm_tests::require_tool(
+            "client_side_rules_with_the_iptables_backend",
+            "iptables-restore",
+        )
+    {
+        return;
+    }
+    let spec = r#"{"version":1,"outboundPort":15001,"inboundPort":15006}"#;
+    let s = setup(
+        Behaviour {
+            redirect: Some(spec.into()),
+            ..Default::default()
+        },
+        &["--backend", "iptables"],
+        &[],
+    )
+    .await;
+    let pristine = s.snapshots();
+    let conn = s
+        .request(s.client.first())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+    let saved = s.client_ns.exec_ok(&["iptables-save", "-t", "nat"]);
+    assert!(
+        saved.contains(":FP_"),
+        "our chains are FP_<hash>_*: {saved}"
+    );
+    assert_eq!(
+        s.hop.state()["connections"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()["backend"],
+        "iptables"
+    );
+    let proxy = listen_in(&s.client_ns, "0.0.0.0:15001");
+    let (echoed, _) = echo(
+        &proxy,
+        &s.client_ns,
+        &format!("{ENDPOINT_IP}:8080"),
+        b"captured",
+    );
+    assert_eq!(echoed, b"captured");
+    s.client.close(conn).await.unwrap();
+    drop(proxy);
+    s.assert_pristine(&pristine, "after Close");
+    assert!(!s.client_ns.exec_ok(&["iptables-save"]).contains("FP_"));
+}
+
+/// Connections sharing a client namespace each get their own veth and
+/// their own rules table; closing one leaves the other working.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_sharing_a_client_namespace_keep_their_own_rules() {
+    if !require_root("connections_sharing_a_client_namespace_keep_their_own_rules") {
+        return;
+    }
+    let spec = r#"{"version":1,"outboundPort":15001,"inboundPort":15006}"#;
+    let s = setup(
+        Behaviour {
+            redirect: Some(spec.into()),
+            ..Default::default()
+        },
+        &[],
+        &[],
+    )
+    .await;
+    let pristine = s.snapshots();
+    let first = s.request(s.client.first()).await.unwrap();
+    let other = TestClient::new(&s.hop.socket);
+    let second = other
+        .request(
+            other.first(),
+            "nsm-2",
+            ClientNetns::Fd(&s.client_ns),
+            TTL,
+            WAIT,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+    let tables = nft_tables(&s.client_ns);
+    assert_eq!(tables.len(), 2, "one table per connection: {tables:?}");
+    assert_ne!(tables[0], tables[1]);
+    let b = addrs_for(1);
+    assert_eq!(
+        addrs(&s.client_ns, "nsm-2"),
+        [format!("{}/32", b.client_ip)]
+    );
+
+    // A third connection asking for an interface name already plumbed here.
+    let third = TestClient::new(&s.hop.socket);
+    let e = third
+        .request(
+            third.first(),
+            "nsm-2",
+            ClientNetns::Fd(&s.client_ns),
+            TTL,
+            WAIT,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(
+        e.message().contains("already plumbed for connection"),
+        "{e:?}"
+    );
+
+    // Closing the first leaves the second's veth, table and traffic.
+    s.client.close(first).await.unwrap();
+    assert!(link(&s.client_ns, "nsm-1").is_none());
+    let left = nft_tables(&s.client_ns);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(tables.contains(&left[0]));
+    // The second's rules still capture: its endpoint's port lands on the proxy.
+    let proxy = listen_in(&s.client_ns, "0.0.0.0:15001");
+    let (echoed, _) = echo(
+        &proxy,
+        &s.client_ns,
+        &format!("{}:8080", b.endpoint_ip),
+        b"second",
+    );
+    assert_eq!(echoed, b"second");
+    drop(proxy);
+
+    other.close(second).await.unwrap();
+    s.assert_pristine(&pristine, "after both Closes");
+}
+
+/// Each refusal: the right code, a message that says why, and both
+/// namespaces exactly as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_leave_both_namespaces_pristine() {
+    if !require_root("refusals_leave_both_namespaces_pristine") {
+        return;
+    }
+    let s = setup(Behaviour::default(), &[], &[]).await;
+    let pristine = s.snapshots();
+
+    // A client namespace that no longer exists, named by inode only.
+    let gone = TestNetns::new("hg");
+    let gone_url: InodeUrl = {
+        let st = std::fs::metadata(gone.path()).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        InodeUrl::new(st.dev(), st.ino())
+    };
+    drop(gone);
+    let e = s
+        .client
+        .request(
+            s.client.first(),
+            "nsm-1",
+            ClientNetns::InodeOnly(gone_url),
+            TTL,
+            WAIT,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("client's network namespace") && e.message().contains("not found"),
+        "{e:?}"
+    );
+    assert!(
+        s.nse.requests().is_empty(),
+        "refused before going downstream"
+    );
+
+    // An fd that is not a network namespace.
+    let file = s.dir.path().join("not-a-netns");
+    std::fs::write(&file, b"x").unwrap();
+    let e = s
+        .client
+        .request(
+            s.client.first(),
+            "nsm-1",
+            ClientNetns::FileFd(&file),
+            TTL,
+            WAIT,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("not a network namespace"), "{e:?}");
+
+    // A bad interface name.
+    let e = s
+        .client
+        .request(
+            s.client.first(),
+            "much-too-long-name",
+            ClientNetns::Fd(&s.client_ns),
+            TTL,
+            WAIT,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(s.nse.requests().is_empty());
+    s.assert_pristine(&pristine, "client-side refusals");
+
+    // An answer without addresses: refused, and Closed at the endpoint.
+    s.nse.set(|b| b.no_addresses = true);
+    let e = s.request(s.client.first()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("src_ip_addrs"), "{e:?}");
+    assert_eq!(
+        s.nse.closes().len(),
+        1,
+        "the accepted connection is Closed downstream"
+    );
+    s.assert_pristine(&pristine, "an answer without addresses");
+    s.nse.set(|b| b.no_addresses = false);
+
+    // A redirect spec that fails validation.
+    s.nse
+        .set(|b| b.redirect = Some(r#"{"version":1,"outboundPort":15006}"#.into()));
+    let e = s.request(s.client.first()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("mesh-proxy.v1/client-redirect"),
+        "{e:?}"
+    );
+    assert!(e.message().contains("outboundPort"), "{e:?}");
+    assert_eq!(s.nse.closes().len(), 2);
+    s.assert_pristine(&pristine, "a bad redirect spec");
+    s.nse.set(|b| b.redirect = None);
+
+    // The interface name is taken in the client namespace.
+    s.client_ns.exec_ok(&[
+        "ip", "link", "add", "nsm-1", "type", "veth", "peer", "name", "other-1",
+    ]);
+    let taken = s.snapshots();
+    let e = s.request(s.client.first()).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("nsm-1"), "{e:?}");
+    assert_eq!(s.nse.closes().len(), 3);
+    s.assert_pristine(&taken, "a name collision");
+    s.client_ns.exec_ok(&["ip", "link", "del", "nsm-1"]);
+
+    // Nothing was recorded for any of them.
+    assert_eq!(s.hop.state()["connections"], serde_json::json!({}));
+    // And the hop still works.
+    let conn = s.request(s.client.first()).await.unwrap();
+    s.client.close(conn).await.unwrap();
+    s.assert_pristine(&pristine, "after a good Request and Close");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_next_hop_that_is_down_or_slow_is_reported_and_nothing_is_plumbed() {
+    if !require_root("a_next_hop_that_is_down_or_slow_is_reported_and_nothing_is_plumbed") {
+        return;
+    }
+    let s = setup(
+        Behaviour {
+            delay: Duration::from_secs(3),
+            ..Default::default()
+        },
+        &[],
+        &[("NSM_REQUEST_TIMEOUT", "1s")],
+    )
+    .await;
+    let pristine = s.snapshots();
+    let e = s.request(s.client.first()).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains(&s.nse.url()), "{e:?}");
+    s.assert_pristine(&pristine, "a slow next hop");
+
+    let down = TempDir::new();
+    let hop = Hop::start(
+        down.path(),
+        &format!("unix://{}/nobody.sock", down.path().display()),
+        &[],
+        &[],
+    );
+    let client = TestClient::new(&hop.socket);
+    let e = client
+        .request(
+            client.first(),
+            "nsm-1",
+            ClientNetns::Fd(&s.client_ns),
+            TTL,
+            WAIT,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("nobody.sock"), "{e:?}");
+    s.assert_pristine(&pristine, "a next hop that is down");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_nobody_refreshes_expires() {
+    if !require_root("a_connection_nobody_refreshes_expires") {
+        return;
+    }
+    let s = setup(Behaviour::default(), &[], &[]).await;
+    let pristine = s.snapshots();
+    // Our token expires in 3s; the Request's timeout is 1s: the hop closes at ~2s.
+    let conn = s
+        .client
+        .request(
+            s.client.first(),
+            "nsm-1",
+            ClientNetns::Fd(&s.client_ns),
+            Duration::from_secs(3),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+    assert!(link(&s.client_ns, "nsm-1").is_some());
+    eventually("the expired connection to be closed downstream", || {
+        s.nse.closes().len() == 1
+    });
+    s.assert_pristine(&pristine, "after expiry");
+    assert_eq!(s.nse.closes()[0].id, segments(&conn)["forwarder-plugin"].id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_hop_adopts_what_it_plumbed_before() {
+    if !require_root("a_restarted_hop_adopts_what_it_plumbed_before") {
+        return;
+    }
+    let spec = r#"{"version":1,"outboundPort":15001,"inboundPort":15006}"#;
+    let mut s = setup(
+        Behaviour {
+            redirect: Some(spec.into()),
+            ..Default::default()
+        },
+        &[],
+        &[],
+    )
+    .await;
+    let pristine = s.snapshots();
+    let conn = s.request(s.client.first()).await.unwrap();
+    let plumbed = s.snapshots();
+    let ci = ifindex(&s.client_ns, "nsm-1");
+
+    // kill -9: the state file is all that is left of the hop.
+    s.hop.kill9();
+    s.assert_pristine(&plumbed, "kill -9");
+    s.hop = Hop::start(s.dir.path(), &s.nse.url(), &[], &[]);
+    // A refresh after the restart adopts the connection: nothing changes.
+    let conn = s
+        .request(conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+    assert_eq!(ifindex(&s.client_ns, "nsm-1"), ci);
+    s.assert_pristine(&plumbed, "the adopting refresh");
+
+    // SIGTERM: the dataplane stays too (NSM forwarders keep it across restarts).
+    assert!(
+        s.hop.child.terminate(WAIT).is_some_and(|st| st.success()),
+        "{}",
+        s.hop.log()
+    );
+    s.assert_pristine(&plumbed, "a plain stop (the dataplane stays)");
+    s.hop = Hop::start(s.dir.path(), &s.nse.url(), &[], &[]);
+
+    // A Close after the restarts still undoes everything (from the state file).
+    s.client.close(conn).await.unwrap();
+    s.assert_pristine(&pristine, "Close after a restart");
+    assert_eq!(s.nse.closes().len(), 1, "the endpoint got the Close");
+    assert_eq!(s.hop.state()["connections"], serde_json::json!({}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cleanup_on_exit_undoes_every_connection() {
+    if !require_root("cleanup_on_exit_undoes_every_connection") {
+        return;
+    }
+    let mut s = setup(Behaviour::default(), &["--cleanup-on-exit"], &[]).await;
+    let pristine = s.snapshots();
+    s.request(s.client.first()).await.unwrap();
+    assert!(link(&s.client_ns, "nsm-1").is_some());
+    assert!(
+        s.hop.child.terminate(WAIT).is_some_and(|st| st.success()),
+        "{}",
+        s.hop.log()
+    );
+    s.assert_pristine(&pristine, "after exit with --cleanup-on-exit");
+    assert_eq!(s.nse.closes().len(), 1);
+}
+
+#[test]
+fn invalid_configuration_is_one_line_and_exit_64() {
+    for (args, env, want) in [
+        (
+            &["serve", "--insecure"][..],
+            &[][..],
+            "NSM_NEXT_HOP (--next-hop): is required",
+        ),
+        (
+            &["serve", "--next-hop", "unix:///x.sock"],
+            &[],
+            "NSM_INSECURE=true",
+        ),
+        (
+            &["serve", "--insecure", "--next-hop", "tcp://1.2.3.4:5"],
+            &[],
+            "NSM_NEXT_HOP",
+        ),
+        (
+            &["serve", "--insecure", "--next-hop", "unix:///x.sock"],
+            &[("NSM_DIAL_TIMEOUT", "soon")],
+            "NSM_DIAL_TIMEOUT",
+        ),
+    ] {
+        let out = std::process::Command::new(nsm_tests::process::bin("forwarder-plugin"))
+            .args(args)
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
