@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The local demo (README): installs what it needs, builds, then runs it.
+# Run as root on a Debian machine with Rust. Options go to local-demo
+# (e.g. --proxy builtin); see examples/README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tests/install-deps.sh
+cargo build --release --workspace --bins
+exec target/release/local-demo "$@"

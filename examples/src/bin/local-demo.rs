@@ -1,0 +1,337 @@
+//! local-demo: the whole path on one machine. A client namespace asks for
+//! the `mesh-proxy` network service with nsc-init; `forwarder-plugin serve`
+//! plumbs it to `mesh-proxy-nse`, whose namespace holds the mesh proxy and
+//! the link to a server; the client's requests reach the server through the
+//! proxy; Close takes everything away again. Run as root (see
+//! examples/README.md); exits 0 after a final `demo: OK` line.
+
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use examples::cancel;
+use examples::inspect::{self, InspectError, NsState};
+use examples::lab::{Lab, LabConfig, LabError, NSE_UPLINK, SERVER_TO_NSE, server_addr};
+use examples::namespace::Namespace;
+use examples::nsc::NscError;
+use examples::process::ProcessError;
+use examples::proxy::ProxyKind;
+use examples::traffic::{TrafficError, http_get};
+
+#[derive(Parser)]
+#[command(
+    name = "local-demo",
+    about = "Local demo: client → forwarder → mesh-proxy endpoint + proxy → server, then Close (run as root)"
+)]
+struct Args {
+    /// Which proxy runs in the endpoint's namespace: haproxy (Debian's), builtin (examples' transparent-proxy) or auto (haproxy if installed).
+    #[arg(long, default_value = "auto")]
+    proxy: ProxyKind,
+    /// Requests to send through the proxy.
+    #[arg(long, default_value_t = 3)]
+    requests: u32,
+    /// After the requests, wait for Enter before Closing, to look around
+    /// (e.g. `ip netns exec <client> curl http://198.19.100.2:8080/`).
+    #[arg(long)]
+    hold: bool,
+}
+
+/// Waits for a line on stdin (or Ctrl-C).
+fn hold(client: &Namespace) -> Result<(), DemoError> {
+    println!(
+        "\nholding — try `ip netns exec {} curl -s http://{}/`; press Enter to go on",
+        client.name(),
+        server_addr()
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        let _ = tx.send(());
+    });
+    loop {
+        cancel::check()?;
+        if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+            return Ok(());
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DemoError {
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    #[error(transparent)]
+    Nsc(#[from] NscError),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Traffic(#[from] TrafficError),
+    #[error(transparent)]
+    Inspect(#[from] InspectError),
+    #[error(transparent)]
+    Namespace(#[from] examples::namespace::NamespaceError),
+    #[error("{0}")]
+    Check(String),
+    #[error(transparent)]
+    Cancelled(#[from] cancel::Cancelled),
+}
+
+fn check(ok: bool, why: impl FnOnce() -> String) -> Result<(), DemoError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(DemoError::Check(why()))
+    }
+}
+
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("   {l}\n")).collect()
+}
+
+fn show_links(title: &str, ns: &Namespace) -> Result<(), DemoError> {
+    println!(
+        "{title} {} — ip -br link:\n{}",
+        ns.name(),
+        indent(&inspect::brief_links(ns)?)
+    );
+    Ok(())
+}
+
+fn print_diff(what: &str, diff: &[String]) {
+    if diff.is_empty() {
+        println!("{what}: nothing added");
+    } else {
+        println!("{what}:\n{}", indent(&diff.join("\n")));
+    }
+}
+
+/// The proxy's log line for a connection from `client` (it may lag a little).
+fn proxy_line(lab: &Lab, client: SocketAddr) -> Result<SocketAddr, DemoError> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if let Some(dst) = lab.proxy_saw(client) {
+            return Ok(dst);
+        }
+        cancel::check()?;
+        if Instant::now() > deadline {
+            return Err(DemoError::Check(format!(
+                "the proxy logged no connection from {client}: the request did not go through it"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn demo(args: &Args, lab: &mut Lab, client: &Namespace) -> Result<(), DemoError> {
+    show_links("client", client)?;
+    show_links("endpoint", &lab.nse_ns)?;
+    let client_before = inspect::snapshot(client)?;
+    let nse_before = inspect::snapshot(&lab.nse_ns)?;
+
+    step("2. nsc-init --watch in the client asks for kernel://mesh-proxy/nsm-1");
+    let opts = lab.nsc_options("demo-client");
+    let (mut nsc, up) = examples::nsc::watch(
+        client,
+        &opts,
+        &lab.dir.join("nsc-init.log"),
+        Duration::from_secs(30),
+    )?;
+    println!(
+        "nsc-init: {} up: {} {} -> {}",
+        up.url,
+        up.iface,
+        up.src.join(","),
+        up.dst.join(",")
+    );
+    let client_ip = up
+        .src_ip()
+        .ok_or_else(|| DemoError::Check(format!("nsc-init reported no client address: {up:?}")))?;
+    println!(
+        "client {} — ip -br addr:\n{}",
+        client.name(),
+        indent(&inspect::brief_addrs(client)?)
+    );
+    println!(
+        "client routes via {}:\n{}",
+        up.iface,
+        indent(&inspect::routes_via(client, &up.iface)?.join("\n"))
+    );
+    let client_up = inspect::snapshot(client)?;
+    let nse_up = inspect::snapshot(&lab.nse_ns)?;
+    check(client_up.links.contains(&up.iface), || {
+        format!(
+            "no {} link in the client namespace after nsc-init said it is up",
+            up.iface
+        )
+    })?;
+    for (whose, ns, before, after) in [
+        ("client", client, &client_before, &client_up),
+        ("endpoint", &lab.nse_ns, &nse_before, &nse_up),
+    ] {
+        // Firewall rules read better whole than as a line diff.
+        let diff: Vec<String> = before
+            .diff(after)
+            .into_iter()
+            .filter(|l| !l.starts_with("+ nft") && !l.starts_with("- nft"))
+            .collect();
+        print_diff(&format!("what the connection added in the {whose}"), &diff);
+        if after.nft != before.nft {
+            println!(
+                "{whose} {} — nft list ruleset:\n{}",
+                ns.name(),
+                indent(&inspect::nft_ruleset(ns)?)
+            );
+        }
+    }
+
+    step("3. requests from the client to the server");
+    for i in 1..=args.requests {
+        let ex = http_get(client, server_addr(), Duration::from_secs(5))?;
+        let dst = proxy_line(lab, ex.local)?;
+        println!(
+            "request {i}: client {} -> {}; proxy ({}) saw \"{} -> {}\"; server answered \"{}\"",
+            ex.local,
+            server_addr(),
+            lab.config.proxy.name(),
+            ex.local,
+            dst,
+            examples::hello_server::greeting(ex.server_saw)
+        );
+        check(ex.local.ip() == client_ip, || {
+            format!(
+                "the request left from {}, not from the client's {} address {client_ip}",
+                ex.local, up.iface
+            )
+        })?;
+        check(dst == server_addr(), || {
+            format!(
+                "the proxy connected to {dst}, not to the original destination {}",
+                server_addr()
+            )
+        })?;
+        check(ex.server_saw.ip() == IpAddr::V4(NSE_UPLINK), || {
+            format!(
+                "the server saw {}, not the endpoint's address {NSE_UPLINK}: the traffic bypassed the proxy",
+                ex.server_saw
+            )
+        })?;
+    }
+    println!(
+        "so: every request left the client from {client_ip}, went through the proxy in {}, and the server saw {NSE_UPLINK}, never the client",
+        lab.nse_ns.name()
+    );
+
+    if args.hold {
+        hold(client)?;
+    }
+
+    step("4. SIGTERM to nsc-init: it Closes the connection");
+    let status = nsc.terminate(Duration::from_secs(15))?;
+    check(status.success(), || {
+        format!(
+            "nsc-init exited with {status} after SIGTERM: {}",
+            nsc.tail()
+        )
+    })?;
+    println!("nsc-init exited: {status}");
+    let client_after = inspect::snapshot(client)?;
+    let nse_after = inspect::snapshot(&lab.nse_ns)?;
+    show_links("client", client)?;
+    show_links("endpoint", &lab.nse_ns)?;
+    // (Only so the listing does not show a working veth as DOWN: see wait_oper_up.)
+    inspect::wait_oper_up(&lab.server_ns, SERVER_TO_NSE, Duration::from_secs(2))?;
+    show_links("server", &lab.server_ns)?;
+    let left = |before: &NsState, after: &NsState| before.diff(after);
+    let (client_left, nse_left) = (
+        left(&client_before, &client_after),
+        left(&nse_before, &nse_after),
+    );
+    check(!client_after.links.contains(&up.iface), || {
+        format!(
+            "the {} link is still in the client namespace after Close",
+            up.iface
+        )
+    })?;
+    check(client_left.is_empty(), || {
+        format!(
+            "Close left this in the client namespace: {}",
+            client_left.join("; ")
+        )
+    })?;
+    check(nse_left.is_empty(), || {
+        format!(
+            "Close left this in the endpoint namespace: {}",
+            nse_left.join("; ")
+        )
+    })?;
+    check(
+        !nse_after.has_nft_tables() && !client_after.has_nft_tables(),
+        || "an nftables table is still there after Close".into(),
+    )?;
+    println!(
+        "nothing left: no {} link, no endpoint-side link, no nft table, no route, no address",
+        up.iface
+    );
+    Ok(())
+}
+
+fn run(args: &Args) -> Result<(), DemoError> {
+    step(&format!("1. topology (proxy: {})", args.proxy.name()));
+    let config = LabConfig {
+        proxy: args.proxy,
+        say: |s| println!("{s}"),
+        ..Default::default()
+    };
+    let mut lab = Lab::start(config)?;
+    let client = lab.client()?;
+    println!("client namespace {}: only lo", client.name());
+    let names = [
+        client.name().to_owned(),
+        lab.nse_ns.name().to_owned(),
+        lab.server_ns.name().to_owned(),
+    ];
+    let res = demo(args, &mut lab, &client);
+    if res.is_err() {
+        eprintln!("\nlogs:{}", lab.logs());
+    }
+    step("5. teardown");
+    drop(client);
+    drop(lab);
+    let left: Vec<&String> = names
+        .iter()
+        .filter(|n| std::path::Path::new("/run/netns").join(n).exists())
+        .collect();
+    res?;
+    check(left.is_empty(), || {
+        format!("namespaces still there after teardown: {left:?}")
+    })?;
+    println!("processes stopped, namespaces {} deleted", names.join(", "));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = cancel::install() {
+        eprintln!("demo: FAILED: {e}");
+        return ExitCode::FAILURE;
+    }
+    match run(&args) {
+        Ok(()) => {
+            println!("demo: OK");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let code = if cancel::is_cancelled() { 130 } else { 1 };
+            eprintln!("demo: FAILED: {e}");
+            ExitCode::from(code)
+        }
+    }
+}

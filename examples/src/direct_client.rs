@@ -1,0 +1,149 @@
+//! A minimal in-process NSM client for the setup benchmark: one Request or
+//! Close over a fresh unix connection, with a client namespace's fd beside
+//! it (grpcfd), exactly as nsc-init sends it — without nsc-init's process
+//! start, so the figures show what the forwarder, the endpoint and the
+//! kernel cost.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use forwarder_plugin::link::{LinkError, Links};
+use forwarder_plugin::netns::Netns;
+use nsm_api::connection::{Connection, PathSegment};
+use nsm_api::mechanism::{self, keys};
+use nsm_api::networkservice::NetworkServiceRequest;
+use nsm_api::networkservice::network_service_client::NetworkServiceClient;
+use nsm_api::token::{Token, TokenError, TokenIssuer};
+use nsm_api::{grpcfd, metadata, path};
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectError {
+    #[error("token: {0}")]
+    Token(#[from] TokenError),
+    #[error("dial {0}: {1}")]
+    Dial(PathBuf, String),
+    #[error("cannot pass the netns fd: {0}")]
+    SendFd(#[source] std::io::Error),
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("interface {0:?} is not in the client namespace after the Request")]
+    NoInterface(String),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// Requests and Closes on a hop's unix socket.
+#[derive(Debug)]
+pub struct DirectClient {
+    socket: PathBuf,
+    name: String,
+    tokens: TokenIssuer,
+}
+
+impl DirectClient {
+    pub fn new(socket: &Path, name: &str, lifetime: Duration) -> Result<Self, DirectError> {
+        Ok(DirectClient {
+            socket: socket.to_owned(),
+            name: name.to_owned(),
+            tokens: TokenIssuer::ephemeral(name, lifetime)?,
+        })
+    }
+
+    async fn dial(
+        &self,
+    ) -> Result<
+        (
+            NetworkServiceClient<tonic::transport::Channel>,
+            grpcfd::FdChannel,
+        ),
+        DirectError,
+    > {
+        let (ch, fds) = grpcfd::dial(&self.socket)
+            .await
+            .map_err(|e| DirectError::Dial(self.socket.clone(), e.to_string()))?;
+        Ok((NetworkServiceClient::new(ch), fds))
+    }
+
+    /// Puts us in segment 0 with a fresh token.
+    fn stamp(&self, conn: &mut Connection) -> Result<Token, DirectError> {
+        let token = self.tokens.issue()?;
+        let path = conn.path.get_or_insert_with(Default::default);
+        path.index = 0;
+        let ours = PathSegment {
+            name: self.name.clone(),
+            id: conn.id.clone(),
+            token: token.jwt.clone(),
+            expires: Some(path::to_timestamp(token.expires)),
+            ..Default::default()
+        };
+        match path.path_segments.first_mut() {
+            Some(seg) => {
+                seg.token = ours.token;
+                seg.expires = ours.expires;
+            }
+            None => path.path_segments.push(ours),
+        }
+        Ok(token)
+    }
+
+    fn call<T>(msg: T, token: &Token) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(CALL_TIMEOUT);
+        metadata::insert_token(req.metadata_mut(), token);
+        req
+    }
+
+    /// Requests `service` with a KERNEL interface `iface` in `netns`;
+    /// `labels` go in `connection.labels` (as a URL's query would).
+    pub async fn request(
+        &self,
+        netns: &Netns,
+        id: &str,
+        service: &str,
+        iface: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<Connection, DirectError> {
+        let (mut client, fds) = self.dial().await?;
+        let url = fds.send_fd(netns.as_fd()).map_err(DirectError::SendFd)?;
+        let pref = mechanism::kernel([
+            (keys::NAME.to_owned(), iface.to_owned()),
+            (keys::INODE_URL.to_owned(), url.to_string()),
+        ]);
+        let mut conn = Connection {
+            id: id.to_owned(),
+            network_service: service.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Default::default()
+        };
+        let token = self.stamp(&mut conn)?;
+        let msg = NetworkServiceRequest {
+            connection: Some(conn),
+            mechanism_preferences: vec![pref],
+        };
+        Ok(client.request(Self::call(msg, &token)).await?.into_inner())
+    }
+
+    /// Closes `conn` as the Request returned it.
+    pub async fn close(&self, conn: &Connection) -> Result<(), DirectError> {
+        let (mut client, _fds) = self.dial().await?;
+        let mut conn = conn.clone();
+        let token = self.stamp(&mut conn)?;
+        client.close(Self::call(conn, &token)).await?;
+        Ok(())
+    }
+}
+
+/// Checks that `iface` exists and is up in `links`' namespace (what
+/// nsc-init waits for), over rtnetlink.
+pub async fn interface_ready(links: &Links, iface: &str) -> Result<(), DirectError> {
+    match links.link(iface).await? {
+        Some(l) if l.up => Ok(()),
+        _ => Err(DirectError::NoInterface(iface.to_owned())),
+    }
+}

@@ -1,0 +1,373 @@
+//! The demo's topology, shared by `local-demo`, the end-to-end suite and the
+//! setup benchmark:
+//!
+//! ```text
+//!  client ns(s)          root ns                 nse ns                         server ns
+//!  ───────────           ───────                 ──────                         ─────────
+//!  nsc-init ──Request──▶ forwarder-plugin ──▶ mesh-proxy-nse                    hello-server
+//!                        serve (fds only)        proxy (uid 1337) :15001/:15006  :8080
+//!  nsm-1 ◀────── veth built by the forwarder ──▶ (NSE side)
+//!                                                to-server 198.19.100.1/24 ─veth─ to-nse 198.19.100.2/24
+//!                                                                                routes back via .1
+//! ```
+//!
+//! Clients get their addresses from `NSM_CIDR_PREFIX` (198.18.0.0/24 by
+//! default). The nse namespace forwards IPv4 and the server routes the
+//! client range back through it, so a connection that bypassed the proxy
+//! would still arrive — with the client's address — and a test can tell the
+//! two apart by the address the server saw, not just by a timeout.
+//!
+//! Nothing here touches the root namespace's links, routes or firewall: the
+//! forwarder runs there but only acts through the namespaces' fds.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::namespace::{Namespace, NamespaceError};
+use crate::nsc::NscOptions;
+use crate::process::{self, Process, ProcessError, WorkDir};
+use crate::proxy::{self, ProxyKind, ProxyStartError};
+use crate::transparent_proxy::{find_in_log, parse_log_line};
+
+/// The NSE's end of the link to the server.
+pub const NSE_UPLINK: Ipv4Addr = Ipv4Addr::new(198, 19, 100, 1);
+/// The server's address.
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 100, 2);
+pub const SERVER_PORT: u16 = 8080;
+/// The server's subnet (what clients need a route to).
+pub const SERVER_NET: &str = "198.19.100.0/24";
+/// Where client addresses come from (`NSM_CIDR_PREFIX`).
+pub const CLIENT_CIDR: &str = "198.18.0.0/24";
+/// Everything on the client side (NSM clients in 198.18.0.0/16, the static
+/// client in 198.19.1.0/24), routed back by the server.
+const CLIENT_SIDE: [&str; 2] = ["198.18.0.0/16", "198.19.1.0/24"];
+/// Interface names inside the nse and server namespaces.
+pub const NSE_TO_SERVER: &str = "to-server";
+pub const SERVER_TO_NSE: &str = "to-nse";
+
+/// The static client of [`Lab::attach_static_client`] and its link's name
+/// on the nse side.
+pub const STATIC_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
+pub const STATIC_CLIENT_LINK: &str = "to-client";
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn server_addr() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(SERVER_IP), SERVER_PORT)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyStartError),
+    #[error(
+        "{0} is not built: run `cargo build --workspace --bins` (tests/run.sh and examples/local-demo.sh do)"
+    )]
+    NotBuilt(String),
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    pub proxy: ProxyKind,
+    /// `NSM_CIDR_PREFIX` of the NSE.
+    pub cidr_prefix: String,
+    /// `NSM_MAX_TOKEN_LIFETIME` of the NSE and the forwarder, if set.
+    pub token_lifetime: Option<String>,
+    /// `NSM_LOG_LEVEL` of the NSE and the forwarder.
+    pub log_level: String,
+    /// More variables for the NSE (e.g. `NSM_CONFIG`).
+    pub nse_env: Vec<(String, String)>,
+    /// More arguments for `forwarder-plugin serve`.
+    pub forwarder_args: Vec<String>,
+    /// Progress lines (the demo prints them; tests and benches stay quiet).
+    pub say: fn(&str),
+}
+
+impl Default for LabConfig {
+    fn default() -> Self {
+        LabConfig {
+            proxy: ProxyKind::auto(),
+            cidr_prefix: CLIENT_CIDR.to_owned(),
+            token_lifetime: None,
+            log_level: "INFO".to_owned(),
+            nse_env: Vec::new(),
+            forwarder_args: Vec::new(),
+            say: |_| {},
+        }
+    }
+}
+
+/// The running topology. Fields drop in order: control plane first, then
+/// the proxy and server, then the namespaces, then the scratch directory.
+#[derive(Debug)]
+pub struct Lab {
+    forwarder: Option<Process>,
+    nse: Option<Process>,
+    pub proxy: Process,
+    pub server: Process,
+    pub nse_ns: Namespace,
+    pub server_ns: Namespace,
+    pub dir: WorkDir,
+    pub config: LabConfig,
+}
+
+fn require_bin(name: &str) -> Result<std::path::PathBuf, LabError> {
+    let p = process::bin(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(LabError::NotBuilt(p.display().to_string()))
+    }
+}
+
+impl Lab {
+    /// The data path only: nse and server namespaces, their veth, the server
+    /// and the proxy. No NSE, no forwarder (see [`Lab::start`]).
+    pub fn data_path(config: LabConfig) -> Result<Lab, LabError> {
+        let say = config.say;
+        require_bin("hello-server")?;
+        if config.proxy == ProxyKind::Builtin {
+            require_bin("transparent-proxy")?;
+        }
+        // What killed runs (SIGKILL, abort) could not clean up.
+        for name in crate::namespace::sweep_stale() {
+            say(&format!("removed namespace {name} left by a killed run"));
+        }
+        WorkDir::sweep_stale();
+        let dir = WorkDir::create()?;
+        let nse_ns = Namespace::create("mp-nse")?;
+        let server_ns = Namespace::create("mp-server")?;
+        say(&format!(
+            "namespaces: {} (endpoint + proxy), {} (server)",
+            nse_ns.name(),
+            server_ns.name()
+        ));
+        let (nse, server) = (&nse_ns, &server_ns);
+        nse.ip(&format!(
+            "link add {NSE_TO_SERVER} type veth peer name {SERVER_TO_NSE} netns {}",
+            server.name()
+        ))?;
+        // No IPv6 link-local addresses on our own links: the kernel adds them
+        // whenever it gets to it, which would make snapshots racy.
+        nse.ip(&format!("link set {NSE_TO_SERVER} addrgenmode none"))?;
+        server.ip(&format!("link set {SERVER_TO_NSE} addrgenmode none"))?;
+        nse.ip(&format!("addr add {NSE_UPLINK}/24 dev {NSE_TO_SERVER}"))?;
+        nse.ip(&format!("link set {NSE_TO_SERVER} up"))?;
+        server.ip(&format!("addr add {SERVER_IP}/24 dev {SERVER_TO_NSE}"))?;
+        server.ip(&format!("link set {SERVER_TO_NSE} up"))?;
+        for net in CLIENT_SIDE {
+            server.ip(&format!("route add {net} via {NSE_UPLINK}"))?;
+        }
+        nse_ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        say(&format!(
+            "veth {NSE_TO_SERVER} {NSE_UPLINK}/24 ⇄ {SERVER_TO_NSE} {SERVER_IP}/24; server routes {} back via {NSE_UPLINK}",
+            CLIENT_SIDE.join(" and ")
+        ));
+
+        let mut cmd = server_ns.command(process::bin("hello-server"));
+        cmd.args(["--listen", &format!("0.0.0.0:{SERVER_PORT}")]);
+        let mut server = Process::spawn("hello-server", &mut cmd, &dir.join("server.log"))?;
+        proxy::wait_listening(&mut server, SERVER_PORT, READY_TIMEOUT)?;
+        say(&format!(
+            "hello-server listening on {} in {}",
+            server_addr(),
+            server_ns.name()
+        ));
+
+        let proxy = proxy::start(config.proxy, &nse_ns, &dir, "proxy")?;
+        say(&format!(
+            "proxy ({}) listening on :15001 and :15006 in {} as uid 1337",
+            config.proxy.name(),
+            nse_ns.name()
+        ));
+        Ok(Lab {
+            forwarder: None,
+            nse: None,
+            proxy,
+            server,
+            nse_ns,
+            server_ns,
+            dir,
+            config,
+        })
+    }
+
+    /// The whole topology: [`Lab::data_path`], then `mesh-proxy-nse` in the
+    /// nse namespace and `forwarder-plugin serve` in the root namespace.
+    pub fn start(config: LabConfig) -> Result<Lab, LabError> {
+        require_bin("mesh-proxy-nse")?;
+        require_bin("forwarder-plugin")?;
+        require_bin("nsc-init")?;
+        let mut lab = Lab::data_path(config)?;
+        lab.start_nse()?;
+        lab.start_forwarder()?;
+        Ok(lab)
+    }
+
+    pub fn nse_socket(&self) -> std::path::PathBuf {
+        self.dir.join("nse.sock")
+    }
+
+    pub fn forwarder_socket(&self) -> std::path::PathBuf {
+        self.dir.join("forwarder.sock")
+    }
+
+    /// `unix://…` of the forwarder: what clients connect to.
+    pub fn forwarder_url(&self) -> String {
+        format!("unix://{}", self.forwarder_socket().display())
+    }
+
+    pub fn nse_url(&self) -> String {
+        format!("unix://{}", self.nse_socket().display())
+    }
+
+    fn control_env(&self, cmd: &mut Command) {
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("NSM_INSECURE", "true")
+            .env("NSM_LOG_LEVEL", &self.config.log_level);
+        if let Some(l) = &self.config.token_lifetime {
+            cmd.env("NSM_MAX_TOKEN_LIFETIME", l);
+        }
+    }
+
+    /// Starts `mesh-proxy-nse` in the nse namespace; returns once its socket exists.
+    pub fn start_nse(&mut self) -> Result<(), LabError> {
+        let mut cmd = self.nse_ns.command(process::bin("mesh-proxy-nse"));
+        self.control_env(&mut cmd);
+        cmd.env("NSM_NAME", "mesh-proxy-nse")
+            .env("NSM_LISTEN_ON", self.nse_url())
+            .env("NSM_SERVICE_NAMES", "mesh-proxy")
+            .env("NSM_CIDR_PREFIX", &self.config.cidr_prefix);
+        for (k, v) in &self.config.nse_env {
+            cmd.env(k, v);
+        }
+        let mut nse = Process::spawn("mesh-proxy-nse", &mut cmd, &self.dir.join("nse.log"))?;
+        nse.wait_for_path(&self.nse_socket(), READY_TIMEOUT)?;
+        (self.config.say)(&format!(
+            "mesh-proxy-nse serving {} in {} (CIDR {})",
+            self.nse_url(),
+            self.nse_ns.name(),
+            self.config.cidr_prefix
+        ));
+        self.nse = Some(nse);
+        Ok(())
+    }
+
+    /// The `forwarder-plugin serve` command line (root namespace).
+    pub fn forwarder_command(&self) -> Command {
+        let mut cmd = Command::new(process::bin("forwarder-plugin"));
+        self.control_env(&mut cmd);
+        cmd.arg("serve")
+            .args(["--listen-on", &self.forwarder_url()])
+            .args(["--next-hop", &self.nse_url()])
+            .args([
+                "--state-dir",
+                &self.dir.join("forwarder-state").display().to_string(),
+            ])
+            // Stopping the lab undoes what it plumbed while the namespaces still exist.
+            .arg("--cleanup-on-exit")
+            .args(&self.config.forwarder_args);
+        cmd
+    }
+
+    /// Starts the forwarder in the root namespace; returns once its socket exists.
+    pub fn start_forwarder(&mut self) -> Result<(), LabError> {
+        let mut cmd = self.forwarder_command();
+        let mut fwd = Process::spawn(
+            "forwarder-plugin serve",
+            &mut cmd,
+            &self.dir.join("forwarder.log"),
+        )?;
+        fwd.wait_for_path(&self.forwarder_socket(), READY_TIMEOUT)?;
+        (self.config.say)(&format!(
+            "forwarder-plugin serve on {} (root namespace, namespaces only through fds) -> {}",
+            self.forwarder_url(),
+            self.nse_url()
+        ));
+        self.forwarder = Some(fwd);
+        Ok(())
+    }
+
+    pub fn nse(&mut self) -> Option<&mut Process> {
+        self.nse.as_mut()
+    }
+
+    pub fn forwarder(&mut self) -> Option<&mut Process> {
+        self.forwarder.as_mut()
+    }
+
+    /// A new client namespace (`mp-client-<pid>[-n]`), lo up, nothing else.
+    pub fn client(&self) -> Result<Namespace, LabError> {
+        Ok(Namespace::create("mp-client")?)
+    }
+
+    /// Joins `client` to the nse namespace with a plain veth of our own (no
+    /// NSM): `to-nse` [`STATIC_CLIENT_IP`]/24 in the client ⇄
+    /// [`STATIC_CLIENT_LINK`] 198.19.1.1/24 in the nse namespace, and a
+    /// client route to the server's subnet through it. For checking the data
+    /// path (proxy, rules) without the control plane.
+    pub fn attach_static_client(&self, client: &Namespace) -> Result<(), LabError> {
+        let gw = Ipv4Addr::new(198, 19, 1, 1);
+        let nse = &self.nse_ns;
+        client.ip(&format!(
+            "link add {SERVER_TO_NSE} type veth peer name {STATIC_CLIENT_LINK} netns {}",
+            nse.name()
+        ))?;
+        client.ip(&format!("link set {SERVER_TO_NSE} addrgenmode none"))?;
+        nse.ip(&format!("link set {STATIC_CLIENT_LINK} addrgenmode none"))?;
+        client.ip(&format!(
+            "addr add {STATIC_CLIENT_IP}/24 dev {SERVER_TO_NSE}"
+        ))?;
+        client.ip(&format!("link set {SERVER_TO_NSE} up"))?;
+        nse.ip(&format!("addr add {gw}/24 dev {STATIC_CLIENT_LINK}"))?;
+        nse.ip(&format!("link set {STATIC_CLIENT_LINK} up"))?;
+        client.ip(&format!("route add {SERVER_NET} via {gw}"))?;
+        Ok(())
+    }
+
+    /// nsc-init options for a client of this lab.
+    pub fn nsc_options(&self, name: &str) -> NscOptions {
+        NscOptions::new(&self.forwarder_url(), name)
+    }
+
+    /// Every `proxy: <client> -> <dst>` line the proxy logged so far.
+    pub fn proxy_lines(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        self.proxy
+            .log()
+            .lines()
+            .filter_map(parse_log_line)
+            .collect()
+    }
+
+    /// The destination the proxy logged for a connection from `client`.
+    pub fn proxy_saw(&self, client: SocketAddr) -> Option<SocketAddr> {
+        find_in_log(&self.proxy.log(), client)
+    }
+
+    /// The last log lines of every process, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let procs = [
+            self.forwarder.as_ref(),
+            self.nse.as_ref(),
+            Some(&self.proxy),
+            Some(&self.server),
+        ];
+        for p in procs.into_iter().flatten() {
+            out.push_str(&format!(
+                "\n--- {} ({}): {}",
+                p.name(),
+                p.log_path().display(),
+                p.tail()
+            ));
+        }
+        out
+    }
+}
