@@ -234,12 +234,17 @@ impl Netns {
     {
         std::thread::scope(|s| {
             s.spawn(|| {
-                setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
-                    NetnsError::Enter {
-                        id: self.id,
-                        source,
-                    }
-                })?;
+                // Already there (a process working in its own namespace):
+                // no setns, which would need CAP_SYS_ADMIN on top of the
+                // CAP_NET_ADMIN the work itself needs.
+                if !self.is_current() {
+                    setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+                        NetnsError::Enter {
+                            id: self.id,
+                            source,
+                        }
+                    })?;
+                }
                 Ok(f())
             })
             .join()
@@ -336,8 +341,18 @@ impl Netns {
         })
     }
 
-    /// Makes `cmd`'s child enter this namespace between fork and exec.
+    /// Whether the calling thread is in this namespace.
+    pub fn is_current(&self) -> bool {
+        std::fs::metadata("/proc/thread-self/ns/net")
+            .is_ok_and(|m| m.dev() == self.id.dev && m.ino() == self.id.ino)
+    }
+
+    /// Makes `cmd`'s child enter this namespace between fork and exec (a
+    /// child of a thread already in it just stays: see [`Netns::run`]).
     pub fn enter_in_child(&self, cmd: &mut std::process::Command) {
+        if self.is_current() {
+            return;
+        }
         let fd = self.fd.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only
         // calls setns(2), which is async-signal-safe; `fd` is inherited open

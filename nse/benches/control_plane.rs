@@ -1,7 +1,9 @@
 //! Control-plane cost of mesh-proxy-nse alone, against a spawned release build:
 //! Request+Close pairs per second and pair latency (p50/p99) at concurrency 1
 //! and 64, as a forwarder calls (fresh unix connection per call) and over one
-//! kept connection per worker; then resident memory per 1,000 open connections.
+//! kept connection per worker — with placement sidecar (no rules) and, as root,
+//! placement proxy (the NSE's table rewritten on every call, also beside 500
+//! open connections); then resident memory per 1,000 open connections.
 //!
 //! `cargo bench -p nse --bench control_plane`
 
@@ -22,17 +24,61 @@ struct NseProcess {
     child: Child,
     socket: PathBuf,
     dir: PathBuf,
+    /// The namespace a placement-proxy NSE runs in (`ip netns`), deleted on drop.
+    netns: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Placement {
+    /// No rules: the control plane alone, in the bench's own namespace.
+    Sidecar,
+    /// The mesh-proxy function's table regenerated on every Request and
+    /// Close, in a namespace of its own (root only).
+    Proxy,
+}
+
+impl Placement {
+    fn name(self) -> &'static str {
+        match self {
+            Placement::Sidecar => "sidecar",
+            Placement::Proxy => "proxy",
+        }
+    }
 }
 
 impl NseProcess {
-    fn spawn() -> Self {
-        let dir = std::env::temp_dir().join(format!("nse-bench-{}", std::process::id()));
+    fn spawn(placement: Placement) -> Self {
+        let tag = format!("nse-bench-{}-{}", std::process::id(), placement.name());
+        let dir = std::env::temp_dir().join(&tag);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("nse.sock");
-        let child = Command::new(BIN)
+        let config = dir.join("config.yaml");
+        std::fs::write(
+            &config,
+            format!("version: 1\nplacement: {}\n", placement.name()),
+        )
+        .unwrap();
+        let netns = (placement == Placement::Proxy).then(|| {
+            let ok = Command::new("ip")
+                .args(["netns", "add", &tag])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "ip netns add {tag}");
+            tag.clone()
+        });
+        let mut cmd = match &netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .env_clear()
             .env("NSM_INSECURE", "true")
+            .env("NSM_CONFIG", &config)
             .env("NSM_NAME", "bench-nse")
             .env("NSM_LISTEN_ON", format!("unix://{}", socket.display()))
             // 32,768 pairs: more than the benchmark ever holds.
@@ -43,7 +89,12 @@ impl NseProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn mesh-proxy-nse");
-        NseProcess { child, socket, dir }
+        NseProcess {
+            child,
+            socket,
+            dir,
+            netns,
+        }
     }
 
     fn rss_kib(&self) -> u64 {
@@ -61,6 +112,9 @@ impl Drop for NseProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(ns) = &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
     }
 }
 
@@ -173,6 +227,7 @@ async fn pair(socket: &Path, kept: Option<&mut NetworkServiceClient<Channel>>, n
 }
 
 struct Row {
+    placement: &'static str,
     mode: &'static str,
     concurrency: usize,
     pairs: usize,
@@ -181,7 +236,8 @@ struct Row {
     p99: Duration,
 }
 
-async fn run(socket: &Path, mode: Mode, concurrency: usize, pairs: usize) -> Row {
+async fn run(nse: &NseProcess, mode: Mode, concurrency: usize, pairs: usize) -> Row {
+    let socket = nse.socket.as_path();
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let start = Instant::now();
     let workers: Vec<_> = (0..concurrency)
@@ -211,6 +267,11 @@ async fn run(socket: &Path, mode: Mode, concurrency: usize, pairs: usize) -> Row
     lat.sort();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
     Row {
+        placement: if nse.netns.is_some() {
+            "proxy"
+        } else {
+            "sidecar"
+        },
         mode: match mode {
             Mode::FreshConnection => "fresh conn/call",
             Mode::KeptConnection => "kept conn",
@@ -249,6 +310,17 @@ async fn open(socket: &Path, first: u64, count: u64) -> Vec<Connection> {
     out
 }
 
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
@@ -256,25 +328,51 @@ fn ms(d: Duration) -> String {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     // `cargo bench` passes --bench; nothing to parse.
-    let nse = NseProcess::spawn();
+    let nse = NseProcess::spawn(Placement::Sidecar);
     wait_ready(&nse.socket).await;
-    run(&nse.socket, Mode::FreshConnection, 8, 500).await; // warm-up
+    run(&nse, Mode::FreshConnection, 8, 500).await; // warm-up
 
     let mut rows = Vec::new();
     for mode in [Mode::FreshConnection, Mode::KeptConnection] {
-        rows.push(run(&nse.socket, mode, 1, 2_000).await);
-        rows.push(run(&nse.socket, mode, 64, 10_000).await);
+        rows.push(run(&nse, mode, 1, 2_000).await);
+        rows.push(run(&nse, mode, 64, 10_000).await);
     }
+    // Placement proxy: every Request and Close rewrites the one table of
+    // the NSE's namespace (needs root for the namespace and the rules).
+    let mut with_open = None;
+    if nix_is_root() {
+        let proxy = NseProcess::spawn(Placement::Proxy);
+        wait_ready(&proxy.socket).await;
+        run(&proxy, Mode::FreshConnection, 4, 100).await; // warm-up
+        rows.push(run(&proxy, Mode::FreshConnection, 1, 300).await);
+        rows.push(run(&proxy, Mode::FreshConnection, 64, 1_000).await);
+        // The table grows with the live connections: pairs beside 500 open ones.
+        let held = open(&proxy.socket, 2_000_000, 500).await;
+        let mut r = run(&proxy, Mode::FreshConnection, 1, 200).await;
+        r.mode = "fresh, 500 open";
+        with_open = Some(r);
+        for c in held {
+            client(&proxy.socket)
+                .await
+                .close(with_metadata(c))
+                .await
+                .expect("Close");
+        }
+    } else {
+        println!("(not root: placement proxy rows skipped)");
+    }
+    rows.extend(with_open);
     println!(
         "\nmesh-proxy-nse control plane: Request+Close pairs (2 CPUs shared by client and NSE)\n"
     );
     println!(
-        "{:<16} {:>11} {:>7} {:>10} {:>9} {:>9}",
-        "mode", "concurrency", "pairs", "pairs/s", "p50 ms", "p99 ms"
+        "{:<9} {:<16} {:>11} {:>7} {:>10} {:>9} {:>9}",
+        "placement", "mode", "concurrency", "pairs", "pairs/s", "p50 ms", "p99 ms"
     );
     for r in &rows {
         println!(
-            "{:<16} {:>11} {:>7} {:>10.0} {:>9} {:>9}",
+            "{:<9} {:<16} {:>11} {:>7} {:>10.0} {:>9} {:>9}",
+            r.placement,
             r.mode,
             r.concurrency,
             r.pairs,

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use nsm_api::duration;
 
 use crate::ipam::{Policy, parse_groups};
+use crate::mesh_proxy::config::FunctionConfig;
 
 /// `sysexits.h` EX_USAGE: the configuration is wrong.
 pub const EXIT_CONFIG: u8 = 64;
@@ -111,6 +112,10 @@ pub struct Args {
     )]
     pub log_level: String,
 
+    /// The mesh-proxy function's YAML file (placement, proxy port, capture CIDRs, sidecar spec; see nse/README.md); empty: defaults.
+    #[arg(long, env = "NSM_CONFIG", value_name = "FILE", default_value = "")]
+    pub config: String,
+
     /// Serve without TLS/SPIFFE (required for now: TLS is not implemented yet); tokens are signed with an ephemeral ES256 key and incoming tokens are not verified.
     #[arg(
         long,
@@ -154,6 +159,8 @@ pub struct Config {
     pub payload: String,
     pub log_level: tracing::Level,
     pub insecure: bool,
+    /// The mesh-proxy function (`NSM_CONFIG`), defaults without a file.
+    pub function: FunctionConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -322,6 +329,14 @@ fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+/// The function's file, or its defaults when the path is empty.
+fn parse_function_config(path: &str) -> Result<FunctionConfig, String> {
+    if path.trim().is_empty() {
+        return Ok(FunctionConfig::default());
+    }
+    FunctionConfig::load(std::path::Path::new(path)).map_err(|e| format!("{path}: {e}"))
+}
+
 impl Config {
     /// Parses the process's arguments and environment.
     pub fn from_env_and_args() -> Result<Config, ConfigError> {
@@ -399,6 +414,8 @@ impl TryFrom<Args> for Config {
             log_level: parse_log_level(&a.log_level)
                 .map_err(|r| invalid("NSM_LOG_LEVEL", "log-level", r))?,
             insecure,
+            function: parse_function_config(&a.config)
+                .map_err(|r| invalid("NSM_CONFIG", "config", r))?,
         };
         if !cfg.insecure {
             return Err(ConfigError::TlsNotImplemented);
@@ -554,6 +571,33 @@ mod tests {
             matches!(&e, ConfigError::Usage(l) if l.contains("--bogus")),
             "{e}"
         );
+    }
+
+    #[test]
+    fn function_config_from_a_file_or_defaults() {
+        use crate::mesh_proxy::config::Placement;
+        assert_eq!(parse(&[]).unwrap().function, FunctionConfig::default());
+        let path = std::env::temp_dir().join(format!("nse-config-{}.yaml", std::process::id()));
+        std::fs::write(
+            &path,
+            "version: 1\nplacement: sidecar\nproxy: {port: 15100}\n",
+        )
+        .unwrap();
+        let flag = format!("--config={}", path.display());
+        let c = parse(&[&flag]).unwrap();
+        assert_eq!(c.function.placement, Placement::Sidecar);
+        assert_eq!(c.function.proxy.port.0, 15100);
+        std::fs::write(&path, "proxy:\n  mode: bridge\n").unwrap();
+        let e = reason(&[&flag]);
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            e.contains(&format!(
+                "NSM_CONFIG (--config): {}: proxy.mode: unknown variant `bridge`",
+                path.display()
+            )),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]

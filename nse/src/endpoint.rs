@@ -19,6 +19,7 @@ use tonic::Status;
 use crate::chain::functions::{Functions, NetworkFunction};
 use crate::chain::ipam::Ipam;
 use crate::chain::mechanism::KernelMechanism;
+use crate::chain::service::ServiceFilter;
 use crate::config::Config;
 use crate::error::NseError;
 use crate::ipam::{P2pIpam, Policy};
@@ -38,6 +39,8 @@ pub enum EndpointError {
 pub struct EndpointOptions {
     /// Our path-segment name (`NSM_NAME`).
     pub name: String,
+    /// The network services we provide (`NSM_SERVICE_NAMES`); Requests for others get NotFound.
+    pub service_names: Vec<String>,
     pub cidr_groups: Vec<Vec<ipnet::IpNet>>,
     pub ipam_policy: Policy,
     pub max_token_lifetime: Duration,
@@ -47,6 +50,7 @@ impl From<&Config> for EndpointOptions {
     fn from(c: &Config) -> Self {
         EndpointOptions {
             name: c.name.clone(),
+            service_names: c.service_names.clone(),
             cidr_groups: c.cidr_groups.clone(),
             ipam_policy: c.ipam_policy,
             max_token_lifetime: c.max_token_lifetime,
@@ -97,6 +101,7 @@ impl Endpoint {
         let ipam = Arc::new(P2pIpam::new(&opts.cidr_groups, opts.ipam_policy));
         let monitor = MonitorHub::new().with_selector_check(check_selector);
         let elements: Vec<Arc<dyn Element<NseError>>> = vec![
+            Arc::new(ServiceFilter::new(opts.service_names.clone())),
             Arc::new(UpdatePath::new(opts.name.clone())),
             begin.clone(),
             Arc::new(UpdateToken::new(issuer)),

@@ -21,6 +21,9 @@ pub enum NseError {
     Ipam(#[from] IpamError),
     #[error(transparent)]
     Function(#[from] FunctionError),
+    /// A network service this endpoint does not provide (`NSM_SERVICE_NAMES`).
+    #[error("network service {service:?} is not served by this endpoint (serves: {serves})")]
+    UnknownService { service: String, serves: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -35,6 +38,8 @@ impl NseError {
             | NseError::Ipam(IpamError::Malformed { .. })
             | NseError::Function(FunctionError::Rejected { .. }) => Code::InvalidArgument,
             NseError::Ipam(IpamError::Exhausted { .. }) => Code::ResourceExhausted,
+            NseError::Function(FunctionError::Precondition { .. }) => Code::FailedPrecondition,
+            NseError::UnknownService { .. } => Code::NotFound,
             NseError::Function(FunctionError::Failed { .. }) | NseError::Internal(_) => {
                 Code::Internal
             }

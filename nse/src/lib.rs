@@ -4,8 +4,9 @@
 //! `chains/endpoint`). NSM's generic ones come from [`nsm_api::chain`]:
 //! updatepath → begin → updatetoken → timeout → monitor → trimpath; then ours
 //! in [`chain`]: [`chain::mechanism`] (KERNEL, netns fd over grpcfd) →
-//! [`chain::ipam`] (point-to-point) → [`chain::functions`] (network functions,
-//! the slot the mesh-proxy function plugs into). [`endpoint`] assembles it,
+//! [`chain::ipam`] (point-to-point) → [`chain::functions`] (network functions:
+//! [`mesh_proxy`]), after [`chain::service`] has turned away services we do
+//! not provide. [`endpoint`] assembles it,
 //! [`server`] puts it on gRPC, [`error`] turns its errors into statuses.
 
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod endpoint;
 pub mod error;
 pub mod ipam;
 pub mod mechanism;
+pub mod mesh_proxy;
 pub mod netns;
 pub mod server;
 pub mod validate;

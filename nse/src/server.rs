@@ -19,9 +19,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
+use crate::chain::functions::NetworkFunction;
 use crate::config::{Config, ListenOn};
 use crate::endpoint::{Endpoint, EndpointError, EndpointOptions};
 use crate::error::NseError;
+use crate::mesh_proxy::MeshProxy;
 use crate::validate;
 
 /// Largest request message accepted (gRPC's usual 4 MiB); larger ones get OUT_OF_RANGE.
@@ -34,6 +36,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub enum ServeError {
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    #[error("mesh-proxy function: {0}")]
+    MeshProxy(#[source] forwarder_plugin::netns::NetnsError),
     #[error("cannot create the socket directory {0}: {1}")]
     SocketDir(PathBuf, #[source] std::io::Error),
     #[error("{0} exists and is not a unix socket: refusing to replace it")]
@@ -238,7 +242,22 @@ pub fn termination() -> Result<impl Future<Output = ()> + Send + 'static, ServeE
 
 /// The whole program after configuration: endpoint, server, signals.
 pub async fn run(config: Config) -> Result<(), ServeError> {
-    let endpoint = Arc::new(Endpoint::new(&EndpointOptions::from(&config))?);
+    let function = config.function.clone();
+    tracing::info!(
+        placement = %function.placement,
+        proxy_port = %function.proxy.port,
+        proxy_mode = ?function.proxy.mode,
+        capture_cidrs = ?function.capture_cidrs,
+        backend = %function.rules.backend,
+        table = %function.rules.owner,
+        "mesh-proxy function"
+    );
+    let mesh_proxy = MeshProxy::start(function).map_err(ServeError::MeshProxy)?;
+    let functions: Vec<Arc<dyn NetworkFunction>> = vec![Arc::new(mesh_proxy)];
+    let endpoint = Arc::new(Endpoint::with_functions(
+        &EndpointOptions::from(&config),
+        functions,
+    )?);
     tracing::info!(
         name = %config.name,
         services = ?config.service_names,

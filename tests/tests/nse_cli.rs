@@ -64,6 +64,7 @@ fn help_documents_every_option() {
         ("--payload", "NSM_PAYLOAD"),
         ("--log-level", "NSM_LOG_LEVEL"),
         ("--insecure", "NSM_INSECURE"),
+        ("--config", "NSM_CONFIG"),
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
         assert!(
@@ -151,6 +152,50 @@ fn invalid_configuration_is_one_line_and_exit_64() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn a_bad_function_config_file_is_one_line_naming_the_key_and_exit_64() {
+    let dir = TempDir::new();
+    let file = dir.path().join("config.yaml");
+    let missing = dir.path().join("missing.yaml");
+    for (yaml, want) in [
+        (
+            "version: 1\nproxy:\n  port: 0\n",
+            "proxy.port: port 0 out of range",
+        ),
+        ("version: 2\n", "version: unsupported config version 2"),
+        (
+            "placement: proxy\nplacment: sidecar\n",
+            "unknown field `placment`",
+        ),
+        (
+            "sidecar:\n  excludeInterfaces: [\"eth0;x\"]\n",
+            "sidecar: excludeInterfaces: interface name \"eth0;x\"",
+        ),
+    ] {
+        std::fs::write(&file, yaml).unwrap();
+        let out = run(
+            &[],
+            &[
+                ("NSM_INSECURE", "true"),
+                ("NSM_CONFIG", file.to_str().unwrap()),
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{yaml:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        let prefix = format!(
+            "mesh-proxy-nse: invalid configuration: NSM_CONFIG (--config): {}: ",
+            file.display()
+        );
+        assert!(err.starts_with(&prefix), "{err}");
+        assert!(err.contains(want), "{yaml:?}: {err}");
+    }
+    let out = run(&["--insecure", "--config", missing.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("cannot read"), "{err}");
 }
 
 #[test]

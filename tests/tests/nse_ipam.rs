@@ -28,7 +28,7 @@ async fn slash31_gives_dst_then_src_with_routes() {
     let ipc = ip(&conn);
     assert_eq!(ipc.dst_ip_addrs, ["198.18.1.100/32"], "endpoint side first");
     assert_eq!(ipc.src_ip_addrs, ["198.18.1.101/32"], "client side second");
-    assert_eq!(routes(&ipc.src_routes), ["198.18.1.100/32"]);
+    assert_eq!(p2p_routes(&ipc.src_routes), ["198.18.1.100/32"]);
     assert_eq!(routes(&ipc.dst_routes), ["198.18.1.101/32"]);
 }
 
@@ -79,7 +79,10 @@ async fn v4_and_v6_groups_give_one_pair_each() {
     let ipc = ip(&conn);
     assert_eq!(ipc.dst_ip_addrs, ["198.18.2.0/32", "fd00::a00/128"]);
     assert_eq!(ipc.src_ip_addrs, ["198.18.2.1/32", "fd00::a01/128"]);
-    assert_eq!(routes(&ipc.src_routes), ["198.18.2.0/32", "fd00::a00/128"]);
+    assert_eq!(
+        p2p_routes(&ipc.src_routes),
+        ["198.18.2.0/32", "fd00::a00/128"]
+    );
     assert_eq!(routes(&ipc.dst_routes), ["198.18.2.1/32", "fd00::a01/128"]);
     // The v6 group is as exhausted as the v4 one.
     assert_eq!(
@@ -176,7 +179,7 @@ async fn polite_keeps_foreign_addresses_strict_drops_them() {
     let (conn, _) = strict.request(with_ip(req_p(), foreign())).await.unwrap();
     assert_eq!(ip(&conn).src_ip_addrs, ["198.18.3.1/32"]);
     assert_eq!(ip(&conn).dst_ip_addrs, ["198.18.3.0/32"]);
-    assert_eq!(routes(&ip(&conn).src_routes), ["198.18.3.0/32"]);
+    assert_eq!(p2p_routes(&ip(&conn).src_routes), ["198.18.3.0/32"]);
     assert_eq!(routes(&ip(&conn).dst_routes), ["198.18.3.1/32"]);
 }
 

@@ -268,9 +268,15 @@ async fn tcp_listener_serves_the_same_api_without_fd_passing() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
+    // The test's own namespace (TCP must reach it): placement sidecar, so
+    // no rules are ever installed here.
+    let dir = TempDir::new();
+    let config = dir.path().join("sidecar.yaml");
+    std::fs::write(&config, "placement: sidecar\n").unwrap();
     let mut cmd = std::process::Command::new(nsm_tests::process::bin("mesh-proxy-nse"));
     cmd.env_clear()
         .env("NSM_INSECURE", "true")
+        .env("NSM_CONFIG", &config)
         .env("NSM_LISTEN_ON", format!("tcp://127.0.0.1:{port}"))
         .env("NSM_CIDR_PREFIX", "198.18.1.100/31")
         .stdout(std::process::Stdio::null())

@@ -255,7 +255,85 @@ fn excluded_interface_is_left_alone(kind: Kind) {
     assert_eq!(lab.inbound(v4(POD_V4, 8080)).label, "pod-app");
 }
 
+/// `includeInterfaces`: inbound capture only for traffic arriving on the
+/// listed interfaces — to any destination address and port, even one the
+/// pod does not own (an endpoint proxying what clients route to it) — while
+/// another interface of the same pod is left alone; and no outbound capture.
+fn include_interfaces_capture_only_there(kind: Kind) {
+    if !root("include_interfaces_capture_only_there") {
+        return;
+    }
+    let lab = Lab::new();
+    // A second link between pod and peer: pod 198.18.1.2 / fd00:9::2.
+    let (pod2, peer2) = (nsm_tests::unique("vr"), nsm_tests::unique("vs"));
+    let (pod, peer) = (&lab.topo.pod, &lab.topo.peer);
+    pod.exec_ok(&[
+        "ip",
+        "link",
+        "add",
+        &pod2,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &peer2,
+        "netns",
+        peer.name(),
+    ]);
+    pod.exec_ok(&["ip", "addr", "add", "198.18.1.2/24", "dev", &pod2]);
+    pod.exec_ok(&["ip", "addr", "add", "fd00:9::2/64", "dev", &pod2, "nodad"]);
+    pod.exec_ok(&["ip", "link", "set", &pod2, "up"]);
+    peer.exec_ok(&["ip", "addr", "add", "198.18.1.1/24", "dev", &peer2]);
+    peer.exec_ok(&["ip", "addr", "add", "fd00:9::1/64", "dev", &peer2, "nodad"]);
+    peer.exec_ok(&["ip", "link", "set", &peer2, "up"]);
+    // Destinations the pod does not own, routed to it over each link.
+    peer.exec_ok(&["ip", "route", "add", "198.19.99.0/24", "via", "198.18.0.2"]);
+    peer.exec_ok(&["ip", "route", "add", "198.19.98.0/24", "via", "198.18.1.2"]);
+    let pod2_v4 = v4("198.18.1.2".parse().unwrap(), 8080);
+    let pod2_v6 = v6("fd00:9::2".parse().unwrap(), 8080);
+
+    let b = backend(kind);
+    let spec = |nic: &str| {
+        plan(&format!(
+            r#"{{"includeInterfaces": ["{nic}"], "excludeInboundPorts": [],
+                "includeOutboundCidrs": [], "excludeOutboundPorts": [], "ipv6": true}}"#
+        ))
+    };
+    b.apply(lab.pod(), &spec(&lab.topo.pod_if)).unwrap();
+    let listed = [
+        v4(POD_V4, 8080),
+        v4(POD_V4, 15021),
+        v4("198.19.99.7".parse().unwrap(), 4242),
+        v6(POD_V6, 8080),
+    ];
+    for dst in listed {
+        let r = lab.inbound(dst);
+        assert_eq!((r.label.as_str(), r.orig), ("pod-in", Some(dst)), "{dst}");
+        assert_eq!(r.local.port(), 15006, "{dst}");
+    }
+    // The unlisted interface: straight to the app.
+    assert_eq!(lab.inbound(pod2_v4).label, "pod-app");
+    assert_eq!(lab.inbound(pod2_v6).label, "pod-app");
+    // Nothing outbound is captured, the app's and the proxy's alike.
+    assert_eq!(lab.out(app(), v4(PEER_V4, 8080)).label, "peer");
+    assert_eq!(
+        lab.out(Client::uid(1337), v4(POD_V4, 8080)).label,
+        "pod-app"
+    );
+
+    // The other interface instead: the roles swap.
+    b.apply(lab.pod(), &spec(&pod2)).unwrap();
+    assert_eq!(lab.inbound(v4(POD_V4, 8080)).label, "pod-app");
+    for dst in [pod2_v4, pod2_v6, v4("198.19.98.7".parse().unwrap(), 4242)] {
+        let r = lab.inbound(dst);
+        assert_eq!((r.label.as_str(), r.orig), ("pod-in", Some(dst)), "{dst}");
+    }
+    b.cleanup(lab.pod()).unwrap();
+    assert_eq!(lab.inbound(pod2_v4).label, "pod-app");
+}
+
 per_backend!(
+    include_interfaces_capture_only_there,
     outbound_lands_on_outbound_port,
     proxy_identity_goes_direct,
     bypass_mark_goes_direct,

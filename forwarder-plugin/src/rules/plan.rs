@@ -337,11 +337,41 @@ impl Gen<'_> {
         }
     }
 
+    /// Whether inbound capture reaches traffic arriving on `lo`, i.e. the
+    /// proxy's hairpin to its own pod address (istio's rule (a) below).
+    fn captures_lo(&self) -> bool {
+        let include = &self.spec.include_interfaces;
+        include.is_empty() || include.iter().any(|i| i == "lo")
+    }
+
+    /// The PREROUTING jump into inbound capture: one rule, or one per
+    /// `includeInterfaces` entry so only those interfaces are captured.
+    fn inbound_jumps(&mut self, table: Table) {
+        let fam = self.base_family();
+        let jump = Action::Jump(OwnChain::Inbound);
+        if self.spec.include_interfaces.is_empty() {
+            self.push(
+                base(table, Hook::Prerouting),
+                fam,
+                vec![Match::Proto(L4::Tcp)],
+                jump,
+            );
+            return;
+        }
+        for nic in self.spec.include_interfaces.clone() {
+            self.push(
+                base(table, Hook::Prerouting),
+                fam,
+                vec![Match::Iif(nic), Match::Proto(L4::Tcp)],
+                jump.clone(),
+            );
+        }
+    }
+
     fn nat(&mut self) {
         use Action::*;
         use Match::*;
         let s = self.spec;
-        let fam = self.base_family();
         let t = Table::Nat;
         self.interface_returns(t);
 
@@ -349,12 +379,7 @@ impl Gen<'_> {
         let inbound_redirect = s.mode == Mode::Redirect
             && !matches!(&s.include_inbound_ports, Selection::List(l) if l.is_empty());
         if inbound_redirect {
-            self.push(
-                base(t, Hook::Prerouting),
-                fam,
-                vec![Proto(L4::Tcp)],
-                Jump(OwnChain::Inbound),
-            );
+            self.inbound_jumps(t);
             match &s.include_inbound_ports {
                 Selection::All => {
                     for p in ports(&s.exclude_inbound_ports) {
@@ -385,7 +410,47 @@ impl Gen<'_> {
             }
         }
 
-        // Outbound.
+        // Outbound. Without anything to capture and without the hairpin the
+        // OUTPUT hook is left alone entirely (an endpoint whose proxy's own
+        // upstream connections must go out directly).
+        let redirects_out = !matches!(&s.include_outbound_cidrs, Selection::List(l) if l.is_empty())
+            || !s.include_outbound_ports.is_empty();
+        let owners: Vec<(Match, Match)> = s
+            .proxy_uids
+            .iter()
+            .map(|&u| (Uid(u), NotUid(u)))
+            .chain(s.proxy_gids.iter().map(|&g| (Gid(g), NotGid(g))))
+            .collect();
+        let hairpin = !owners.is_empty() && self.captures_lo();
+        if redirects_out || s.capture_dns || hairpin {
+            self.nat_output(&owners, hairpin);
+        }
+        if redirects_out {
+            self.push(
+                own(t, OwnChain::Redirect),
+                None,
+                vec![Proto(L4::Tcp)],
+                Redirect(s.outbound_port.0),
+            );
+        }
+        if inbound_redirect || hairpin {
+            self.push(
+                own(t, OwnChain::InRedirect),
+                None,
+                vec![Proto(L4::Tcp)],
+                Redirect(s.inbound_port.0),
+            );
+        }
+    }
+
+    /// The nat OUTPUT chain, in istio's order. `owners`: (is, is-not)
+    /// matches per proxy uid then gid; `hairpin`: emit rule (a).
+    fn nat_output(&mut self, owners: &[(Match, Match)], hairpin: bool) {
+        use Action::*;
+        use Match::*;
+        let s = self.spec;
+        let fam = self.base_family();
+        let t = Table::Nat;
         self.push(base(t, Hook::Output), fam, vec![], Jump(OwnChain::Output));
         let out = own(t, OwnChain::Output);
         // 1. Port excludes, TCP and UDP, before anything can loop back.
@@ -415,21 +480,17 @@ impl Gen<'_> {
         hairpin_skip.extend(ports(&s.exclude_inbound_ports));
         hairpin_skip.sort_unstable();
         hairpin_skip.dedup();
-        let owners: Vec<(Match, Match)> = s
-            .proxy_uids
-            .iter()
-            .map(|&u| (Uid(u), NotUid(u)))
-            .chain(s.proxy_gids.iter().map(|&g| (Gid(g), NotGid(g))))
-            .collect();
-        for (is, is_not) in &owners {
+        for (is, is_not) in owners {
             // (a) proxy → own pod address over lo → inbound proxy (hairpin).
-            for f in self.families.clone() {
-                let mut m = vec![Oif("lo".into()), NotDaddr(f.localhost()), Proto(L4::Tcp)];
-                if !hairpin_skip.is_empty() {
-                    m.push(NotDports(hairpin_skip.clone()));
+            if hairpin {
+                for f in self.families.clone() {
+                    let mut m = vec![Oif("lo".into()), NotDaddr(f.localhost()), Proto(L4::Tcp)];
+                    if !hairpin_skip.is_empty() {
+                        m.push(NotDports(hairpin_skip.clone()));
+                    }
+                    m.push(is.clone());
+                    self.push(out, Some(f), m, Jump(OwnChain::InRedirect));
                 }
-                m.push(is.clone());
-                self.push(out, Some(f), m, Jump(OwnChain::InRedirect));
             }
             // (b) anyone else over lo goes straight to the app.
             self.push(out, None, self.lo_return(is_not.clone()), Return);
@@ -483,18 +544,6 @@ impl Gen<'_> {
                 }
             }
         }
-        self.push(
-            own(t, OwnChain::Redirect),
-            None,
-            vec![Proto(L4::Tcp)],
-            Redirect(s.outbound_port.0),
-        );
-        self.push(
-            own(t, OwnChain::InRedirect),
-            None,
-            vec![Proto(L4::Tcp)],
-            Redirect(s.inbound_port.0),
-        );
     }
 
     /// `-o lo` matches of istio's rule (b); with DNS capture, UDP and TCP 53
@@ -529,12 +578,7 @@ impl Gen<'_> {
         self.interface_returns(t);
         let capture = !matches!(&s.include_inbound_ports, Selection::List(l) if l.is_empty());
         if capture {
-            self.push(
-                base(t, Hook::Prerouting),
-                fam,
-                vec![Proto(L4::Tcp)],
-                Jump(OwnChain::Inbound),
-            );
+            self.inbound_jumps(t);
         }
         self.push(
             base(t, Hook::Prerouting),
@@ -555,6 +599,12 @@ impl Gen<'_> {
             .map(|&u| Uid(u))
             .chain(s.proxy_gids.iter().map(|&g| Gid(g)))
             .collect();
+        // The hairpin mark only matters when inbound capture sees `lo`.
+        let owners = if self.captures_lo() {
+            owners
+        } else {
+            Vec::new()
+        };
         for owner in owners {
             for f in self.families.clone() {
                 self.push(
@@ -790,6 +840,117 @@ mod tests {
                 .count(),
             // uid + gid, two rules each, plus the catch-all and the inbound one
             6
+        );
+    }
+
+    fn prerouting_jumps(plan: &Plan, table: Table) -> Vec<Vec<Match>> {
+        plan.rules
+            .iter()
+            .filter(|r| {
+                r.chain == base(table, Hook::Prerouting)
+                    && r.action == Action::Jump(OwnChain::Inbound)
+            })
+            .map(|r| r.matches.clone())
+            .collect()
+    }
+
+    /// What an endpoint in front of its clients' links asks for: inbound
+    /// capture on listed interfaces only, nothing outbound.
+    fn endpoint_spec(mode: Mode) -> RedirectSpec {
+        RedirectSpec {
+            mode,
+            inbound_port: Port(15001),
+            outbound_port: Port(15002),
+            include_outbound_cidrs: Selection::List(vec![]),
+            exclude_outbound_ports: vec![],
+            exclude_inbound_ports: vec![],
+            include_interfaces: vec!["nsm-b".into(), "nsm-a".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn include_interfaces_capture_inbound_only_there() {
+        let plan = Plan::new(&endpoint_spec(Mode::Redirect)).unwrap();
+        let iif = |n: &str| vec![Match::Iif(n.into()), Match::Proto(L4::Tcp)];
+        assert_eq!(
+            prerouting_jumps(&plan, Table::Nat),
+            [iif("nsm-a"), iif("nsm-b")]
+        );
+        // Everything that arrives there goes to the inbound port.
+        assert!(plan.rules.iter().any(|r| {
+            r.chain == own(Table::Nat, OwnChain::InRedirect) && r.action == Action::Redirect(15001)
+        }));
+        // No outbound capture and no hairpin over lo: the OUTPUT hook is
+        // not touched at all, and nothing leads to the outbound port.
+        assert!(
+            !plan
+                .rules
+                .iter()
+                .any(|r| r.chain.chain == ChainRef::Base(Hook::Output)
+                    || r.chain.chain == ChainRef::Own(OwnChain::Output)
+                    || r.action == Action::Redirect(15002)),
+            "{:#?}",
+            plan.rules
+        );
+
+        let tproxy = Plan::new(&endpoint_spec(Mode::Tproxy)).unwrap();
+        assert_eq!(
+            prerouting_jumps(&tproxy, Table::Mangle),
+            [iif("nsm-a"), iif("nsm-b")]
+        );
+        assert!(prerouting_jumps(&tproxy, Table::Nat).is_empty());
+        // The hairpin mark is useless when lo is not captured.
+        assert!(
+            !tproxy
+                .rules
+                .iter()
+                .any(|r| r.action == Action::SetMark(OUTBOUND_MARK))
+        );
+        assert!(tproxy.rules.iter().all(|r| r.chain.table != Table::Nat));
+    }
+
+    #[test]
+    fn listing_lo_keeps_the_hairpin() {
+        let spec = RedirectSpec {
+            include_interfaces: vec!["eth0".into(), "lo".into()],
+            ..Default::default()
+        };
+        let plan = Plan::new(&spec).unwrap();
+        let hairpins = plan
+            .rules
+            .iter()
+            .filter(|r| {
+                r.chain == own(Table::Nat, OwnChain::Output)
+                    && r.action == Action::Jump(OwnChain::InRedirect)
+            })
+            .count();
+        assert_eq!(hairpins, 2, "one per proxy uid and gid");
+        let without_lo = Plan::new(&RedirectSpec {
+            include_interfaces: vec!["eth0".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        // Outbound capture stays; only the hairpin goes.
+        assert!(!without_lo.rules.iter().any(|r| {
+            r.chain == own(Table::Nat, OwnChain::Output)
+                && r.action == Action::Jump(OwnChain::InRedirect)
+        }));
+        assert!(
+            without_lo
+                .rules
+                .iter()
+                .any(|r| r.action == Action::Redirect(15001))
+        );
+    }
+
+    #[test]
+    fn without_include_interfaces_the_plan_is_unchanged() {
+        // The default spec keeps istio's single PREROUTING jump.
+        let plan = Plan::new(&RedirectSpec::default()).unwrap();
+        assert_eq!(
+            prerouting_jumps(&plan, Table::Nat),
+            [vec![Match::Proto(L4::Tcp)]]
         );
     }
 

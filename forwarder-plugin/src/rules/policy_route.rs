@@ -9,7 +9,7 @@ use crate::netns::Netns;
 
 use super::drift::DriftItem;
 use super::error::{Result, RulesError};
-use super::exec::{Run, require_tool};
+use super::exec::{Run, find_tool, require_tool};
 use super::plan::{Family, PolicyRoute};
 
 /// Routing protocol number tagging our ip rules and routes (unassigned in
@@ -230,8 +230,13 @@ pub(crate) fn prune(ns: &Netns, want: &[PolicyRoute]) -> Result<()> {
     sync(ns, want)
 }
 
-/// Removes every rule and route we tagged.
+/// Removes every rule and route we tagged. Without `ip` there is nothing to
+/// remove (we add them only with it), so a REDIRECT-only user such as an
+/// endpoint image without iproute2 can still clean up.
 pub(crate) fn cleanup(ns: &Netns) -> Result<()> {
+    if find_tool("ip").is_none() {
+        return Ok(());
+    }
     sync(ns, &[])
 }
 

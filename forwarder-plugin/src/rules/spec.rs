@@ -101,6 +101,13 @@ pub struct RedirectSpec {
     pub exclude_outbound_ports: Vec<Port>,
     /// Traffic in or out of these interfaces is never captured (istio `-c`).
     pub exclude_interfaces: Vec<String>,
+    /// When non-empty, inbound capture applies only to traffic arriving on
+    /// these interfaces (and the proxy's loopback hairpin only when `lo` is
+    /// listed): an endpoint that proxies what its clients send over their
+    /// own links. Not serialised when empty, so a spec that does not use it
+    /// still reads in builds that predate it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub include_interfaces: Vec<String>,
     /// Redirect DNS (UDP and TCP port 53) to `dnsPort`, with istio's
     /// conntrack-zone split so UDP replies cannot bypass the NAT.
     #[serde(rename = "captureDns", alias = "captureDNS")]
@@ -136,6 +143,7 @@ impl Default for RedirectSpec {
             include_outbound_ports: Vec::new(),
             exclude_outbound_ports: vec![Port(15020)],
             exclude_interfaces: Vec::new(),
+            include_interfaces: Vec::new(),
             capture_dns: false,
             dns_port: Port(15053),
             ipv6: false,
@@ -176,8 +184,8 @@ pub enum SpecError {
     RouteTable(u32),
     #[error("{field}: {cidr} is an IPv6 prefix but ipv6 is false")]
     Ipv6Disabled { field: &'static str, cidr: IpNet },
-    #[error("excludeInterfaces: {0}")]
-    Interface(String),
+    #[error("{field}: {why}")]
+    Interface { field: &'static str, why: String },
 }
 
 impl RedirectSpec {
@@ -283,8 +291,13 @@ impl RedirectSpec {
         }
         self.validate_marks()?;
         self.validate_cidrs()?;
-        for name in &self.exclude_interfaces {
-            validate_interface(name).map_err(SpecError::Interface)?;
+        for (field, names) in [
+            ("excludeInterfaces", &self.exclude_interfaces),
+            ("includeInterfaces", &self.include_interfaces),
+        ] {
+            for name in names {
+                validate_interface(name).map_err(|why| SpecError::Interface { field, why })?;
+            }
         }
         Ok(())
     }
@@ -381,6 +394,15 @@ impl RedirectSpec {
         s.include_outbound_ports = dedup(&s.include_outbound_ports);
         s.exclude_outbound_ports = dedup(&s.exclude_outbound_ports);
         s.exclude_interfaces = dedup(&s.exclude_interfaces);
+        // One capture rule per interface: sorted, so the same set of
+        // interfaces always gives the same rules whatever order it came in.
+        s.include_interfaces = s
+            .include_interfaces
+            .iter()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         s
     }
 }

@@ -128,10 +128,35 @@ fn bad_interface_names_are_refused() {
         "eth+",
         "a;b",
     ] {
-        let e = err(&format!(r#"{{"excludeInterfaces": ["{name}"]}}"#));
-        assert!(e.contains("excludeInterfaces"), "{name}: {e}");
+        for field in ["excludeInterfaces", "includeInterfaces"] {
+            let e = err(&format!(r#"{{"{field}": ["{name}"]}}"#));
+            assert!(e.starts_with(field), "{name}: {e}");
+        }
     }
     assert!(RedirectSpec::parse(r#"{"excludeInterfaces": ["eth0.100", "veth_a-b"]}"#).is_ok());
+    assert!(RedirectSpec::parse(r#"{"includeInterfaces": ["nsm-1", "lo"]}"#).is_ok());
+}
+
+#[test]
+fn include_interfaces_is_additive_to_version_1() {
+    // Absent: empty, and an empty list is not written, so a spec that does
+    // not use it reads in builds that predate the field.
+    let d = RedirectSpec::parse("{}").unwrap();
+    assert!(d.include_interfaces.is_empty());
+    assert!(
+        !d.to_json().contains("includeInterfaces"),
+        "{}",
+        d.to_json()
+    );
+    let s = RedirectSpec::parse(r#"{"version": 1, "includeInterfaces": ["b-if", "a-if", "b-if"]}"#)
+        .unwrap();
+    assert!(
+        s.to_json()
+            .contains(r#""includeInterfaces":["b-if","a-if","b-if"]"#)
+    );
+    assert_eq!(RedirectSpec::from_json(&s.to_json()).unwrap(), s);
+    // Order and repeats carry no meaning.
+    assert_eq!(s.normalized().include_interfaces, ["a-if", "b-if"]);
 }
 
 #[test]

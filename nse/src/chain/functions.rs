@@ -23,6 +23,9 @@ pub enum FunctionError {
     /// The function could not do its work.
     #[error("network function {function} failed: {reason}")]
     Failed { function: String, reason: String },
+    /// The endpoint lacks what the function needs (e.g. a capability).
+    #[error("network function {function} is unavailable: {reason}")]
+    Precondition { function: String, reason: String },
 }
 
 /// One network function of the endpoint.

@@ -22,6 +22,7 @@ use nsm_api::inode::InodeUrl;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::networkservice::network_service_client::NetworkServiceClient;
 use nsm_api::path::to_timestamp;
+use nsm_tests::netns::TestNetns;
 use nsm_tests::process::{ChildGuard, bin, fd_count};
 use tonic::Streaming;
 use tonic_health::pb::HealthCheckRequest;
@@ -59,12 +60,35 @@ pub struct Nse {
     pub name: String,
     pub socket: PathBuf,
     log: PathBuf,
+    /// The namespace the NSE runs in (as root), deleted after the NSE is killed.
+    pub netns: Option<TestNetns>,
     _dir: TempDir,
+}
+
+/// How to start an NSE beyond its environment.
+#[derive(Default)]
+pub struct StartOptions {
+    /// The namespace to run in (root only); `None`: a fresh one as root,
+    /// the test's own otherwise.
+    pub netns: Option<TestNetns>,
+    /// A program (and its arguments) the NSE runs under inside the
+    /// namespace, e.g. `setpriv` to drop privileges; its socket directory
+    /// is then writable by anyone.
+    pub wrapper: Vec<String>,
 }
 
 impl Nse {
     /// Starts the NSE with NSM_INSECURE=true, a private socket and `env`, and waits until it is SERVING.
+    ///
+    /// As root it runs in a namespace of its own with its default
+    /// configuration (placement proxy installs rules there, never in the
+    /// test's namespace); without root it cannot install rules, so it gets
+    /// a configuration with placement sidecar (unless `env` sets NSM_CONFIG).
     pub async fn start(env: &[(&str, &str)]) -> Nse {
+        Self::start_with(env, StartOptions::default()).await
+    }
+
+    pub async fn start_with(env: &[(&str, &str)], opts: StartOptions) -> Nse {
         let dir = TempDir::new();
         let socket = env
             .iter()
@@ -73,7 +97,23 @@ impl Nse {
             .map_or_else(|| dir.path().join("nse.sock"), PathBuf::from);
         let log = dir.path().join("nse.log");
         let name = nsm_tests::unique("nse-");
-        let mut cmd = Command::new(bin("mesh-proxy-nse"));
+        let netns = opts
+            .netns
+            .or_else(|| is_root().then(|| TestNetns::new("nse")));
+        let program = bin("mesh-proxy-nse");
+        let program = program.to_str().expect("utf-8 path");
+        let mut cmd = match (&netns, opts.wrapper.split_first()) {
+            (Some(ns), Some((wrapper, args))) => {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+                    .expect("chmod the socket directory");
+                let mut c = ns.command(wrapper);
+                c.args(args).arg(program);
+                c
+            }
+            (Some(ns), None) => ns.command(program),
+            (None, _) => Command::new(program),
+        };
         cmd.env_clear()
             .env("NSM_INSECURE", "true")
             .env("NSM_NAME", &name)
@@ -82,6 +122,11 @@ impl Nse {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
+        if netns.is_none() {
+            let config = dir.path().join("sidecar.yaml");
+            std::fs::write(&config, "version: 1\nplacement: sidecar\n").expect("config file");
+            cmd.env("NSM_CONFIG", &config);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -91,10 +136,18 @@ impl Nse {
             name,
             socket,
             log,
+            netns,
             _dir: dir,
         };
         nse.wait_serving().await;
         nse
+    }
+
+    /// Kills the NSE (SIGKILL: nothing of it runs again) and hands back its namespace.
+    pub fn kill(mut self) -> Option<TestNetns> {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+        self.netns.take()
     }
 
     pub fn pid(&self) -> u32 {
@@ -209,7 +262,13 @@ impl Drop for Nse {
         if std::thread::panicking() {
             eprintln!("---- mesh-proxy-nse log ----\n{}", self.log());
         }
+        // Fields drop in order: the child is killed before its namespace goes.
     }
+}
+
+/// Whether this process runs as root (and so can give the NSE a namespace).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
 
 /// The next monitor event, or None if the stream ended or nothing came within `WAIT`.
@@ -365,6 +424,15 @@ pub fn ip(conn: &Connection) -> &nsm_api::connectioncontext::IpContext {
 
 pub fn routes(r: &[nsm_api::connectioncontext::Route]) -> Vec<&str> {
     r.iter().map(|r| r.prefix.as_str()).collect()
+}
+
+/// IPAM's point-to-point routes: those without a next hop (the mesh-proxy
+/// function's capture routes, in placement proxy, go via the endpoint).
+pub fn p2p_routes(r: &[nsm_api::connectioncontext::Route]) -> Vec<&str> {
+    r.iter()
+        .filter(|r| r.next_hop.is_empty())
+        .map(|r| r.prefix.as_str())
+        .collect()
 }
 
 /// The netns fd that came with a response, checked to be that URL's file.

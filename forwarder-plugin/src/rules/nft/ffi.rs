@@ -1,7 +1,8 @@
 //! The only unsafe code of the rules module: building libnftnl expressions
-//! from plain attribute lists. nftnl 0.9 lacks `redir`, `tproxy` and
+//! from plain attribute lists (nftnl 0.9 lacks `redir`, `tproxy` and
 //! `ct zone set`, so every expression goes through this one generic builder
-//! instead of a mix of crate types and hand-written FFI.
+//! instead of a mix of crate types and hand-written FFI), and sizing the
+//! netlink socket's send buffer (`mnl::Socket` only offers a raw fd).
 
 #![allow(unsafe_code)]
 
@@ -60,4 +61,19 @@ impl nftnl::expr::Expression for RawExpr {
             expr
         }
     }
+}
+
+/// Raises `sock`'s send buffer to `bytes`, so a large batch still reaches
+/// the kernel in one datagram (as nft does for large rulesets):
+/// `SO_SNDBUFFORCE` (needs CAP_NET_ADMIN, as writing rules does), else
+/// `SO_SNDBUF` (capped by `net.core.wmem_max`).
+pub(crate) fn set_send_buffer(sock: &mnl::Socket, bytes: usize) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the descriptor is `sock`'s, open for as long as `sock` is
+    // borrowed here, and the borrow does not outlive this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(sock.as_raw_fd()) };
+    setsockopt(&fd, sockopt::SndBufForce, &bytes)
+        .or_else(|_| setsockopt(&fd, sockopt::SndBuf, &bytes))
+        .map_err(std::io::Error::from)
 }

@@ -288,11 +288,25 @@ impl NftBackend {
         commit(sock, netns, batch, &what)
     }
 
-    /// Deletes our table if it exists (add + delete: idempotent).
+    /// Deletes our table if it exists (add + delete: idempotent). Without
+    /// a table nothing is written, so cleaning up a namespace that holds
+    /// nothing of ours leaves its ruleset untouched.
     fn delete_table(&self, ns: &Netns) -> Result<()> {
         let netns = ns.id();
         let name = cstring(self.owner.nft_table());
         ns.run(|| {
+            let sock = socket(netns)?;
+            let exists =
+                netlink::table_exists(&sock, self.owner.nft_table()).map_err(|source| {
+                    RulesError::Netlink {
+                        op: format!("lookup of table {}", self.table_label()),
+                        netns,
+                        source,
+                    }
+                })?;
+            if !exists {
+                return Ok(());
+            }
             let table = Table::new(&name, ProtoFamily::Inet);
             let mut batch = Batch::new();
             batch.add(&table, MsgType::Add);
@@ -301,7 +315,6 @@ impl NftBackend {
                 format!("table {}", self.table_label()),
                 format!("deletion of table {}", self.table_label()),
             ];
-            let sock = socket(netns)?;
             commit(&sock, netns, batch, &what)
         })?
     }

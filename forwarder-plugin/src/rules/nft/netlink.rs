@@ -170,9 +170,14 @@ pub(crate) fn open() -> io::Result<mnl::Socket> {
     mnl::Socket::new(mnl::Bus::Netfilter)
 }
 
-/// Largest transaction we send in one datagram (below the default netlink
-/// send buffer): a batch must reach the kernel in one piece.
-const MAX_BATCH: usize = 192 * 1024;
+/// Largest transaction that fits the default netlink send buffer; a larger
+/// one gets a larger buffer first, since a batch must reach the kernel in
+/// one piece.
+const DEFAULT_BATCH: usize = 192 * 1024;
+
+/// Largest transaction we send at all (a table for thousands of interfaces
+/// is a few MiB).
+const MAX_BATCH: usize = 64 * 1024 * 1024;
 
 /// Sends a finalised batch as one datagram and waits for the outcome. The
 /// kernel applies the batch as one transaction: on any error nothing of it
@@ -195,6 +200,18 @@ pub(crate) fn send_batch(
             "transaction of {} bytes is larger than {MAX_BATCH}",
             bytes.len()
         ))));
+    }
+    if bytes.len() > DEFAULT_BATCH {
+        // The kernel refuses a datagram above the buffer less a little.
+        super::ffi::set_send_buffer(sock, bytes.len() + 64 * 1024).map_err(|e| {
+            plain(io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot raise the netlink send buffer for a transaction of {} bytes: {e}",
+                    bytes.len()
+                ),
+            ))
+        })?;
     }
     let seqs = batch.sequence_numbers();
     // Kernels ≥ 6.10 also ack the begin/end markers (nftnl numbers them).

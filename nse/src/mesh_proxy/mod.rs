@@ -1,0 +1,207 @@
+//! The mesh-proxy network function: puts a transparent proxy in the path of
+//! a connection's traffic, in one of two placements (policy here, the
+//! mechanism in `forwarder_plugin::rules`):
+//!
+//! * **proxy** (default): the proxy runs beside the NSE, in the NSE's netns.
+//!   The client gets `src_routes` for the capture CIDRs via the endpoint's
+//!   address; in its own netns the NSE sends everything arriving on the
+//!   connection's interface to `proxy.port` (REDIRECT, or TPROXY), and
+//!   captures nothing outbound, so the proxy's upstream connections leave
+//!   directly. One table ([`own_rules`]) for all connections.
+//! * **sidecar**: the client runs its own proxy; the NSE returns a redirect
+//!   spec for the client's netns in `extra_context[`[`CLIENT_REDIRECT_KEY`]`]`,
+//!   which the forwarder applies there (istio-cni's job, per connection).
+//!
+//! A connection's labels may override the placement and add exclusions
+//! ([`labels`]). Apply is idempotent (every refresh re-applies), undo
+//! removes the connection's part; the table is removed with the last
+//! connection and at start-up.
+
+pub mod capability;
+pub mod config;
+pub mod labels;
+pub mod own_rules;
+pub mod routes;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use forwarder_plugin::netns::NetnsError;
+use forwarder_plugin::rules::{Plan, RedirectSpec, RulesError, SpecError};
+use nsm_api::connection::Connection;
+use nsm_api::connectioncontext::IpContext;
+use nsm_api::mechanism::MechanismExt;
+
+pub use forwarder_plugin::hop::CLIENT_REDIRECT_KEY;
+
+use crate::chain::functions::{FunctionError, NetworkFunction};
+use config::{FunctionConfig, Placement};
+use labels::Overrides;
+use own_rules::{Live, OwnRules};
+
+/// The function's name in logs and errors.
+pub const NAME: &str = "mesh-proxy";
+
+pub struct MeshProxy {
+    config: FunctionConfig,
+    own: Arc<OwnRules>,
+    /// `CAP_NET_ADMIN`: placement proxy can install its rules.
+    net_admin: bool,
+}
+
+fn rejected(reason: impl Into<String>) -> FunctionError {
+    FunctionError::Rejected {
+        function: NAME.into(),
+        reason: reason.into(),
+    }
+}
+
+fn failed(reason: impl Into<String>) -> FunctionError {
+    FunctionError::Failed {
+        function: NAME.into(),
+        reason: reason.into(),
+    }
+}
+
+impl MeshProxy {
+    /// The function for `config`, after removing its table from the NSE's
+    /// netns: after a restart no connection is known yet, and clients get
+    /// their rules back when they refresh. Without `CAP_NET_ADMIN` only
+    /// placement sidecar works (and there is nothing to clean up).
+    pub fn start(config: FunctionConfig) -> Result<MeshProxy, NetnsError> {
+        let own = Arc::new(OwnRules::new(&config)?);
+        let net_admin = capability::effective(capability::CAP_NET_ADMIN);
+        if net_admin {
+            if let Err(e) = own.cleanup() {
+                tracing::warn!(table = %own.table(), error = %e, "cannot remove the redirect rules of a previous run");
+            }
+        } else {
+            tracing::warn!(
+                "no CAP_NET_ADMIN: placement proxy is unavailable (its Requests fail with FailedPrecondition); placement sidecar works"
+            );
+        }
+        Ok(MeshProxy {
+            config,
+            own,
+            net_admin,
+        })
+    }
+
+    /// The interfaces whose traffic the NSE's netns hands to the proxy now.
+    pub fn captured_interfaces(&self) -> Vec<String> {
+        self.own.interfaces()
+    }
+
+    async fn update(&self, id: &str, entry: Option<Live>) -> Result<(), FunctionError> {
+        let own = self.own.clone();
+        let id = id.to_owned();
+        let table = own.table();
+        tokio::task::spawn_blocking(move || own.update(&id, entry))
+            .await
+            .map_err(|e| failed(format!("rules task failed: {e}")))?
+            .map_err(|e: RulesError| failed(format!("{table} in the endpoint's netns: {e}")))
+    }
+
+    /// The client's spec: the configured one plus the connection's exclusions.
+    fn sidecar_spec(&self, o: &Overrides) -> Result<RedirectSpec, FunctionError> {
+        let mut s = self.config.sidecar.clone();
+        s.exclude_outbound_cidrs
+            .extend(o.exclude_outbound_cidrs.iter().copied());
+        s.exclude_outbound_ports
+            .extend(o.exclude_outbound_ports.iter().copied());
+        s.exclude_inbound_ports
+            .extend(o.exclude_inbound_ports.iter().copied());
+        Plan::new(&s).map_err(|e| {
+            // The configured spec is valid, so a label made it invalid.
+            let label = match &e {
+                SpecError::Ipv6Disabled { .. } => labels::EXCLUDE_OUTBOUND_CIDRS,
+                _ => "proxy-*",
+            };
+            rejected(format!(
+                "label {label:?}: the client's redirect spec would be invalid: {e}"
+            ))
+        })?;
+        Ok(s)
+    }
+}
+
+fn ip_context(conn: &mut Connection) -> Result<&mut IpContext, FunctionError> {
+    conn.context
+        .as_mut()
+        .and_then(|c| c.ip_context.as_mut())
+        .ok_or_else(|| failed("connection.context.ip_context is missing after IPAM"))
+}
+
+#[async_trait]
+impl NetworkFunction for MeshProxy {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    async fn apply(&self, conn: &mut Connection) -> Result<(), FunctionError> {
+        let o = Overrides::from_labels(&conn.labels).map_err(|e| rejected(e.to_string()))?;
+        let placement = o.placement.unwrap_or(self.config.placement);
+        match placement {
+            Placement::Proxy => {
+                if let Some(label) = o.sidecar_only().first() {
+                    return Err(rejected(format!(
+                        "label {label:?} applies to placement sidecar only: in placement proxy the \
+                         client's traffic reaches the proxy by route, which cannot select ports"
+                    )));
+                }
+                if !self.net_admin {
+                    return Err(FunctionError::Precondition {
+                        function: NAME.into(),
+                        reason: "placement proxy needs CAP_NET_ADMIN in the endpoint's network \
+                                 namespace to install its redirect rules: grant it to \
+                                 mesh-proxy-nse, or use placement sidecar (config \
+                                 `placement: sidecar` or label proxy-placement=sidecar)"
+                            .into(),
+                    });
+                }
+                let interface = conn
+                    .mechanism
+                    .as_ref()
+                    .and_then(|m| m.interface_name())
+                    .ok_or_else(|| failed("the KERNEL mechanism has no interface name"))?
+                    .to_owned();
+                let ip = ip_context(conn)?;
+                let entry = Live {
+                    interface,
+                    ipv6: routes::has_ipv6(ip),
+                };
+                let capture = routes::capture_routes(
+                    ip,
+                    &self.config.capture_cidrs,
+                    &o.exclude_outbound_cidrs,
+                );
+                self.update(&conn.id, Some(entry)).await?;
+                routes::set_capture_routes(ip_context(conn)?, capture);
+                if let Some(ctx) = conn.context.as_mut() {
+                    ctx.extra_context.remove(CLIENT_REDIRECT_KEY);
+                }
+            }
+            Placement::Sidecar => {
+                let spec = self.sidecar_spec(&o)?;
+                // Checked before the rules change, so nothing fails after it.
+                ip_context(conn)?;
+                // A connection that was in placement proxy until this refresh.
+                self.update(&conn.id, None).await?;
+                routes::set_capture_routes(ip_context(conn)?, Vec::new());
+                conn.context
+                    .get_or_insert_default()
+                    .extra_context
+                    .insert(CLIENT_REDIRECT_KEY.to_owned(), spec.to_json());
+            }
+        }
+        tracing::debug!(id = %conn.id, %placement, "mesh-proxy applied");
+        Ok(())
+    }
+
+    async fn undo(&self, conn: &Connection) -> Result<(), FunctionError> {
+        self.update(&conn.id, None).await
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,558 @@
+//! The mesh-proxy network function of a real `mesh-proxy-nse`, running in a
+//! namespace of its own and asked for connections the way a forwarder asks:
+//! the rules it installs there, the routes and client spec it returns, and
+//! where a client's traffic lands once the connection is plumbed as the
+//! forwarder would plumb it (a veth built from the returned connection).
+
+mod nse_support;
+
+use std::net::{IpAddr, SocketAddr};
+
+use forwarder_plugin::hop::{Ends, veth_plan};
+use forwarder_plugin::link::plumb_veth_in;
+use forwarder_plugin::netns::Netns;
+use forwarder_plugin::rules::{Plan, RedirectSpec};
+use nse_support::*;
+use nsm_api::connection::Connection;
+use nsm_api::mechanism::MechanismExt;
+use nsm_api::networkservice::NetworkServiceRequest;
+use nsm_tests::netns::TestNetns;
+use nsm_tests::topology::{Client, IdentityServer, Reply, any, v4};
+use tonic::Code;
+
+const KEY: &str = "mesh-proxy.v1/client-redirect";
+const TABLE: &str = "mesh_proxy_nse";
+
+fn root(test: &str) -> bool {
+    nsm_tests::require_root(test)
+}
+
+/// A config file for the NSE, kept as long as the value lives.
+struct ConfigFile(TempDir);
+
+impl ConfigFile {
+    fn new(yaml: &str) -> Self {
+        let dir = TempDir::new();
+        std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+        ConfigFile(dir)
+    }
+
+    fn path(&self) -> String {
+        self.0.path().join("config.yaml").display().to_string()
+    }
+}
+
+fn nse_netns(nse: &Nse) -> &TestNetns {
+    nse.netns.as_ref().expect("as root the NSE has a namespace")
+}
+
+/// Our table in the NSE's namespace, as `nft list table` prints it.
+fn table(ns: &TestNetns) -> Option<String> {
+    let out = ns.exec(&["nft", "list", "table", "inet", TABLE]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn interface(conn: &Connection) -> String {
+    conn.mechanism
+        .as_ref()
+        .and_then(|m| m.interface_name())
+        .expect("the returned KERNEL name")
+        .to_owned()
+}
+
+/// `(prefix, nextHop)` of the client's routes that go via the endpoint.
+fn capture_routes(conn: &Connection) -> Vec<(String, String)> {
+    ip(conn)
+        .src_routes
+        .iter()
+        .filter(|r| !r.next_hop.is_empty())
+        .map(|r| (r.prefix.clone(), r.next_hop.clone()))
+        .collect()
+}
+
+fn client_spec(conn: &Connection) -> Option<&String> {
+    conn.context.as_ref()?.extra_context.get(KEY)
+}
+
+fn with_labels(mut req: NetworkServiceRequest, labels: &[(&str, &str)]) -> NetworkServiceRequest {
+    for (k, v) in labels {
+        conn_mut(&mut req)
+            .labels
+            .insert((*k).to_owned(), (*v).to_owned());
+    }
+    req
+}
+
+/// A client namespace joined to the NSE's by the veth the forwarder would
+/// build from `conn` (client end `src_*`, endpoint end `dst_*`).
+struct PlumbedClient {
+    ns: TestNetns,
+    netns: Netns,
+}
+
+impl PlumbedClient {
+    async fn plumb(nse: &Nse, conn: &Connection) -> PlumbedClient {
+        let ns = TestNetns::new("cli");
+        let netns = Netns::open(ns.name()).unwrap();
+        let endpoint = Netns::open(nse_netns(nse).name()).unwrap();
+        let client_if = nsm_tests::unique("nc");
+        let endpoint_if = interface(conn);
+        let plan = veth_plan(
+            Ends {
+                client_netns: netns.id(),
+                endpoint_netns: endpoint.id(),
+                client_if: &client_if,
+                endpoint_if: &endpoint_if,
+            },
+            conn,
+        )
+        .expect("a veth plan from the returned connection");
+        plumb_veth_in(&plan, &netns, &endpoint)
+            .await
+            .expect("plumb the connection");
+        PlumbedClient { ns, netns }
+    }
+
+    fn tcp(&self, to: SocketAddr) -> std::io::Result<Reply> {
+        Client::default().tcp(&self.netns, to).map(|(r, _)| r)
+    }
+
+    fn reaches(&self, to: SocketAddr) -> Reply {
+        self.tcp(to)
+            .unwrap_or_else(|e| panic!("client → {to}: {e}"))
+    }
+}
+
+/// Identity servers on the proxy port of the NSE's namespace, v4 and v6.
+fn proxy(nse: &Nse, port: u16, transparent: bool) -> [IdentityServer; 2] {
+    let ns = Netns::open(nse_netns(nse).name()).unwrap();
+    [false, true].map(|v6| IdentityServer::tcp(&ns, any(v6, port), "proxy", transparent))
+}
+
+fn addr(s: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(s.parse::<IpAddr>().unwrap(), port)
+}
+
+#[tokio::test]
+async fn proxy_placement_sends_the_connections_traffic_to_the_proxy() {
+    if !root("proxy_placement_sends_the_connections_traffic_to_the_proxy") {
+        return;
+    }
+    // No config file: placement proxy, port 15001, REDIRECT, capture all.
+    let nse = Nse::start(&[("NSM_CIDR_PREFIX", "[198.18.10.0/31], [fd00:10::/127]")]).await;
+    let ns = nse_netns(&nse);
+    let (conn, _) = nse.request(req_p()).await.expect("Request");
+    let nic = interface(&conn);
+
+    // The client routes everything via the endpoint's address of each family.
+    assert_eq!(
+        capture_routes(&conn),
+        [
+            ("0.0.0.0/0".to_owned(), "198.18.10.0".to_owned()),
+            ("::/0".to_owned(), "fd00:10::".to_owned())
+        ]
+    );
+    assert_eq!(
+        p2p_routes(&ip(&conn).src_routes),
+        ["198.18.10.0/32", "fd00:10::/128"]
+    );
+    assert!(client_spec(&conn).is_none(), "no client-side rules");
+    // One table, capturing what arrives on the connection's interface, and
+    // nothing at the output hook (the proxy's upstream leaves directly).
+    let t = table(ns).expect("our table in the NSE's namespace");
+    assert!(t.contains(&format!("iifname \"{nic}\"")), "{t}");
+    assert!(t.contains("redirect to :15001"), "{t}");
+    assert!(!t.contains("hook output"), "{t}");
+
+    let _proxy = proxy(&nse, 15001, false);
+    let client = PlumbedClient::plumb(&nse, &conn).await;
+    for dst in [
+        addr("198.19.5.5", 80),
+        addr("198.18.10.0", 8080),
+        addr("fd00:99::5", 443),
+    ] {
+        let r = client.reaches(dst);
+        assert_eq!((r.label.as_str(), r.orig), ("proxy", Some(dst)), "{dst}");
+        assert_eq!(r.local.port(), 15001);
+    }
+    // The proxy sees the client's own address.
+    let from: IpAddr = "198.18.10.1".parse().unwrap();
+    assert_eq!(client.reaches(addr("198.19.5.5", 80)).from.ip(), from);
+
+    // The proxy's own connections to the client are not captured, whoever makes them.
+    let app = IdentityServer::tcp(&client.netns, any(false, 9000), "client-app", false);
+    let nse_ns = Netns::open(ns.name()).unwrap();
+    for who in [Client::default(), Client::uid(1337)] {
+        let (r, _) = who
+            .tcp(&nse_ns, v4("198.18.10.1".parse().unwrap(), 9000))
+            .unwrap();
+        assert_eq!(r.label, "client-app", "{who:?}");
+    }
+    drop(app);
+
+    // A refresh changes nothing.
+    let (again, _) = nse.request(refresh_of(&conn)).await.expect("refresh");
+    assert_eq!(ip(&again), ip(&conn));
+    assert_eq!(table(ns).as_deref(), Some(t.as_str()), "same rules");
+
+    // Close: no table, and the endpoint's address is just an address again.
+    nse.close(again).await.expect("Close");
+    assert_eq!(table(ns), None, "table left after the last Close");
+    let e = client.tcp(addr("198.18.10.0", 8080)).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let ruleset = ns.exec_ok(&["nft", "list", "ruleset"]);
+    assert!(!ruleset.contains(TABLE), "{ruleset}");
+    drop(client.ns);
+}
+
+#[tokio::test]
+async fn connections_share_one_table_and_leave_it_one_by_one() {
+    if !root("connections_share_one_table_and_leave_it_one_by_one") {
+        return;
+    }
+    let nse = Nse::start(&[("NSM_CIDR_PREFIX", "198.18.11.0/30")]).await;
+    let ns = nse_netns(&nse);
+    let (a, _) = nse.request(req_p()).await.unwrap();
+    let (b, _) = nse.request(req_p()).await.unwrap();
+    let (nic_a, nic_b) = (interface(&a), interface(&b));
+    let t = table(ns).unwrap();
+    assert!(t.contains(&nic_a) && t.contains(&nic_b), "{t}");
+    let _proxy = proxy(&nse, 15001, false);
+    let (ca, cb) = (
+        PlumbedClient::plumb(&nse, &a).await,
+        PlumbedClient::plumb(&nse, &b).await,
+    );
+    let far = addr("198.19.7.7", 80);
+    assert_eq!(ca.reaches(far).label, "proxy");
+    assert_eq!(cb.reaches(far).label, "proxy");
+
+    nse.close(a.clone()).await.unwrap();
+    let t = table(ns).expect("b still has its rules");
+    assert!(!t.contains(&nic_a) && t.contains(&nic_b), "{t}");
+    assert_eq!(cb.reaches(far).orig, Some(far));
+    let a_endpoint = addr(ip(&a).dst_ip_addrs[0].split('/').next().unwrap(), 8080);
+    assert_eq!(
+        ca.tcp(a_endpoint).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    // Closing again is quiet and changes nothing.
+    nse.close(a).await.expect("second Close");
+    assert!(table(ns).unwrap().contains(&nic_b));
+
+    nse.close(b).await.unwrap();
+    assert_eq!(table(ns), None);
+}
+
+#[tokio::test]
+async fn tproxy_mode_hands_over_the_original_addresses() {
+    if !root("tproxy_mode_hands_over_the_original_addresses") {
+        return;
+    }
+    let config = ConfigFile::new("version: 1\nproxy: {mode: tproxy, port: 15101}\n");
+    let nse = Nse::start(&[
+        ("NSM_CIDR_PREFIX", "198.18.12.0/31"),
+        ("NSM_CONFIG", &config.path()),
+    ])
+    .await;
+    let ns = nse_netns(&nse);
+    let (conn, _) = nse.request(req_p()).await.unwrap();
+    let _proxy = proxy(&nse, 15101, true);
+    let client = PlumbedClient::plumb(&nse, &conn).await;
+    let dst = addr("198.19.8.8", 80);
+    let r = client.reaches(dst);
+    // No NAT: the transparent socket is the original destination.
+    assert_eq!((r.label.as_str(), r.local), ("proxy", dst));
+    assert_eq!(r.from.ip(), "198.18.12.1".parse::<IpAddr>().unwrap());
+    let rules = ns.exec_ok(&["ip", "-4", "rule"]);
+    assert!(rules.contains("lookup 133"), "{rules}");
+
+    nse.close(conn).await.unwrap();
+    assert_eq!(table(ns), None);
+    let rules = ns.exec_ok(&["ip", "-4", "rule"]);
+    assert!(!rules.contains("lookup 133"), "policy route left: {rules}");
+}
+
+#[tokio::test]
+async fn the_iptables_backend_does_the_same() {
+    if !root("the_iptables_backend_does_the_same") {
+        return;
+    }
+    let config = ConfigFile::new("version: 1\nrules: {backend: iptables}\n");
+    let nse = Nse::start(&[
+        ("NSM_CIDR_PREFIX", "198.18.17.0/31"),
+        ("NSM_CONFIG", &config.path()),
+    ])
+    .await;
+    let ns = nse_netns(&nse);
+    let (conn, _) = nse.request(req_p()).await.unwrap();
+    let saved = ns.exec_ok(&["iptables-save"]);
+    assert!(
+        saved.contains(&format!("-i {} -p tcp", interface(&conn))),
+        "{saved}"
+    );
+    assert!(saved.contains("MESH_PROXY_NSE_IN_REDIRECT"), "{saved}");
+    assert!(
+        !saved.contains("-A OUTPUT"),
+        "nothing at the output hook: {saved}"
+    );
+    let _proxy = proxy(&nse, 15001, false);
+    let client = PlumbedClient::plumb(&nse, &conn).await;
+    let dst = addr("198.19.9.9", 80);
+    assert_eq!(client.reaches(dst).orig, Some(dst));
+
+    nse.close(conn).await.unwrap();
+    let saved = ns.exec_ok(&["iptables-save"]);
+    assert!(!saved.contains("MESH_PROXY"), "{saved}");
+}
+
+#[tokio::test]
+async fn sidecar_placement_returns_the_clients_spec_and_installs_nothing() {
+    if !root("sidecar_placement_returns_the_clients_spec_and_installs_nothing") {
+        return;
+    }
+    let config = ConfigFile::new(
+        "version: 1\nplacement: sidecar\nsidecar: {excludeOutboundPorts: [15020], captureDns: true}\n",
+    );
+    let nse = Nse::start(&[
+        ("NSM_CIDR_PREFIX", "198.18.13.0/30"),
+        ("NSM_CONFIG", &config.path()),
+    ])
+    .await;
+    let ns = nse_netns(&nse);
+    let req = with_labels(req_p(), &[("proxy-exclude-outbound-ports", "22;2222")]);
+    let (conn, _) = nse.request(req).await.unwrap();
+    let text = client_spec(&conn).expect("the client's redirect spec");
+    let spec = RedirectSpec::from_json(text).expect("a valid version-1 spec");
+    Plan::new(&spec).expect("a plan the forwarder can apply");
+    assert!(spec.capture_dns);
+    let ports: Vec<u16> = spec.exclude_outbound_ports.iter().map(|p| p.0).collect();
+    assert_eq!(ports, [15020, 22, 2222]);
+    assert!(
+        capture_routes(&conn).is_empty(),
+        "the client keeps its routes"
+    );
+    assert_eq!(p2p_routes(&ip(&conn).src_routes), ["198.18.13.0/32"]);
+    assert_eq!(table(ns), None);
+    assert_eq!(ns.exec_ok(&["nft", "list", "ruleset"]).trim(), "");
+
+    // A connection may ask for the other placement, and switch back on refresh.
+    let (proxied, _) = nse
+        .request(with_labels(req_p(), &[("proxy-placement", "proxy")]))
+        .await
+        .unwrap();
+    assert!(client_spec(&proxied).is_none());
+    assert_eq!(capture_routes(&proxied).len(), 1);
+    assert!(table(ns).unwrap().contains(&interface(&proxied)));
+    let mut refresh = refresh_of(&proxied);
+    conn_mut(&mut refresh)
+        .labels
+        .insert("proxy-placement".into(), "sidecar".into());
+    let (switched, _) = nse.request(refresh).await.unwrap();
+    assert!(client_spec(&switched).is_some());
+    assert!(capture_routes(&switched).is_empty());
+    assert_eq!(table(ns), None, "its rules went with the switch");
+}
+
+#[tokio::test]
+async fn bad_labels_and_unknown_services_are_refused_and_hold_nothing() {
+    if !root("bad_labels_and_unknown_services_are_refused_and_hold_nothing") {
+        return;
+    }
+    // One address pair: anything a refused Request kept would starve the last one.
+    let nse = Nse::start(&[("NSM_CIDR_PREFIX", "198.18.14.0/31")]).await;
+    let ns = nse_netns(&nse);
+    for (labels, want) in [
+        (
+            vec![("proxy-exclude-outbound-cidrs", "198.19.0.0/16,banana")],
+            "label \"proxy-exclude-outbound-cidrs\": \"banana\" is not a CIDR",
+        ),
+        (
+            vec![("proxy-exclude-outbound-ports", "22")],
+            "label \"proxy-exclude-outbound-ports\" applies to placement sidecar only",
+        ),
+        (
+            vec![("proxy-placement", "inline")],
+            "label \"proxy-placement\"",
+        ),
+        (vec![("proxy-bypass", "yes")], "unknown proxy-* label"),
+    ] {
+        let e = nse
+            .request(with_labels(req_p(), &labels))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{labels:?}: {e:?}");
+        assert!(e.message().contains(want), "{labels:?}: {}", e.message());
+        assert_eq!(table(ns), None, "{labels:?}: rules were installed");
+    }
+    let mut req = req_p();
+    conn_mut(&mut req).network_service = "icmp-responder".into();
+    let e = nse.request(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(
+        e.message(),
+        "network service \"icmp-responder\" is not served by this endpoint (serves: mesh-proxy)"
+    );
+    // Labels that are not ours are ignored; the pair is still free.
+    let (conn, _) = nse
+        .request(with_labels(
+            req_p(),
+            &[("podName", "web-1"), ("proxy", "x")],
+        ))
+        .await
+        .expect("nothing was held by the refused Requests");
+    assert_eq!(ip(&conn).dst_ip_addrs, ["198.18.14.0/32"]);
+    assert!(table(ns).unwrap().contains(&interface(&conn)));
+}
+
+#[tokio::test]
+async fn rules_the_kernel_refuses_fail_the_request_and_roll_everything_back() {
+    if !root("rules_the_kernel_refuses_fail_the_request_and_roll_everything_back") {
+        return;
+    }
+    // TPROXY with IPv6 disabled in the NSE's namespace: the IPv6 local route
+    // a dual-stack connection needs cannot be added there.
+    let ns = TestNetns::new("nse");
+    for dev in ["all", "default", "lo"] {
+        ns.exec_ok(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{dev}.disable_ipv6=1"),
+        ]);
+    }
+    let config = ConfigFile::new("version: 1\nproxy: {mode: tproxy}\n");
+    let nse = Nse::start_with(
+        &[
+            ("NSM_CIDR_PREFIX", "198.18.19.0/30"),
+            ("NSM_CONFIG", &config.path()),
+        ],
+        StartOptions {
+            netns: Some(ns),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ns = nse_netns(&nse);
+    let (first, _) = nse.request(req_p()).await.expect("an IPv4 connection");
+    let before = table(ns).expect("the first connection's rules");
+    let rules_before = ns.exec_ok(&["ip", "-4", "rule"]);
+
+    // A client presenting IPv6 addresses (kept: IPAM policy polite).
+    let mut req = req_p();
+    conn_mut(&mut req).context = Some(nsm_api::connectioncontext::ConnectionContext {
+        ip_context: Some(nsm_api::connectioncontext::IpContext {
+            src_ip_addrs: vec!["fd00:19::1/128".into()],
+            dst_ip_addrs: vec!["fd00:19::/128".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let e = nse.request(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert!(
+        e.message()
+            .starts_with("network function mesh-proxy failed: inet mesh_proxy_nse"),
+        "{}",
+        e.message()
+    );
+    assert!(e.message().contains("rolled back"), "{}", e.message());
+    // The first connection's rules are as they were, and the refused one
+    // holds no addresses: the last pair is still free.
+    assert_eq!(table(ns).as_deref(), Some(before.as_str()));
+    assert_eq!(ns.exec_ok(&["ip", "-4", "rule"]), rules_before);
+    let (second, _) = nse.request(req_p()).await.expect("the pair was given back");
+    assert_eq!(ip(&second).dst_ip_addrs, ["198.18.19.2/32"]);
+    nse.close(first).await.unwrap();
+    nse.close(second).await.unwrap();
+    assert_eq!(table(ns), None);
+}
+
+#[tokio::test]
+async fn a_restarted_nse_starts_without_the_old_rules_and_refresh_restores_them() {
+    if !root("a_restarted_nse_starts_without_the_old_rules_and_refresh_restores_them") {
+        return;
+    }
+    let env = [("NSM_CIDR_PREFIX", "198.18.15.0/31")];
+    let nse = Nse::start(&env).await;
+    let (conn, _) = nse.request(req_p()).await.unwrap();
+    assert!(table(nse_netns(&nse)).is_some());
+    // SIGKILL: nothing runs on the way out, so the table stays behind.
+    let ns = nse.kill().unwrap();
+    assert!(table(&ns).is_some());
+
+    let nse = Nse::start_with(
+        &env,
+        StartOptions {
+            netns: Some(ns),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ns = nse_netns(&nse);
+    assert_eq!(table(ns), None, "cleaned up at start");
+    // The forwarder's next refresh brings the connection, and its rules, back.
+    let (again, _) = nse.request(refresh_of(&conn)).await.expect("refresh");
+    assert_eq!(ip(&again).dst_ip_addrs, ip(&conn).dst_ip_addrs);
+    assert!(table(ns).unwrap().contains(&interface(&conn)));
+}
+
+/// `setpriv` as an unprivileged user, with or without CAP_NET_ADMIN.
+fn unprivileged(net_admin: bool) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]
+    .map(String::from)
+    .to_vec();
+    if net_admin {
+        v.extend(["--inh-caps=+net_admin", "--ambient-caps=+net_admin"].map(String::from));
+    }
+    v
+}
+
+#[tokio::test]
+async fn cap_net_admin_is_needed_for_placement_proxy_and_enough() {
+    if !root("cap_net_admin_is_needed_for_placement_proxy_and_enough")
+        || !nsm_tests::require_tool(
+            "cap_net_admin_is_needed_for_placement_proxy_and_enough",
+            "setpriv",
+        )
+    {
+        return;
+    }
+    let env = [("NSM_CIDR_PREFIX", "198.18.16.0/30")];
+    let opts = |net_admin| StartOptions {
+        wrapper: unprivileged(net_admin),
+        ..Default::default()
+    };
+
+    let without = Nse::start_with(&env, opts(false)).await;
+    let e = without.request(req_p()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("needs CAP_NET_ADMIN"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(table(nse_netns(&without)), None);
+    // Placement sidecar needs nothing.
+    let (conn, _) = without
+        .request(with_labels(req_p(), &[("proxy-placement", "sidecar")]))
+        .await
+        .expect("sidecar without the capability");
+    assert!(client_spec(&conn).is_some());
+
+    let with = Nse::start_with(&env, opts(true)).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", with.pid())).unwrap();
+    assert!(status.contains("Uid:\t65534"), "not root: {status}");
+    let (conn, _) = with
+        .request(req_p())
+        .await
+        .expect("rules with CAP_NET_ADMIN only");
+    assert!(table(nse_netns(&with)).unwrap().contains(&interface(&conn)));
+    with.close(conn).await.unwrap();
+    assert_eq!(table(nse_netns(&with)), None);
+}
