@@ -72,6 +72,8 @@ pub struct Cli {
     pub request_timeout: String,
 
     /// Lifetime of our tokens (segment 0 `expires`, `nsm-client-token-expires`).
+    /// Must be longer than NSM_REQUEST_TIMEOUT: hops close a connection at
+    /// its token's expiry minus the request timeout.
     #[arg(
         long,
         env = "NSM_MAX_TOKEN_LIFETIME",
@@ -198,6 +200,12 @@ pub enum ConfigError {
     },
     #[error("{var} must be greater than zero")]
     ZeroDuration { var: &'static str },
+    #[error(
+        "NSM_MAX_TOKEN_LIFETIME {lifetime} must be longer than NSM_REQUEST_TIMEOUT {timeout}: \
+         every hop closes a connection at its token's expiry minus the request timeout, \
+         so the connection would be closed as soon as it is up"
+    )]
+    TokenLifetime { lifetime: String, timeout: String },
     #[error("NSM_LABELS {0:?}: expected k:v,k:v with non-empty keys")]
     Labels(String),
     #[error("NSM_LOG_LEVEL {0:?}: expected TRACE, DEBUG, INFO, WARN or ERROR")]
@@ -345,13 +353,22 @@ impl Config {
         } else {
             None
         };
+        let request_timeout = parse_duration("NSM_REQUEST_TIMEOUT", &cli.request_timeout)?;
+        let max_token_lifetime = parse_duration("NSM_MAX_TOKEN_LIFETIME", &cli.max_token_lifetime)?;
+        // sdk's timeout element closes at `expires - request timeout`.
+        if max_token_lifetime <= request_timeout {
+            return Err(ConfigError::TokenLifetime {
+                lifetime: cli.max_token_lifetime.trim().to_owned(),
+                timeout: cli.request_timeout.trim().to_owned(),
+            });
+        }
         Ok(Config {
             services,
             name: name.to_owned(),
             connect_to: parse_connect_to(cli.connect_to.trim())?,
             dial_timeout: parse_duration("NSM_DIAL_TIMEOUT", &cli.dial_timeout)?,
-            request_timeout: parse_duration("NSM_REQUEST_TIMEOUT", &cli.request_timeout)?,
-            max_token_lifetime: parse_duration("NSM_MAX_TOKEN_LIFETIME", &cli.max_token_lifetime)?,
+            request_timeout,
+            max_token_lifetime,
             labels,
             log_level: parse_log_level(&cli.log_level)?,
             validate,
@@ -547,6 +564,23 @@ mod tests {
             (
                 &["--insecure", "--network-services=kernel://a/x", "--name= "],
                 "NSM_NAME",
+            ),
+            (
+                &[
+                    "--insecure",
+                    "--network-services=kernel://a/x",
+                    "--max-token-lifetime=3s",
+                ],
+                "NSM_MAX_TOKEN_LIFETIME 3s must be longer than NSM_REQUEST_TIMEOUT 15s",
+            ),
+            (
+                &[
+                    "--insecure",
+                    "--network-services=kernel://a/x",
+                    "--max-token-lifetime=1m",
+                    "--request-timeout=60s",
+                ],
+                "NSM_MAX_TOKEN_LIFETIME 1m must be longer than NSM_REQUEST_TIMEOUT 60s",
             ),
         ];
         for (args, want) in cases {

@@ -2,8 +2,9 @@
 //! Request+Close pairs per second and pair latency (p50/p99) at concurrency 1
 //! and 64, as a forwarder calls (fresh unix connection per call) and over one
 //! kept connection per worker — with placement sidecar (no rules) and, as root,
-//! placement proxy (the NSE's table rewritten on every call, also beside 500
-//! open connections); then resident memory per 1,000 open connections.
+//! placement proxy (every call adds or removes the connection's interface in
+//! the NSE's table, also beside 500 open connections); then resident memory
+//! per 1,000 open connections.
 //!
 //! `cargo bench -p nse --bench control_plane`
 
@@ -32,8 +33,8 @@ struct NseProcess {
 enum Placement {
     /// No rules: the control plane alone, in the bench's own namespace.
     Sidecar,
-    /// The mesh-proxy function's table regenerated on every Request and
-    /// Close, in a namespace of its own (root only).
+    /// The mesh-proxy function's table in a namespace of its own (root
+    /// only): each Request and Close changes one member of its interface set.
     Proxy,
 }
 
@@ -337,7 +338,7 @@ async fn main() {
         rows.push(run(&nse, mode, 1, 2_000).await);
         rows.push(run(&nse, mode, 64, 10_000).await);
     }
-    // Placement proxy: every Request and Close rewrites the one table of
+    // Placement proxy: every Request and Close changes the one table of
     // the NSE's namespace (needs root for the namespace and the rules).
     let mut with_open = None;
     if nix_is_root() {
@@ -346,7 +347,7 @@ async fn main() {
         run(&proxy, Mode::FreshConnection, 4, 100).await; // warm-up
         rows.push(run(&proxy, Mode::FreshConnection, 1, 300).await);
         rows.push(run(&proxy, Mode::FreshConnection, 64, 1_000).await);
-        // The table grows with the live connections: pairs beside 500 open ones.
+        // The set grows with the live connections: pairs beside 500 open ones.
         let held = open(&proxy.socket, 2_000_000, 500).await;
         let mut r = run(&proxy, Mode::FreshConnection, 1, 200).await;
         r.mode = "fresh, 500 open";

@@ -252,8 +252,8 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         table = %function.rules.owner,
         "mesh-proxy function"
     );
-    let mesh_proxy = MeshProxy::start(function).map_err(ServeError::MeshProxy)?;
-    let functions: Vec<Arc<dyn NetworkFunction>> = vec![Arc::new(mesh_proxy)];
+    let mesh_proxy = Arc::new(MeshProxy::start(function).map_err(ServeError::MeshProxy)?);
+    let functions: Vec<Arc<dyn NetworkFunction>> = vec![mesh_proxy.clone()];
     let endpoint = Arc::new(Endpoint::with_functions(
         &EndpointOptions::from(&config),
         functions,
@@ -276,5 +276,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         );
     }
     let shutdown = termination()?;
-    serve(&config.listen_on, endpoint, shutdown).await
+    let served = serve(&config.listen_on, endpoint, shutdown).await;
+    let release = tokio::task::spawn_blocking(move || mesh_proxy.release());
+    if let Err(e) = release.await {
+        tracing::warn!(error = %e, "releasing the mesh-proxy rules failed");
+    }
+    served
 }

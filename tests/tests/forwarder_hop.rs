@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use hop_support::*;
 use nsm_api::inode::InodeUrl;
+use nsm_api::mechanism::{self as mech, MechanismExt, keys};
 use nsm_tests::netns::TestNetns;
 use nsm_tests::process::fd_count;
 use nsm_tests::require_root;
@@ -160,9 +161,8 @@ async fn plumbs_refreshes_and_closes_like_an_nsm_forwarder() {
     assert_eq!(echoed, b"across the hop");
     assert_eq!(peer.ip().to_string(), CLIENT_IP);
 
-    // The state file records the connection under our segment's id.
+    // The state directory records the connection under our segment's id.
     let state = s.hop.state();
-    assert_eq!(state["version"], 1);
     let rec = &state["connections"][&fwd.id];
     assert_eq!(rec["plan"]["a"]["name"], "nsm-1");
     assert_eq!(rec["backend"], "nft");
@@ -409,6 +409,200 @@ async fn connections_sharing_a_client_namespace_keep_their_own_rules() {
     s.assert_pristine(&pristine, "after both Closes");
 }
 
+/// A client that asks again from scratch with its stable id (a restarted
+/// init container: only its own path segment) gets its connection back as
+/// a refresh — same segment id here and at the endpoint, same interface —
+/// also after the hop restarted; another caller asking for the same name
+/// is still refused, and the same id from another namespace is another
+/// connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_from_scratch_by_the_same_client_refreshes_its_connection() {
+    if !require_root("a_request_from_scratch_by_the_same_client_refreshes_its_connection") {
+        return;
+    }
+    let mut s = setup(Behaviour::default(), &[], &[]).await;
+    let pristine = s.snapshots();
+    let conn = s
+        .request(s.client.first())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+    let fwd_id = segments(&conn)["forwarder-plugin"].id.clone();
+    let ci = ifindex(&s.client_ns, "nsm-1");
+    let plumbed = s.snapshots();
+
+    for round in ["again", "after a restart"] {
+        let again = s
+            .request(s.client.first())
+            .await
+            .unwrap_or_else(|e| panic!("{round}: {e:?}\n{}", s.hop.log()));
+        assert_eq!(
+            segments(&again)["forwarder-plugin"].id,
+            fwd_id,
+            "{round}: the same connection here"
+        );
+        assert_eq!(
+            ifindex(&s.client_ns, "nsm-1"),
+            ci,
+            "{round}: the same interface"
+        );
+        s.assert_pristine(&plumbed, round);
+        let (req, _) = s.nse.requests().pop().unwrap();
+        let down = req.connection.unwrap();
+        assert_eq!(
+            down.id, fwd_id,
+            "{round}: the endpoint sees our segment's id"
+        );
+        assert_eq!(
+            segments(&down)["fake-nse"].id,
+            format!("nse-{fwd_id}"),
+            "{round}: and its own segment back, so it refreshes too"
+        );
+        assert_eq!(
+            kernel_name(down.mechanism.as_ref()).as_deref(),
+            Some(s.nse.ifname.as_str()),
+            "{round}: a refresh presents the endpoint's own mechanism"
+        );
+        assert_eq!(s.hop.state()["connections"].as_object().unwrap().len(), 1);
+        // The record survives a kill -9; the next round asks the new hop.
+        s.hop.kill9();
+        s.hop = Hop::start(s.dir.path(), &s.nse.url(), &[], &[]);
+    }
+    assert!(s.nse.closes().is_empty(), "nothing was closed downstream");
+
+    // Another caller wanting nsm-1 in this namespace is refused.
+    let other = TestClient::new(&s.hop.socket);
+    let e = other
+        .request(
+            other.first(),
+            "nsm-1",
+            ClientNetns::Fd(&s.client_ns),
+            TTL,
+            WAIT,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    s.assert_pristine(&plumbed, "another caller refused");
+
+    // The same id from another namespace is another connection.
+    let elsewhere = TestNetns::new("hc2");
+    let second = s
+        .client
+        .request(
+            s.client.first(),
+            "nsm-1",
+            ClientNetns::Fd(&elsewhere),
+            TTL,
+            WAIT,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+    assert_ne!(segments(&second)["forwarder-plugin"].id, fwd_id);
+    assert!(link(&elsewhere, "nsm-1").is_some());
+    s.client.close(second).await.unwrap();
+    assert!(link(&elsewhere, "nsm-1").is_none());
+
+    // A Close that lost the path too (only the caller's segment; the
+    // mechanism names the namespace) closes the caller's connection.
+    let mut lost = s.client.first();
+    let mut m = mech::kernel([]);
+    m.set_param(keys::NAME, "nsm-1");
+    m.set_param(keys::INODE_URL, inode_of(&s.client_ns).to_string());
+    lost.mechanism = Some(m);
+    s.client.close(lost).await.unwrap();
+    // (the refused caller's, the other namespace's, and this one)
+    assert_eq!(s.nse.closes().len(), 3, "Closed downstream");
+    assert_eq!(s.nse.closes()[2].id, fwd_id);
+    s.assert_pristine(&pristine, "after Close");
+    assert_eq!(s.hop.state()["connections"], serde_json::json!({}));
+    drop(conn);
+}
+
+fn inode_of(ns: &TestNetns) -> InodeUrl {
+    use std::os::unix::fs::MetadataExt;
+    let st = std::fs::metadata(ns.path()).unwrap();
+    InodeUrl::new(st.dev(), st.ino())
+}
+
+/// Requests at once, each from its own namespace, are plumbed side by side
+/// (each its own veth, address and state file); callers racing for one
+/// interface name in one namespace: exactly one gets it, the others are
+/// refused (and Closed at the endpoint), and the winner's link is intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_at_once_plumb_side_by_side_and_race_for_a_name_safely() {
+    if !require_root("requests_at_once_plumb_side_by_side_and_race_for_a_name_safely") {
+        return;
+    }
+    const N: usize = 8;
+    let s = setup(Behaviour::default(), &[], &[]).await;
+    let pristine = s.snapshots();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..N {
+        let (ns, client) = (TestNetns::new("hp"), TestClient::new(&s.hop.socket));
+        set.spawn(async move {
+            let res = client
+                .request(client.first(), "nsm-1", ClientNetns::Fd(&ns), TTL, WAIT)
+                .await;
+            (ns, client, res)
+        });
+    }
+    let mut up = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        let (ns, client, res) = joined.unwrap();
+        let conn = res.unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+        let mine = addrs(&ns, "nsm-1");
+        assert_eq!(mine.len(), 1, "{mine:?}");
+        up.push((ns, client, conn, mine[0].clone()));
+    }
+    let distinct: std::collections::BTreeSet<_> = up.iter().map(|u| u.3.clone()).collect();
+    assert_eq!(distinct.len(), N, "one address each: {distinct:?}");
+    assert_eq!(s.hop.state()["connections"].as_object().unwrap().len(), N);
+
+    let racers: Vec<TestClient> = (0..4).map(|_| TestClient::new(&s.hop.socket)).collect();
+    let race = async |c: &TestClient| {
+        c.request(c.first(), "nsm-9", ClientNetns::Fd(&s.client_ns), TTL, WAIT)
+            .await
+    };
+    let (r0, r1, r2, r3) = tokio::join!(
+        race(&racers[0]),
+        race(&racers[1]),
+        race(&racers[2]),
+        race(&racers[3])
+    );
+    let mut won = Vec::new();
+    for (client, res) in racers.iter().zip([r0, r1, r2, r3]) {
+        match res {
+            Ok(conn) => won.push((client, conn)),
+            Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
+        }
+    }
+    assert_eq!(
+        won.len(),
+        1,
+        "exactly one caller gets nsm-9\n{}",
+        s.hop.log()
+    );
+    assert_eq!(
+        s.nse.closes().len(),
+        3,
+        "the refused ones are Closed downstream"
+    );
+    let (winner, conn) = won.pop().unwrap();
+    assert_eq!(
+        addrs(&s.client_ns, "nsm-9").len(),
+        1,
+        "the winner's link is intact"
+    );
+    winner.close(conn).await.unwrap();
+
+    for (ns, client, conn, _) in up {
+        client.close(conn).await.unwrap();
+        assert!(link(&ns, "nsm-1").is_none());
+    }
+    s.assert_pristine(&pristine, "after every Close");
+    assert_eq!(s.hop.state()["connections"], serde_json::json!({}));
+}
+
 /// Each refusal: the right code, a message that says why, and both
 /// namespaces exactly as before.
 #[tokio::test(flavor = "multi_thread")]
@@ -419,14 +613,16 @@ async fn refusals_leave_both_namespaces_pristine() {
     let s = setup(Behaviour::default(), &[], &[]).await;
     let pristine = s.snapshots();
 
-    // A client namespace that no longer exists, named by inode only.
-    let gone = TestNetns::new("hg");
+    // A client namespace that does not exist, named by inode only. Not a
+    // deleted one's number: the kernel hands freed namespace inodes out
+    // again at once (lowest first, from 0xF0000000), so with tests running
+    // side by side it may name another test's namespace; the highest
+    // number is never reached.
     let gone_url: InodeUrl = {
-        let st = std::fs::metadata(gone.path()).unwrap();
         use std::os::unix::fs::MetadataExt;
-        InodeUrl::new(st.dev(), st.ino())
+        let st = std::fs::metadata(s.client_ns.path()).unwrap();
+        InodeUrl::new(st.dev(), u64::from(u32::MAX))
     };
-    drop(gone);
     let e = s
         .client
         .request(
@@ -618,7 +814,7 @@ async fn a_restarted_hop_adopts_what_it_plumbed_before() {
     let plumbed = s.snapshots();
     let ci = ifindex(&s.client_ns, "nsm-1");
 
-    // kill -9: the state file is all that is left of the hop.
+    // kill -9: the state directory is all that is left of the hop.
     s.hop.kill9();
     s.assert_pristine(&plumbed, "kill -9");
     s.hop = Hop::start(s.dir.path(), &s.nse.url(), &[], &[]);
@@ -639,7 +835,7 @@ async fn a_restarted_hop_adopts_what_it_plumbed_before() {
     s.assert_pristine(&plumbed, "a plain stop (the dataplane stays)");
     s.hop = Hop::start(s.dir.path(), &s.nse.url(), &[], &[]);
 
-    // A Close after the restarts still undoes everything (from the state file).
+    // A Close after the restarts still undoes everything (from the state directory).
     s.client.close(conn).await.unwrap();
     s.assert_pristine(&pristine, "Close after a restart");
     assert_eq!(s.nse.closes().len(), 1, "the endpoint got the Close");

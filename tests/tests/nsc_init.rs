@@ -617,6 +617,11 @@ fn bad_configuration_exits_64_with_one_line() {
             "TLS/SPIFFE is not implemented",
         ),
         (&[("NSC_VALIDATE", "true")], "NSC_VALIDATE_PROBE"),
+        // Hops close at the token's expiry minus the request timeout.
+        (
+            &[("NSM_MAX_TOKEN_LIFETIME", "3s")],
+            "NSM_MAX_TOKEN_LIFETIME 3s must be longer than NSM_REQUEST_TIMEOUT 15s",
+        ),
     ];
     for (env, want) in cases {
         let mut cmd = nsc_init(
@@ -787,6 +792,8 @@ fn watch_refreshes_heals_and_closes_on_sigterm() {
     );
     cmd.env("NSC_WATCH", "true")
         .env("NSM_MAX_TOKEN_LIFETIME", "3s")
+        // Below the lifetime: hops close at expiry minus the request timeout.
+        .env("NSM_REQUEST_TIMEOUT", "1s")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = ChildGuard::spawn(&mut cmd);

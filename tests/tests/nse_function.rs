@@ -7,6 +7,7 @@
 mod nse_support;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use forwarder_plugin::hop::{Ends, veth_plan};
 use forwarder_plugin::link::plumb_veth_in;
@@ -52,6 +53,32 @@ fn table(ns: &TestNetns) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The interfaces our table captures: the members of its interface set,
+/// sorted; `None` when there is no table. (The table stays when the last
+/// connection goes, with an empty set: see nse/README.md.)
+fn captured(ns: &TestNetns) -> Option<Vec<String>> {
+    let out = ns.exec(&["nft", "-j", "list", "set", "inet", TABLE, "include_ifaces"]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft json");
+    let set = v["nftables"]
+        .as_array()
+        .and_then(|a| a.iter().find_map(|o| o.get("set")))
+        .expect("a set in the listing")
+        .clone();
+    let mut members: Vec<String> = set["elem"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e.as_str().expect("an interface name").to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    members.sort();
+    Some(members)
 }
 
 fn interface(conn: &Connection) -> String {
@@ -146,12 +173,16 @@ async fn proxy_placement_sends_the_connections_traffic_to_the_proxy() {
     let (conn, _) = nse.request(req_p()).await.expect("Request");
     let nic = interface(&conn);
 
-    // The client routes everything via the endpoint's address of each family.
+    // The client routes everything via the endpoint's address of each
+    // family, as two halves that win over its own default route.
+    let via = |p: &str, h: &str| (p.to_owned(), h.to_owned());
     assert_eq!(
         capture_routes(&conn),
         [
-            ("0.0.0.0/0".to_owned(), "198.18.10.0".to_owned()),
-            ("::/0".to_owned(), "fd00:10::".to_owned())
+            via("0.0.0.0/1", "198.18.10.0"),
+            via("128.0.0.0/1", "198.18.10.0"),
+            via("::/1", "fd00:10::"),
+            via("8000::/1", "fd00:10::"),
         ]
     );
     assert_eq!(
@@ -162,7 +193,8 @@ async fn proxy_placement_sends_the_connections_traffic_to_the_proxy() {
     // One table, capturing what arrives on the connection's interface, and
     // nothing at the output hook (the proxy's upstream leaves directly).
     let t = table(ns).expect("our table in the NSE's namespace");
-    assert!(t.contains(&format!("iifname \"{nic}\"")), "{t}");
+    assert_eq!(captured(ns), Some(vec![nic.clone()]), "{t}");
+    assert!(t.contains("iifname @include_ifaces"), "{t}");
     assert!(t.contains("redirect to :15001"), "{t}");
     assert!(!t.contains("hook output"), "{t}");
 
@@ -197,14 +229,24 @@ async fn proxy_placement_sends_the_connections_traffic_to_the_proxy() {
     assert_eq!(ip(&again), ip(&conn));
     assert_eq!(table(ns).as_deref(), Some(t.as_str()), "same rules");
 
-    // Close: no table, and the endpoint's address is just an address again.
+    // Close: the interface leaves the set (the table stays, capturing
+    // nothing), and the endpoint's address is just an address again.
     nse.close(again).await.expect("Close");
-    assert_eq!(table(ns), None, "table left after the last Close");
+    assert_eq!(
+        captured(ns),
+        Some(vec![]),
+        "interface left after the last Close"
+    );
     let e = client.tcp(addr("198.18.10.0", 8080)).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-    let ruleset = ns.exec_ok(&["nft", "list", "ruleset"]);
-    assert!(!ruleset.contains(TABLE), "{ruleset}");
     drop(client.ns);
+
+    // A clean exit with no connection left removes the table too.
+    let mut nse = nse;
+    let status = nse.child.terminate(WAIT).expect("the NSE exits on SIGTERM");
+    assert!(status.success(), "{status}: {}", nse.log());
+    let ruleset = nse_netns(&nse).exec_ok(&["nft", "list", "ruleset"]);
+    assert!(!ruleset.contains(TABLE), "{ruleset}");
 }
 
 #[tokio::test]
@@ -217,8 +259,9 @@ async fn connections_share_one_table_and_leave_it_one_by_one() {
     let (a, _) = nse.request(req_p()).await.unwrap();
     let (b, _) = nse.request(req_p()).await.unwrap();
     let (nic_a, nic_b) = (interface(&a), interface(&b));
-    let t = table(ns).unwrap();
-    assert!(t.contains(&nic_a) && t.contains(&nic_b), "{t}");
+    let mut both = vec![nic_a.clone(), nic_b.clone()];
+    both.sort();
+    assert_eq!(captured(ns), Some(both));
     let _proxy = proxy(&nse, 15001, false);
     let (ca, cb) = (
         PlumbedClient::plumb(&nse, &a).await,
@@ -229,8 +272,11 @@ async fn connections_share_one_table_and_leave_it_one_by_one() {
     assert_eq!(cb.reaches(far).label, "proxy");
 
     nse.close(a.clone()).await.unwrap();
-    let t = table(ns).expect("b still has its rules");
-    assert!(!t.contains(&nic_a) && t.contains(&nic_b), "{t}");
+    assert_eq!(
+        captured(ns),
+        Some(vec![nic_b.clone()]),
+        "b is still captured"
+    );
     assert_eq!(cb.reaches(far).orig, Some(far));
     let a_endpoint = addr(ip(&a).dst_ip_addrs[0].split('/').next().unwrap(), 8080);
     assert_eq!(
@@ -239,10 +285,99 @@ async fn connections_share_one_table_and_leave_it_one_by_one() {
     );
     // Closing again is quiet and changes nothing.
     nse.close(a).await.expect("second Close");
-    assert!(table(ns).unwrap().contains(&nic_b));
+    assert_eq!(captured(ns), Some(vec![nic_b.clone()]));
 
-    nse.close(b).await.unwrap();
-    assert_eq!(table(ns), None);
+    nse.close(b.clone()).await.unwrap();
+    assert_eq!(captured(ns), Some(vec![]));
+    let b_endpoint = addr(ip(&b).dst_ip_addrs[0].split('/').next().unwrap(), 8080);
+    assert_eq!(
+        cb.tcp(b_endpoint).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "b's traffic is no longer captured"
+    );
+}
+
+/// 200 connections in placement proxy, Requested in parallel as many
+/// forwarders would: every one's traffic reaches the proxy; closing every
+/// other one (in parallel too) stops capturing exactly those, and the rest
+/// still land on the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_connections_capture_and_half_of_them_leave() {
+    if !root("two_hundred_connections_capture_and_half_of_them_leave") {
+        return;
+    }
+    const N: usize = 200;
+    let nse = Arc::new(Nse::start(&[("NSM_CIDR_PREFIX", "198.18.32.0/23")]).await);
+    let ns = nse_netns(&nse);
+    let requests: Vec<_> = (0..N)
+        .map(|_| {
+            let nse = nse.clone();
+            tokio::spawn(async move { nse.request(req_p()).await.map(|(c, _)| c) })
+        })
+        .collect();
+    let mut conns = Vec::new();
+    for r in requests {
+        conns.push(r.await.unwrap().expect("every parallel Request succeeds"));
+    }
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let nics = sorted(conns.iter().map(interface).collect());
+    assert_eq!(captured(ns).as_ref(), Some(&nics), "all {N} captured");
+
+    let _proxy = proxy(&nse, 15001, false);
+    let mut clients = Vec::new();
+    for c in &conns {
+        clients.push(PlumbedClient::plumb(&nse, c).await);
+    }
+    let far = addr("198.19.7.7", 80);
+    for (c, client) in conns.iter().zip(&clients) {
+        let r = client.reaches(far);
+        assert_eq!(
+            (r.label.as_str(), r.orig),
+            ("proxy", Some(far)),
+            "{}",
+            interface(c)
+        );
+    }
+
+    let (gone, kept): (Vec<_>, Vec<_>) = conns
+        .iter()
+        .cloned()
+        .zip(&clients)
+        .enumerate()
+        .partition(|(i, _)| i % 2 == 0);
+    let closes: Vec<_> = gone
+        .iter()
+        .map(|(_, (c, _))| {
+            let (nse, c) = (nse.clone(), c.clone());
+            tokio::spawn(async move { nse.close(c).await.map(drop) })
+        })
+        .collect();
+    for c in closes {
+        c.await.unwrap().expect("every parallel Close succeeds");
+    }
+    let kept_nics = sorted(kept.iter().map(|(_, (c, _))| interface(c)).collect());
+    assert_eq!(captured(ns), Some(kept_nics), "the other half captured");
+    for (_, (c, client)) in &kept {
+        let r = client.reaches(far);
+        assert_eq!(
+            (r.label.as_str(), r.orig),
+            ("proxy", Some(far)),
+            "{}",
+            interface(c)
+        );
+    }
+    for (_, (c, client)) in &gone {
+        let endpoint = addr(ip(c).dst_ip_addrs[0].split('/').next().unwrap(), 8080);
+        assert_eq!(
+            client.tcp(endpoint).unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{} is no longer captured",
+            interface(c)
+        );
+    }
 }
 
 #[tokio::test]
@@ -269,6 +404,13 @@ async fn tproxy_mode_hands_over_the_original_addresses() {
     assert!(rules.contains("lookup 133"), "{rules}");
 
     nse.close(conn).await.unwrap();
+    assert_eq!(captured(ns), Some(vec![]));
+    let e = client.tcp(addr("198.18.12.0", 8080)).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    // The policy route goes with the table, at a clean exit.
+    let mut nse = nse;
+    assert!(nse.child.terminate(WAIT).is_some_and(|s| s.success()));
+    let ns = nse_netns(&nse);
     assert_eq!(table(ns), None);
     let rules = ns.exec_ok(&["ip", "-4", "rule"]);
     assert!(!rules.contains("lookup 133"), "policy route left: {rules}");
@@ -302,8 +444,17 @@ async fn the_iptables_backend_does_the_same() {
     let dst = addr("198.19.9.9", 80);
     assert_eq!(client.reaches(dst).orig, Some(dst));
 
-    nse.close(conn).await.unwrap();
+    nse.close(conn.clone()).await.unwrap();
     let saved = ns.exec_ok(&["iptables-save"]);
+    assert!(
+        !saved.contains(&format!("-i {}", interface(&conn))),
+        "{saved}"
+    );
+    let e = client.tcp(addr("198.18.17.0", 8080)).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let mut nse = nse;
+    assert!(nse.child.terminate(WAIT).is_some_and(|s| s.success()));
+    let saved = nse_netns(&nse).exec_ok(&["iptables-save"]);
     assert!(!saved.contains("MESH_PROXY"), "{saved}");
 }
 
@@ -343,8 +494,12 @@ async fn sidecar_placement_returns_the_clients_spec_and_installs_nothing() {
         .await
         .unwrap();
     assert!(client_spec(&proxied).is_none());
-    assert_eq!(capture_routes(&proxied).len(), 1);
-    assert!(table(ns).unwrap().contains(&interface(&proxied)));
+    assert_eq!(
+        capture_routes(&proxied).len(),
+        2,
+        "0.0.0.0/1 and 128.0.0.0/1"
+    );
+    assert_eq!(captured(ns), Some(vec![interface(&proxied)]));
     let mut refresh = refresh_of(&proxied);
     conn_mut(&mut refresh)
         .labels
@@ -352,7 +507,11 @@ async fn sidecar_placement_returns_the_clients_spec_and_installs_nothing() {
     let (switched, _) = nse.request(refresh).await.unwrap();
     assert!(client_spec(&switched).is_some());
     assert!(capture_routes(&switched).is_empty());
-    assert_eq!(table(ns), None, "its rules went with the switch");
+    assert_eq!(
+        captured(ns),
+        Some(vec![]),
+        "its capture went with the switch"
+    );
 }
 
 #[tokio::test]
@@ -403,7 +562,7 @@ async fn bad_labels_and_unknown_services_are_refused_and_hold_nothing() {
         .await
         .expect("nothing was held by the refused Requests");
     assert_eq!(ip(&conn).dst_ip_addrs, ["198.18.14.0/32"]);
-    assert!(table(ns).unwrap().contains(&interface(&conn)));
+    assert_eq!(captured(ns), Some(vec![interface(&conn)]));
 }
 
 #[tokio::test]
@@ -463,9 +622,12 @@ async fn rules_the_kernel_refuses_fail_the_request_and_roll_everything_back() {
     assert_eq!(ns.exec_ok(&["ip", "-4", "rule"]), rules_before);
     let (second, _) = nse.request(req_p()).await.expect("the pair was given back");
     assert_eq!(ip(&second).dst_ip_addrs, ["198.18.19.2/32"]);
+    let mut both = vec![interface(&first), interface(&second)];
+    both.sort();
+    assert_eq!(captured(ns), Some(both));
     nse.close(first).await.unwrap();
     nse.close(second).await.unwrap();
-    assert_eq!(table(ns), None);
+    assert_eq!(captured(ns), Some(vec![]));
 }
 
 #[tokio::test]
@@ -494,7 +656,7 @@ async fn a_restarted_nse_starts_without_the_old_rules_and_refresh_restores_them(
     // The forwarder's next refresh brings the connection, and its rules, back.
     let (again, _) = nse.request(refresh_of(&conn)).await.expect("refresh");
     assert_eq!(ip(&again).dst_ip_addrs, ip(&conn).dst_ip_addrs);
-    assert!(table(ns).unwrap().contains(&interface(&conn)));
+    assert_eq!(captured(ns), Some(vec![interface(&conn)]));
 }
 
 /// `setpriv` as an unprivileged user, with or without CAP_NET_ADMIN.
@@ -552,7 +714,7 @@ async fn cap_net_admin_is_needed_for_placement_proxy_and_enough() {
         .request(req_p())
         .await
         .expect("rules with CAP_NET_ADMIN only");
-    assert!(table(nse_netns(&with)).unwrap().contains(&interface(&conn)));
+    assert_eq!(captured(nse_netns(&with)), Some(vec![interface(&conn)]));
     with.close(conn).await.unwrap();
-    assert_eq!(table(nse_netns(&with)), None);
+    assert_eq!(captured(nse_netns(&with)), Some(vec![]));
 }

@@ -14,7 +14,7 @@ use forwarder_plugin::rules::{
 use nsm_tests::netns::TestNetns;
 use redirect_common::plan;
 
-const SPECS: [&str; 4] = [
+const SPECS: [&str; 5] = [
     "{}",
     r#"{"mode": "tproxy", "ipv6": true, "captureDns": true, "dropInvalid": true,
         "excludeOutboundCidrs": ["198.19.0.0/15", "fd00:1::/64", "10.1.2.0/23"],
@@ -24,6 +24,9 @@ const SPECS: [&str; 4] = [
         "includeOutboundCidrs": ["198.18.0.0/16", "fd00::/8"], "ipv6": true}"#,
     r#"{"includeOutboundPorts": [80, 443], "includeOutboundCidrs": [],
         "excludeInboundPorts": [], "outboundPort": 4140, "inboundPort": 4143}"#,
+    // An endpoint's capture: an interface set and nothing outbound.
+    r#"{"includeInterfaces": ["nsm-b", "nsm-a"], "includeOutboundCidrs": [], "ipv6": true,
+        "excludeInboundPorts": [], "inboundPort": 15001, "outboundPort": 15002}"#,
 ];
 
 /// `nft -j list ruleset` without handles (they number every object anew).

@@ -6,9 +6,12 @@
 #[macro_use]
 mod redirect_common;
 
-use forwarder_plugin::rules::{self, DriftItem, Outcome, RulesError};
+use forwarder_plugin::rules::{self, DriftItem, Outcome, Plan, RedirectSpec, RulesError};
 use nsm_tests::topology::{Client, PEER_V4, POD_V4, v4};
-use redirect_common::{Kind, Lab, app, assert_same, backend, faulty_backend, plan, state};
+use redirect_common::{
+    Kind, Lab, State, app, assert_same, backend, changed_lines, faulty_backend, nft_set_members,
+    plan, state,
+};
 
 /// Everything the spec can switch on at once.
 const RICH: &str = r#"{"mode": "tproxy", "ipv6": true, "captureDns": true, "dropInvalid": true,
@@ -357,14 +360,22 @@ fn thousands_of_interfaces_apply_at_once(kind: Kind) {
     };
     let p = spec(&names);
     assert_eq!(b.apply(lab.pod(), &p).unwrap(), Outcome::Applied);
-    assert!(b.verify(lab.pod(), &p).unwrap().is_empty());
+    let drift = b.verify(lab.pod(), &p).unwrap();
+    assert!(drift.is_empty(), "{drift}");
     let s = state(&lab.topo.pod);
     // (iptables-nft rules show in the nft ruleset too: count each backend's own view.)
     let listed = match kind {
-        Kind::Nft => s.nft.matches("iifname \"nsm").count(),
+        Kind::Nft => nft_set_members(&lab.topo.pod, "mesh_proxy")
+            .expect("the interface set")
+            .iter()
+            .filter(|m| m.starts_with("nsm"))
+            .count(),
         _ => s.xtables.matches("-i nsm").count(),
     };
-    assert_eq!(listed, 2000, "one capture rule per interface");
+    assert_eq!(
+        listed, 2000,
+        "every interface in the set (nft) / one rule per interface (iptables)"
+    );
     let r = lab.inbound(v4(POD_V4, 8080));
     assert_eq!(
         (r.label.as_str(), r.orig),
@@ -379,7 +390,197 @@ fn thousands_of_interfaces_apply_at_once(kind: Kind) {
     assert!(!state(&lab.topo.pod).mentions_ours());
 }
 
+/// Whether every changed line is about one of `names` (a set element, or
+/// one interface's capture rule). iptables-nft creates a built-in chain
+/// when its first rule comes: that is iptables' furniture, not ours.
+#[track_caller]
+fn only_members_changed(kind: Kind, lines: &[String], names: &[&str], what: &str) {
+    let furniture = |l: &str| {
+        kind != Kind::Nft
+            && (l.ends_with("chain PREROUTING {") || l.contains("type nat hook prerouting"))
+    };
+    let other: Vec<&String> = lines
+        .iter()
+        .filter(|l| !names.iter().any(|n| l.contains(n)) && !furniture(l))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "{what} changed more than the members: {other:#?}"
+    );
+}
+
+/// An endpoint's interface set: members added and removed one change at a
+/// time touch nothing but those members (the ruleset diff is the set's
+/// elements for nft, the members' own capture rules for iptables), verify
+/// follows, traffic follows, a member deleted by hand is drift that
+/// reconcile repairs, and refused changes write nothing.
+fn membership_changes_touch_only_the_members(kind: Kind) {
+    if !root("membership_changes_touch_only_the_members") {
+        return;
+    }
+    let lab = Lab::new();
+    let pod = &lab.topo.pod;
+    // The firewall and policy routing; not the routes, where the kernel adds
+    // IPv6 link-local addresses whenever it gets to it.
+    let state = |ns| State {
+        routes: String::new(),
+        ..state(ns)
+    };
+    let b = backend(kind);
+    let spec = RedirectSpec::parse(r#"{"includeOutboundCidrs": [], "ipv6": true}"#).unwrap();
+    let with = |names: &[&str]| {
+        Plan::for_interfaces(&spec, names.iter().map(|n| (*n).to_owned())).unwrap()
+    };
+    let nic = lab.topo.pod_if.clone();
+    let empty = with(&[]);
+    assert_eq!(b.apply(lab.pod(), &empty).unwrap(), Outcome::Applied);
+    // An empty set captures nothing inbound.
+    assert_eq!(lab.inbound(v4(POD_V4, 8080)).label, "pod-app");
+    let s0 = state(pod);
+
+    // Added in two steps, out of name order.
+    b.update_interfaces(lab.pod(), &empty, &["zz-late".into()], &[])
+        .unwrap();
+    b.update_interfaces(lab.pod(), &empty, std::slice::from_ref(&nic), &[])
+        .unwrap();
+    let s1 = state(pod);
+    let added = changed_lines(&s0, &s1);
+    assert!(!added.is_empty(), "the members were not written");
+    only_members_changed(kind, &added, &["zz-late", &nic], "adding");
+    assert!(added.iter().all(|l| l.starts_with('+')), "{added:#?}");
+    let two = with(&["zz-late", &nic]);
+    assert!(b.verify(lab.pod(), &two).unwrap().is_empty());
+    let drift = b.verify(lab.pod(), &empty).unwrap();
+    assert!(!drift.is_empty(), "verify against the old members is clean");
+    if kind == Kind::Nft {
+        let mut members = vec![nic.clone(), "zz-late".to_owned()];
+        members.sort();
+        assert_eq!(nft_set_members(pod, "mesh_proxy"), Some(members));
+        assert!(
+            drift
+                .items
+                .iter()
+                .all(|i| matches!(i, DriftItem::ExtraElement { .. })),
+            "{drift}"
+        );
+    }
+    let r = lab.inbound(v4(POD_V4, 8080));
+    assert_eq!(
+        (r.label.as_str(), r.orig),
+        ("pod-in", Some(v4(POD_V4, 8080)))
+    );
+    // Adding what is there changes nothing.
+    b.update_interfaces(lab.pod(), &empty, std::slice::from_ref(&nic), &[])
+        .unwrap();
+    assert_same(&s1, &state(pod), "adding a present member");
+
+    // Removed: only that member goes, and its traffic is left alone again.
+    b.update_interfaces(lab.pod(), &empty, &[], std::slice::from_ref(&nic))
+        .unwrap();
+    let s2 = state(pod);
+    let removed = changed_lines(&s1, &s2);
+    only_members_changed(kind, &removed, &["zz-late", &nic], "removing");
+    assert!(
+        removed
+            .iter()
+            .any(|l| l.starts_with('-') && l.contains(&nic)),
+        "{removed:#?}"
+    );
+    assert!(b.verify(lab.pod(), &with(&["zz-late"])).unwrap().is_empty());
+    assert_eq!(lab.inbound(v4(POD_V4, 8080)).label, "pod-app");
+    // Removing an absent member changes nothing.
+    b.update_interfaces(lab.pod(), &empty, &[], std::slice::from_ref(&nic))
+        .unwrap();
+    assert_same(&s2, &state(pod), "removing an absent member");
+
+    // A member deleted by hand is drift, and reconcile puts it back.
+    b.update_interfaces(lab.pod(), &empty, std::slice::from_ref(&nic), &[])
+        .unwrap();
+    match kind {
+        Kind::Nft => {
+            pod.exec_ok(&[
+                "nft",
+                "delete",
+                "element",
+                "inet",
+                "mesh_proxy",
+                "include_ifaces",
+                &format!("{{ \"{nic}\" }}"),
+            ]);
+        }
+        Kind::Iptables | Kind::IptablesLegacy => {
+            let tool = if kind == Kind::Iptables {
+                "iptables-nft"
+            } else {
+                "iptables-legacy"
+            };
+            let listing = pod.exec_ok(&[tool, "-t", "nat", "-S", "PREROUTING"]);
+            let n = listing
+                .lines()
+                .filter(|l| l.starts_with("-A"))
+                .position(|l| l.contains(&format!("-i {nic} ")))
+                .unwrap_or_else(|| panic!("{nic}'s rule not found in\n{listing}"))
+                + 1;
+            pod.exec_ok(&[tool, "-t", "nat", "-D", "PREROUTING", &n.to_string()]);
+        }
+    }
+    assert_eq!(lab.inbound(v4(POD_V4, 8080)).label, "pod-app");
+    let full = with(&["zz-late", &nic]);
+    let drift = b.verify(lab.pod(), &full).unwrap();
+    assert_eq!(drift.items.len(), 1, "{drift}");
+    assert!(drift.items[0].to_string().contains(&nic), "{drift}");
+    if kind == Kind::Nft {
+        assert!(
+            matches!(&drift.items[0], DriftItem::MissingElement { element, .. } if *element == nic),
+            "{drift}"
+        );
+    }
+    assert_eq!(
+        rules::reconcile(b.as_ref(), lab.pod(), &full).unwrap(),
+        drift
+    );
+    assert!(b.verify(lab.pod(), &full).unwrap().is_empty());
+    assert_eq!(lab.inbound(v4(POD_V4, 8080)).label, "pod-in");
+
+    // Refused before anything is written.
+    let before = state(pod);
+    for (add, remove, want) in [
+        (vec!["lo"], vec![], "\"lo\" decides"),
+        (vec!["a/b"], vec![], "a/b"),
+        (vec!["x1"], vec!["x1"], "both added and removed"),
+    ] {
+        let add: Vec<String> = add.into_iter().map(String::from).collect();
+        let remove: Vec<String> = remove.into_iter().map(String::from).collect();
+        let e = b
+            .update_interfaces(lab.pod(), &empty, &add, &remove)
+            .unwrap_err();
+        assert!(matches!(e, RulesError::Membership(_)), "{e:?}");
+        assert!(e.to_string().contains(want), "{e}");
+    }
+    let every = plan(r#"{"includeOutboundCidrs": []}"#);
+    let e = b
+        .update_interfaces(lab.pod(), &every, &["x1".into()], &[])
+        .unwrap_err();
+    assert!(e.to_string().contains("no interface set"), "{e}");
+    assert_same(&before, &state(pod), "a refused change wrote something");
+
+    // Without the plan's rules there is nothing to add to.
+    b.cleanup(lab.pod()).unwrap();
+    let clean = state(pod);
+    let e = b
+        .update_interfaces(lab.pod(), &empty, &["x1".into()], &[])
+        .unwrap_err();
+    assert!(matches!(e, RulesError::NotApplied { .. }), "{e:?}");
+    assert!(e.to_string().contains("apply the plan first"), "{e}");
+    assert_same(
+        &clean,
+        &state(pod),
+        "a change without the plan wrote something",
+    );
+}
+
 per_backend!(
+    membership_changes_touch_only_the_members,
     thousands_of_interfaces_apply_at_once,
     apply_twice_changes_nothing,
     a_new_spec_replaces_the_old_one,

@@ -201,6 +201,7 @@ fn backend(c: &Common) -> Box<dyn Backend> {
                 VariantArg::Nft => Variant::Nft,
             }),
             fault: None,
+            keep_socket: false,
         },
     )
 }

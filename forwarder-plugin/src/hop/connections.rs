@@ -1,25 +1,35 @@
 //! The hop's connections: plumbs a connection, refreshes it without
 //! changing what is right, replaces it when the endpoint changed its answer,
-//! and undoes it — always with the state file telling a restarted hop what
-//! is out there.
+//! and undoes it — always with the state directory telling a restarted hop
+//! what is out there.
+//!
+//! Concurrency: work on one connection runs one at a time (a lock per
+//! connection id); different connections plumb in parallel. What they share
+//! (names, records) sits in a [`Registry`] behind a lock held only for map
+//! updates, never across kernel work or I/O. Client-side rules take a lock
+//! per client namespace, because TPROXY policy routes are shared there.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use nsm_api::connection::Connection;
 
 use super::dataplane::{self, Applied};
 use super::error::{HopError, Result};
+use super::links_cache::LinksCache;
+use super::locks::{KeyGuard, KeyedLocks};
 use super::record::{HopRecord, Session};
 use super::redirect::{BackendName, client_redirect, owner_for};
-use super::state::StateFile;
+use super::registry::{Held, Registry, tproxy};
+use super::state::StateDir;
 use super::veth_plan::{Ends, veth_plan};
+use crate::link::Links;
 use crate::netns::Netns;
-use crate::rules::spec::Mode;
 
 #[derive(Debug, Clone)]
 pub struct HopOptions {
-    /// Directory of `state.json` (created 0700 if missing).
+    /// The state directory (created 0700 if missing).
     pub state_dir: PathBuf,
     /// Backend for new rules; recorded per connection.
     pub backend: BackendName,
@@ -32,6 +42,9 @@ pub struct PlumbRequest<'a> {
     pub id: &'a str,
     pub client: Netns,
     pub endpoint: Netns,
+    /// A netlink handle already open in the client's namespace (e.g. opened
+    /// while the next hop was answering); `None`: opened here.
+    pub client_links: Option<Links>,
     /// The client's mechanism `name`.
     pub client_if: &'a str,
     /// The endpoint's returned mechanism `name`.
@@ -52,34 +65,40 @@ pub struct PlumbOutcome {
     pub replaced: bool,
 }
 
-/// Descriptors of an established connection's namespaces, held so undo
-/// acts on the very namespaces plumbed (a client's may have no path).
-#[derive(Debug)]
-struct Held {
-    client: Netns,
-    endpoint: Netns,
-}
-
 #[derive(Debug)]
 pub struct Hop {
     backend: BackendName,
-    state: StateFile,
-    /// Serialises kernel changes across connections: name checks, and
-    /// TPROXY policy routes shared by a namespace.
-    held: tokio::sync::Mutex<HashMap<String, Held>>,
+    state: StateDir,
+    registry: Mutex<Registry>,
+    /// One event per connection id at a time.
+    connections: KeyedLocks,
+    /// Rules in one client namespace one at a time (shared policy routes).
+    namespaces: KeyedLocks,
+    /// Netlink handles of the namespaces connections end in.
+    links: LinksCache,
 }
 
 impl Hop {
-    /// Opens (and locks) the state; connections recorded there are
-    /// "adopted": known, undoable, but without descriptors until refreshed.
+    /// Opens (and locks) the state directory; connections recorded there
+    /// are "adopted": known, undoable, but without descriptors until refreshed.
     pub fn open(opts: &HopOptions) -> Result<Hop> {
+        let (state, records) = StateDir::open(&opts.state_dir)?;
+        let mut registry = Registry::default();
+        for (id, rec) in records {
+            registry.adopted.insert(id.clone());
+            registry.set(&id, rec);
+        }
         Ok(Hop {
             backend: opts.backend,
-            state: StateFile::open(&opts.state_dir)?,
-            held: tokio::sync::Mutex::new(HashMap::new()),
+            state,
+            registry: Mutex::new(registry),
+            connections: KeyedLocks::default(),
+            namespaces: KeyedLocks::default(),
+            links: LinksCache::default(),
         })
     }
 
+    /// The state directory.
     pub fn state_path(&self) -> &Path {
         self.state.path()
     }
@@ -88,36 +107,70 @@ impl Hop {
         self.backend
     }
 
-    /// Every connection plumbed (established or adopted).
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // Every critical section leaves the maps consistent or unchanged.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every connection recorded (established, adopted, or being plumbed).
     pub fn records(&self) -> BTreeMap<String, HopRecord> {
-        self.state.records()
-    }
-
-    pub fn record(&self, id: &str) -> Option<HopRecord> {
-        self.state.get(id)
-    }
-
-    /// Connections recorded but not plumbed by this process (a restart).
-    pub async fn adopted(&self) -> Vec<(String, HopRecord)> {
-        let held = self.held.lock().await;
-        self.state
-            .records()
-            .into_iter()
-            .filter(|(id, _)| !held.contains_key(id))
+        self.registry()
+            .records
+            .iter()
+            .map(|(id, r)| (id.clone(), r.clone()))
             .collect()
     }
 
-    /// Recorded (by an earlier run) but not plumbed by this process.
-    pub async fn is_adopted(&self, id: &str) -> bool {
-        let held = self.held.lock().await;
-        !held.contains_key(id) && self.state.get(id).is_some()
+    /// How many connections are recorded.
+    pub fn len(&self) -> usize {
+        self.registry().records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn record(&self, id: &str) -> Option<HopRecord> {
+        self.registry().records.get(id).cloned()
+    }
+
+    /// Connections recorded by an earlier run and not refreshed since.
+    pub fn adopted(&self) -> Vec<(String, HopRecord)> {
+        let reg = self.registry();
+        let mut out: Vec<_> = reg
+            .adopted
+            .iter()
+            .filter_map(|id| Some((id.clone(), reg.records.get(id)?.clone())))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Recorded by an earlier run, and not refreshed by this one.
+    pub fn is_adopted(&self, id: &str) -> bool {
+        self.registry().adopted.contains(id)
+    }
+
+    /// The connection a caller already has in client namespace
+    /// `client_netns` (`inode://dev/ino`): its id here and its record.
+    pub fn by_caller(&self, caller_id: &str, client_netns: &str) -> Option<(String, HopRecord)> {
+        let reg = self.registry();
+        let id = reg.by_caller(caller_id, client_netns)?;
+        Some((id.to_owned(), reg.records.get(id)?.clone()))
+    }
+
+    async fn rules_lock(&self, rec: &HopRecord) -> Option<KeyGuard<'_>> {
+        match rec.rules {
+            Some(_) => Some(self.namespaces.lock(&rec.client_netns).await),
+            None => None,
+        }
     }
 
     /// Plumbs `req` (veth, addresses, routes, client-side rules). Idempotent:
     /// a refresh with the same answer changes nothing that is right and
     /// repairs what is missing. A different answer for a known connection
     /// replaces the old plumbing. A new connection that fails leaves nothing
-    /// behind, in either namespace or the state file.
+    /// behind, in either namespace or the state directory.
     pub async fn plumb(&self, req: PlumbRequest<'_>) -> Result<PlumbOutcome> {
         let ends = Ends {
             client_netns: req.client.id(),
@@ -127,7 +180,6 @@ impl Hop {
         };
         let plan = veth_plan(ends, req.connection)?;
         let rules = client_redirect(req.connection)?;
-        let mut held = self.held.lock().await;
         let record = HopRecord {
             plan,
             rules,
@@ -137,61 +189,133 @@ impl Hop {
             endpoint_netns: req.endpoint.id().to_string(),
             session: req.session,
         };
-        self.check_conflicts(req.id, &record)?;
-        let mut replaced = false;
-        if let Some(old) = self.state.get(req.id) {
-            if old.same_dataplane(&record) {
-                let applied = dataplane::apply(&record, &req.client, &req.endpoint, false).await?;
-                self.state.put(req.id, record.clone())?;
-                held.insert(
-                    req.id.to_owned(),
-                    Held {
-                        client: req.client,
-                        endpoint: req.endpoint,
-                    },
-                );
-                return Ok(PlumbOutcome {
-                    record,
-                    applied,
-                    refreshed: true,
-                    replaced: false,
-                });
+        let id = req.id;
+        let client_links = match req.client_links {
+            Some(l) if l.netns_id() == req.client.id() => l,
+            _ => Links::open(&req.client)?,
+        };
+        let held = Arc::new(Held {
+            client: req.client,
+            endpoint: self.links.get(&req.endpoint)?,
+        });
+        let _conn = self.connections.lock(id).await;
+        let old = self.record(id);
+        let replaced = match old {
+            Some(old) if old.same_dataplane(&record) => {
+                return self.refresh(id, record, held, &client_links).await;
             }
-            let h = held.remove(req.id);
-            dataplane::undo(
-                &old,
-                h.as_ref().map(|h| &h.client),
-                h.as_ref().map(|h| &h.endpoint),
-            )
-            .await?;
-            self.state.remove(req.id)?;
-            self.restore_neighbours(req.id, &old, &held).await;
-            replaced = true;
+            Some(old) => {
+                self.replace(id, &old, &record).await?;
+                true
+            }
+            None => false,
+        };
+        let applied = self.fresh(id, &record, held, &client_links).await?;
+        Ok(PlumbOutcome {
+            record,
+            applied,
+            refreshed: false,
+            replaced,
+        })
+    }
+
+    /// The same dataplane again: verify and repair; a failure keeps the
+    /// established connection as it was (NSM's begin).
+    async fn refresh(
+        &self,
+        id: &str,
+        record: HopRecord,
+        held: Arc<Held>,
+        client: &Links,
+    ) -> Result<PlumbOutcome> {
+        let applied = {
+            let _ns = self.rules_lock(&record).await;
+            dataplane::apply(&record, client, &held.endpoint, false).await?
+        };
+        self.state.put(id, &record)?;
+        let mut reg = self.registry();
+        reg.set(id, record.clone());
+        reg.held.insert(id.to_owned(), held);
+        reg.adopted.remove(id);
+        Ok(PlumbOutcome {
+            record,
+            applied,
+            refreshed: true,
+            replaced: false,
+        })
+    }
+
+    /// Undoes `old` so `new` can take its place; `new`'s names are reserved
+    /// first, so nobody else takes them meanwhile.
+    async fn replace(&self, id: &str, old: &HopRecord, new: &HopRecord) -> Result<()> {
+        let held = {
+            let mut reg = self.registry();
+            reg.conflicts(id, new)?;
+            reg.index(id, new);
+            reg.held.get(id).cloned()
+        };
+        let _ns = self.rules_lock(old).await;
+        let undone = match dataplane::undo(
+            old,
+            held.as_ref().map(|h| &h.client),
+            held.as_ref().map(|h| h.endpoint.netns()),
+        )
+        .await
+        {
+            Ok(()) => self.state.remove(id).map_err(HopError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = undone {
+            let mut reg = self.registry();
+            reg.unindex(id, new);
+            reg.set(id, old.clone());
+            return Err(e);
         }
-        // Recorded before the kernel changes: a crash half-way is still undone later.
-        self.state.put(req.id, record.clone())?;
-        match dataplane::apply(&record, &req.client, &req.endpoint, true).await {
+        {
+            let mut reg = self.registry();
+            reg.forget(id);
+            // `new`'s names stay reserved for the plumbing that follows.
+            reg.index(id, new);
+        }
+        if old.rules.is_some() {
+            self.restore_neighbours(id, old).await;
+        }
+        Ok(())
+    }
+
+    /// A connection with nothing in the kernel yet: recorded first (a crash
+    /// half-way is still undone later), then plumbed; on failure everything
+    /// is taken away again.
+    async fn fresh(
+        &self,
+        id: &str,
+        record: &HopRecord,
+        held: Arc<Held>,
+        client: &Links,
+    ) -> Result<Applied> {
+        {
+            let mut reg = self.registry();
+            reg.conflicts(id, record)?;
+            reg.set(id, record.clone());
+            reg.held.insert(id.to_owned(), held.clone());
+        }
+        if let Err(e) = self.state.put(id, record) {
+            self.registry().forget(id);
+            return Err(e.into());
+        }
+        let _ns = self.rules_lock(record).await;
+        match dataplane::apply(record, client, &held.endpoint, true).await {
             Ok(applied) => {
-                held.insert(
-                    req.id.to_owned(),
-                    Held {
-                        client: req.client,
-                        endpoint: req.endpoint,
-                    },
-                );
-                Ok(PlumbOutcome {
-                    record,
-                    applied,
-                    refreshed: false,
-                    replaced,
-                })
+                self.registry().adopted.remove(id);
+                Ok(applied)
             }
             Err(e) => {
-                if let Err(se) = self.state.remove(req.id) {
-                    tracing::warn!(id = req.id, error = %se, "cannot forget the failed connection in the state file");
+                if let Err(se) = self.state.remove(id) {
+                    tracing::warn!(id, error = %se, "cannot forget the failed connection in the state directory");
                 }
+                self.registry().forget(id);
                 if record.rules.is_some() {
-                    self.restore_neighbours(req.id, &record, &held).await;
+                    self.restore_neighbours(id, record).await;
                 }
                 Err(e)
             }
@@ -202,80 +326,53 @@ impl Hop {
     /// `Ok(None)`: not known. On failure the record stays, so a later
     /// Close or `--cleanup-on-exit` tries again.
     pub async fn unplumb(&self, id: &str) -> Result<Option<HopRecord>> {
-        let mut held = self.held.lock().await;
-        let Some(record) = self.state.get(id) else {
-            held.remove(id);
-            return Ok(None);
+        let _conn = self.connections.lock(id).await;
+        let (record, held) = {
+            let mut reg = self.registry();
+            match reg.records.get(id).cloned() {
+                Some(r) => (r, reg.held.get(id).cloned()),
+                None => {
+                    reg.held.remove(id);
+                    return Ok(None);
+                }
+            }
         };
-        let h = held.remove(id);
+        let _ns = self.rules_lock(&record).await;
         dataplane::undo(
             &record,
-            h.as_ref().map(|h| &h.client),
-            h.as_ref().map(|h| &h.endpoint),
+            held.as_ref().map(|h| &h.client),
+            held.as_ref().map(|h| h.endpoint.netns()),
         )
         .await?;
         self.state.remove(id)?;
+        self.registry().forget(id);
         if record.rules.is_some() {
-            self.restore_neighbours(id, &record, &held).await;
+            self.restore_neighbours(id, &record).await;
         }
         Ok(Some(record))
-    }
-
-    /// Refuses what would step on another connection of this hop.
-    fn check_conflicts(&self, id: &str, rec: &HopRecord) -> Result<()> {
-        for (other_id, other) in self.state.records() {
-            if other_id == id {
-                continue;
-            }
-            let in_use = |name: &str, netns: &str| HopError::InUse {
-                name: name.to_owned(),
-                netns: netns.to_owned(),
-                other: other_id.clone(),
-            };
-            if other.client_netns == rec.client_netns && other.plan.a.name == rec.plan.a.name {
-                return Err(in_use(&rec.plan.a.name, &rec.client_netns));
-            }
-            if other.endpoint_netns == rec.endpoint_netns && other.plan.b.name == rec.plan.b.name {
-                return Err(in_use(&rec.plan.b.name, &rec.endpoint_netns));
-            }
-            if other.client_netns == rec.client_netns
-                && let (Some(a), Some(b)) = (tproxy(&other), tproxy(rec))
-                && a != b
-            {
-                return Err(HopError::TproxyClash {
-                    netns: rec.client_netns.clone(),
-                    other: other_id.clone(),
-                    have_mark: a.0,
-                    have_table: a.1,
-                    mark: b.0,
-                    table: b.1,
-                });
-            }
-        }
-        Ok(())
     }
 
     /// A rules cleanup removes the namespace's TPROXY policy routes, which
     /// other TPROXY connections of the same client namespace share: apply
     /// theirs again. Best effort (logged): the connection at hand is done.
-    async fn restore_neighbours(&self, id: &str, gone: &HopRecord, held: &HashMap<String, Held>) {
-        for (other_id, other) in self.state.records() {
-            if other_id == id || other.client_netns != gone.client_netns || tproxy(&other).is_none()
-            {
-                continue;
-            }
-            let client = held.get(&other_id).map(|h| &h.client);
-            if let Err(e) = dataplane::reapply_rules(&other, client).await {
-                tracing::warn!(id = %other_id, error = %e, "cannot restore TPROXY policy routing after a neighbour's cleanup");
+    /// Runs under the namespace's rules lock.
+    async fn restore_neighbours(&self, id: &str, gone: &HopRecord) {
+        let others: Vec<(String, HopRecord, Option<Arc<Held>>)> = {
+            let reg = self.registry();
+            reg.neighbours(id, &gone.client_netns)
+                .into_iter()
+                .filter_map(|other| {
+                    let rec = reg.records.get(&other)?.clone();
+                    tproxy(&rec)?;
+                    let held = reg.held.get(&other).cloned();
+                    Some((other, rec, held))
+                })
+                .collect()
+        };
+        for (other, rec, held) in others {
+            if let Err(e) = dataplane::reapply_rules(&rec, held.as_ref().map(|h| &h.client)).await {
+                tracing::warn!(id = %other, error = %e, "cannot restore TPROXY policy routing after a neighbour's cleanup");
             }
         }
     }
-}
-
-/// `(mark, table)` of a TPROXY spec.
-fn tproxy(rec: &HopRecord) -> Option<(u32, u32)> {
-    rec.rules
-        .as_ref()
-        .filter(|s| s.mode == Mode::Tproxy)
-        .map(|s| (s.tproxy_mark, s.tproxy_route_table))
 }

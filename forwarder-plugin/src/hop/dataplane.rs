@@ -1,7 +1,7 @@
 //! One connection's kernel state: the veth (plumb/unplumb) and the client
 //! side rules (apply/cleanup), in that order up and the reverse order down.
 
-use crate::link::{self, Plumbed};
+use crate::link::{self, Links, Plumbed};
 use crate::netns::{Netns, NetnsError};
 use crate::rules::{self, Backend, BackendOptions, DriftItem, Owner, Plan, RedirectSpec};
 
@@ -17,26 +17,27 @@ pub struct Applied {
     pub changed: bool,
 }
 
-/// Plumbs the veth, then applies the rules. `fresh`: nothing of this
+/// Plumbs the veth, then applies the rules, through netlink handles open
+/// in the client's and the endpoint's namespaces. `fresh`: nothing of this
 /// connection exists yet, so a failure removes everything this call made;
 /// otherwise (a refresh) only what is missing or different is redone and a
 /// failure leaves the rest as it was.
 pub async fn apply(
     rec: &HopRecord,
-    client: &Netns,
-    endpoint: &Netns,
+    client: &Links,
+    endpoint: &Links,
     fresh: bool,
 ) -> Result<Applied> {
-    let plumbed: Plumbed = link::plumb_veth_in(&rec.plan, client, endpoint).await?;
+    let plumbed: Plumbed = link::plumb_veth_with(&rec.plan, client, endpoint).await?;
     let mut changed = plumbed.changed;
     if let Some(spec) = &rec.rules {
-        let res = rules_apply(rec, spec, client, fresh).await;
+        let res = rules_apply(rec, spec, client.netns(), fresh).await;
         match res {
             Ok(applied) => changed |= applied,
             Err(e) => {
                 if fresh {
                     // The backend rolled its own part back; take the veth away too.
-                    if let Err(undo) = link::unplumb_in(&rec.plan, client, Some(endpoint)).await {
+                    if let Err(undo) = link::unplumb_with(&rec.plan, client, Some(endpoint)).await {
                         return Err(HopError::Task(format!(
                             "{e}; removing the veth again also failed: {undo}"
                         )));

@@ -2,7 +2,7 @@
 //! the client's and the endpoint's namespaces, built from the endpoint's
 //! returned connection, plus the client-side redirect rules the endpoint
 //! asked for, applied all-or-nothing and undone completely — also after a
-//! restart, from the state file.
+//! restart, from the state directory.
 //!
 //! * [`veth_plan`]: client end = `src_ip_addrs`/`src_routes`, endpoint end =
 //!   `dst_ip_addrs`/`dst_routes`, MTU = `context.MTU` or 1500.
@@ -10,13 +10,18 @@
 //!   redirect spec, applied in the CLIENT namespace under an owner derived
 //!   from the connection id ([`owner_for`]), so connections sharing a
 //!   namespace keep separate tables/chains.
-//! * [`Hop`]: plumb / refresh / replace / unplumb, recorded in [`StateFile`].
+//! * [`Hop`]: plumb / refresh / replace / unplumb, each connection recorded
+//!   in its own file of the [`StateDir`]; connections plumb in parallel.
 
 mod connections;
 pub mod dataplane;
 mod error;
+mod legacy_state;
+mod links_cache;
+mod locks;
 mod record;
 mod redirect;
+mod registry;
 pub mod state;
 mod veth_plan;
 
@@ -25,5 +30,5 @@ pub use dataplane::Applied;
 pub use error::{HopError, Result};
 pub use record::{HopRecord, Session};
 pub use redirect::{BackendName, CLIENT_REDIRECT_KEY, client_redirect, owner_for};
-pub use state::{STATE_FILE, STATE_VERSION, StateError, StateFile};
+pub use state::{CONNECTIONS_DIR, ConnectionFile, STATE_VERSION, StateDir, StateError, file_stem};
 pub use veth_plan::{DEFAULT_MTU, Ends, veth_plan};

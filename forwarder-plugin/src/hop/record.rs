@@ -53,4 +53,9 @@ pub struct Session {
     /// Unix time (seconds) after which an unrefreshed connection is closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_unix: Option<u64>,
+    /// The caller's connection id (the path segment before ours): with the
+    /// client's namespace, how a Request that comes again without our
+    /// segment (a restarted init container) is recognised as this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_id: Option<String>,
 }

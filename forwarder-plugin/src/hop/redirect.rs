@@ -70,7 +70,7 @@ impl std::fmt::Display for BackendName {
 }
 
 /// 64-bit FNV-1a: a stable name, not a security boundary.
-fn fnv1a64(data: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })

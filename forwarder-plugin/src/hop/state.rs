@@ -1,27 +1,44 @@
-//! The hop's state file: `{"version": 1, "connections": {id: record}}` in
-//! `<state dir>/state.json`, rewritten atomically (temp file, fsync,
-//! rename, fsync of the directory) on every change, so a crash leaves the
-//! old or the new document, never half of one. `<state dir>/state.lock` is
-//! held (flock) while the file is in use: two hops on one directory would
-//! overwrite each other's records.
+//! The hop's state on disk: ONE SMALL FILE PER CONNECTION,
+//! `<state dir>/connections/<16 hex digits>.json`, so recording a change
+//! costs the same with one connection or thousands, and connections never
+//! wait for each other's writes. Loading is reading the directory.
+//!
+//! * A file is replaced atomically: a temp file in the same directory, then
+//!   `rename`, so a crash of the process leaves the old or the new file,
+//!   never half of one.
+//! * No fsync. Everything a file describes (namespaces, veths, rules) dies
+//!   with the kernel, so a record that survives a power loss describes
+//!   nothing; files carry the boot id and those of an earlier boot are
+//!   dropped at start. Against a crash of the process, which is what
+//!   adoption is for, the page cache already holds every rename.
+//! * `<state dir>/state.lock` is held (flock) while the directory is in use:
+//!   two hops on one directory would undo each other's connections.
+//! * A version 1 `<state dir>/state.json` (every connection in one file,
+//!   rewritten on each change) is split into connection files at start.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use super::legacy_state;
 use super::record::HopRecord;
+use super::redirect::fnv1a64;
 use crate::rules::Owner;
 
-/// The format version this build reads and writes.
-pub const STATE_VERSION: u32 = 1;
-pub const STATE_FILE: &str = "state.json";
+/// The format version of a connection file, which this build reads and writes.
+pub const STATE_VERSION: u32 = 2;
+/// The directory of connection files, inside the state directory.
+pub const CONNECTIONS_DIR: &str = "connections";
 pub const LOCK_FILE: &str = "state.lock";
+/// Where boot ids come from: a record from another boot describes nothing.
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -44,35 +61,79 @@ pub enum StateError {
     },
     #[error("{path} is not a forwarder-plugin state file: {why}")]
     Parse { path: PathBuf, why: String },
-    #[error("{path} has state version {found}; this build reads version {STATE_VERSION}")]
-    Version { path: PathBuf, found: u32 },
+    #[error("{path} has state version {found}; this build reads version {reads}")]
+    Version {
+        path: PathBuf,
+        found: u32,
+        reads: u32,
+    },
+    #[error(
+        "connection ids {id:?} and {other:?} hash to the same state file {file}: refusing to overwrite the other's record"
+    )]
+    Collision {
+        id: String,
+        other: String,
+        file: String,
+    },
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// One connection file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StateDoc {
+pub struct ConnectionFile {
     pub version: u32,
-    pub connections: BTreeMap<String, HopRecord>,
+    /// The connection's id at this hop (our own path segment's id).
+    pub id: String,
+    /// `/proc/sys/kernel/random/boot_id` when written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    pub record: HopRecord,
 }
 
-/// The open, locked state file and its current content.
+/// The locked state directory. Callers serialise changes per connection id
+/// (the hop does); different ids may be written concurrently.
 #[derive(Debug)]
-pub struct StateFile {
-    path: PathBuf,
-    doc: Mutex<StateDoc>,
+pub struct StateDir {
+    dir: PathBuf,
+    connections: PathBuf,
+    boot_id: Option<String>,
+    /// File stem → the id whose record it holds (distinct ids may hash alike).
+    files: Mutex<HashMap<String, String>>,
+    /// Makes temp file names unique within this process.
+    tmp_seq: AtomicU64,
     _lock: Flock<File>,
 }
 
-impl StateFile {
-    /// Creates `dir` (0700) if needed, takes its lock and reads the state
-    /// (none yet: empty).
-    pub fn open(dir: &Path) -> Result<StateFile, StateError> {
+/// The file stem of connection `id`: 16 hex digits of a hash (ids may hold
+/// any character, and may be long).
+pub fn file_stem(id: &str) -> String {
+    format!("{:016x}", fnv1a64(id.as_bytes()))
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError {
+    let path = path.to_owned();
+    move |source| StateError::Io { op, path, source }
+}
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string(BOOT_ID)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+impl StateDir {
+    /// Creates `dir` (0700) if needed, takes its lock, migrates a version 1
+    /// `state.json`, and reads every connection file. Records written in an
+    /// earlier boot are deleted, not returned.
+    pub fn open(dir: &Path) -> Result<(StateDir, BTreeMap<String, HopRecord>), StateError> {
+        let connections = dir.join(CONNECTIONS_DIR);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(dir)
+            .create(&connections)
             .map_err(|source| StateError::Dir {
-                path: dir.to_owned(),
+                path: connections.clone(),
                 source,
             })?;
         let lock_path = dir.join(LOCK_FILE);
@@ -82,11 +143,7 @@ impl StateFile {
             .write(true)
             .mode(0o600)
             .open(&lock_path)
-            .map_err(|source| StateError::Io {
-                op: "open",
-                path: lock_path.clone(),
-                source,
-            })?;
+            .map_err(io_err("open", &lock_path))?;
         let lock =
             Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
                 match errno {
@@ -100,132 +157,190 @@ impl StateFile {
                     },
                 }
             })?;
-        let path = dir.join(STATE_FILE);
-        let doc = read(&path)?;
-        Ok(StateFile {
-            path,
-            doc: Mutex::new(doc),
+        let state = StateDir {
+            dir: dir.to_owned(),
+            connections,
+            boot_id: boot_id(),
+            files: Mutex::new(HashMap::new()),
+            tmp_seq: AtomicU64::new(0),
             _lock: lock,
-        })
+        };
+        let mut records = state.read_all()?;
+        let legacy = dir.join(legacy_state::LEGACY_FILE);
+        if let Some(old) = legacy_state::read(&legacy)? {
+            let n = old.len();
+            for (id, rec) in old {
+                if let std::collections::btree_map::Entry::Vacant(slot) = records.entry(id) {
+                    state.put(slot.key(), &rec)?;
+                    slot.insert(rec);
+                }
+            }
+            // Only once every record has its own file: a crash before this
+            // line migrates again at the next start.
+            std::fs::remove_file(&legacy).map_err(io_err("remove", &legacy))?;
+            tracing::info!(connections = n, from = %legacy.display(), "migrated the version 1 state file to one file per connection");
+        }
+        Ok((state, records))
     }
 
+    /// The state directory.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.dir
     }
 
-    fn lock(&self) -> MutexGuard<'_, StateDoc> {
-        self.doc.lock().unwrap_or_else(|p| p.into_inner())
+    /// The file holding connection `id`'s record.
+    pub fn file_of(&self, id: &str) -> PathBuf {
+        self.connections.join(format!("{}.json", file_stem(id)))
     }
 
-    pub fn records(&self) -> BTreeMap<String, HopRecord> {
-        self.lock().connections.clone()
+    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn get(&self, id: &str) -> Option<HopRecord> {
-        self.lock().connections.get(id).cloned()
-    }
-
-    /// Stores `record` for `id` and writes the file; on a write failure the
-    /// content stays what it was.
-    pub fn put(&self, id: &str, record: HopRecord) -> Result<(), StateError> {
-        let mut doc = self.lock();
-        let mut next = doc.clone();
-        next.connections.insert(id.to_owned(), record);
-        write(&self.path, &next)?;
-        *doc = next;
+    /// Records `record` for `id` (replacing an earlier one). On failure the
+    /// previous file, if any, is still there.
+    pub fn put(&self, id: &str, record: &HopRecord) -> Result<(), StateError> {
+        let stem = file_stem(id);
+        if let Some(other) = self.files().get(&stem).filter(|o| *o != id) {
+            return Err(StateError::Collision {
+                id: id.to_owned(),
+                other: other.clone(),
+                file: format!("{stem}.json"),
+            });
+        }
+        let doc = ConnectionFile {
+            version: STATE_VERSION,
+            id: id.to_owned(),
+            boot_id: self.boot_id.clone(),
+            record: record.clone(),
+        };
+        let mut text = serde_json::to_vec_pretty(&doc).expect("a record always serialises");
+        text.push(b'\n');
+        let path = self.connections.join(format!("{stem}.json"));
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .connections
+            .join(format!(".{stem}.{}.{seq}.tmp", std::process::id()));
+        let written = (|| {
+            let mut f = OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_err("create", &tmp))?;
+            f.write_all(&text).map_err(io_err("write", &tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io_err("replace", &path))
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written?;
+        self.files().insert(stem, id.to_owned());
         Ok(())
     }
 
-    /// Forgets `id` and writes the file.
-    pub fn remove(&self, id: &str) -> Result<Option<HopRecord>, StateError> {
-        let mut doc = self.lock();
-        if !doc.connections.contains_key(id) {
-            return Ok(None);
+    /// Forgets `id`'s record (nothing recorded: nothing to do).
+    pub fn remove(&self, id: &str) -> Result<(), StateError> {
+        let stem = file_stem(id);
+        if self.files().get(&stem).is_none_or(|o| o != id) {
+            return Ok(());
         }
-        let mut next = doc.clone();
-        let old = next.connections.remove(id);
-        write(&self.path, &next)?;
-        *doc = next;
-        Ok(old)
+        let path = self.connections.join(format!("{stem}.json"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &path)(e)),
+        }
+        self.files().remove(&stem);
+        Ok(())
+    }
+
+    /// Every connection file, checked; leftovers of an interrupted write and
+    /// records of an earlier boot are deleted.
+    fn read_all(&self) -> Result<BTreeMap<String, HopRecord>, StateError> {
+        let dir = &self.connections;
+        let entries = std::fs::read_dir(dir).map_err(io_err("read", dir))?;
+        let mut records = BTreeMap::new();
+        let mut earlier_boot = 0;
+        for entry in entries {
+            let entry = entry.map_err(io_err("read", dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let Some(stem) = name.strip_suffix(".json") else {
+                tracing::warn!(file = %path.display(), "ignoring a file that is not a connection record");
+                continue;
+            };
+            let doc = read_file(&path)?;
+            if stem != file_stem(&doc.id) {
+                return Err(StateError::Parse {
+                    path,
+                    why: format!(
+                        "it holds connection {:?}, whose file is {}.json",
+                        doc.id,
+                        file_stem(&doc.id)
+                    ),
+                });
+            }
+            if doc.boot_id.is_some() && self.boot_id.is_some() && doc.boot_id != self.boot_id {
+                std::fs::remove_file(&path).map_err(io_err("remove", &path))?;
+                earlier_boot += 1;
+                continue;
+            }
+            self.files().insert(stem.to_owned(), doc.id.clone());
+            records.insert(doc.id, doc.record);
+        }
+        if earlier_boot > 0 {
+            tracing::info!(
+                connections = earlier_boot,
+                "dropped records written before the last reboot (their namespaces and veths are gone)"
+            );
+        }
+        Ok(records)
     }
 }
 
-fn read(path: &Path) -> Result<StateDoc, StateError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(StateDoc {
-                version: STATE_VERSION,
-                connections: BTreeMap::new(),
-            });
-        }
-        Err(source) => {
-            return Err(StateError::Io {
-                op: "read",
-                path: path.to_owned(),
-                source,
-            });
-        }
-    };
-    let parse = |why: String| StateError::Parse {
-        path: path.to_owned(),
-        why,
-    };
-    // The version first, so a newer format says so instead of failing on a field.
+/// Checks what a record must hold for cleanup to work.
+pub(super) fn check_record(id: &str, rec: &HopRecord) -> Result<(), String> {
+    Owner::new(&rec.owner).map_err(|e| format!("connection {id}: {e}"))?;
+    rec.plan
+        .validate()
+        .map_err(|e| format!("connection {id}: {e}"))
+}
+
+/// The version first, so a newer format says so instead of failing on a field.
+pub(super) fn check_version(path: &Path, text: &str, reads: u32) -> Result<(), StateError> {
     #[derive(Deserialize)]
     struct Versioned {
         version: u32,
     }
-    let v: Versioned = serde_json::from_str(&text).map_err(|e| parse(e.to_string()))?;
-    if v.version != STATE_VERSION {
+    let v: Versioned = serde_json::from_str(text).map_err(|e| StateError::Parse {
+        path: path.to_owned(),
+        why: e.to_string(),
+    })?;
+    if v.version != reads {
         return Err(StateError::Version {
             path: path.to_owned(),
             found: v.version,
+            reads,
         });
     }
-    let doc: StateDoc = serde_json::from_str(&text).map_err(|e| parse(e.to_string()))?;
-    for (id, rec) in &doc.connections {
-        Owner::new(&rec.owner).map_err(|e| parse(format!("connection {id}: {e}")))?;
-        rec.plan
-            .validate()
-            .map_err(|e| parse(format!("connection {id}: {e}")))?;
-    }
-    Ok(doc)
+    Ok(())
 }
 
-fn write(path: &Path, doc: &StateDoc) -> Result<(), StateError> {
-    let io = |op, p: &Path| {
-        let p = p.to_owned();
-        move |source| StateError::Io {
-            op,
-            path: p,
-            source,
-        }
+fn read_file(path: &Path) -> Result<ConnectionFile, StateError> {
+    let text = std::fs::read_to_string(path).map_err(io_err("read", path))?;
+    let parse = |why: String| StateError::Parse {
+        path: path.to_owned(),
+        why,
     };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
-    let mut text = serde_json::to_vec_pretty(doc).expect("the state always serialises");
-    text.push(b'\n');
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        f.write_all(&text).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("sync", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(io("replace", path))?;
-        // The rename itself must reach the disk too.
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("sync", dir))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    check_version(path, &text, STATE_VERSION)?;
+    let doc: ConnectionFile = serde_json::from_str(&text).map_err(|e| parse(e.to_string()))?;
+    check_record(&doc.id, &doc.record).map_err(parse)?;
+    Ok(doc)
 }
 
 #[cfg(test)]
@@ -241,7 +356,7 @@ mod tests {
         d
     }
 
-    fn record() -> HopRecord {
+    pub(crate) fn record() -> HopRecord {
         let end = |ns: &str, name: &str| VethEnd {
             netns: ns.into(),
             name: name.into(),
@@ -264,36 +379,47 @@ mod tests {
             endpoint_netns: "inode://4/2".into(),
             session: Session {
                 expires_unix: Some(1_900_000_000),
+                caller_id: Some("client-0".into()),
                 ..Default::default()
             },
         }
     }
 
+    fn names(d: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d.join(CONNECTIONS_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
-    fn round_trips_and_survives_reopen() {
+    fn one_file_per_connection_survives_reopen() {
         let d = dir("roundtrip");
         {
-            let s = StateFile::open(&d).unwrap();
-            assert!(s.records().is_empty());
-            s.put("c1", record()).unwrap();
-            s.put("c2", record()).unwrap();
-            assert_eq!(s.remove("c2").unwrap(), Some(record()));
-            assert_eq!(s.remove("c2").unwrap(), None);
+            let (s, loaded) = StateDir::open(&d).unwrap();
+            assert!(loaded.is_empty());
+            s.put("c1", &record()).unwrap();
+            s.put("c2", &record()).unwrap();
+            let mut other = record();
+            other.plan.a.name = "nsm-2".into();
+            s.put("c2", &other).unwrap();
+            assert_eq!(names(&d).len(), 2, "no temp files: {:?}", names(&d));
+            s.remove("c2").unwrap();
+            s.remove("c2").unwrap();
+            s.remove("never").unwrap();
         }
-        let s = StateFile::open(&d).unwrap();
-        assert_eq!(s.get("c1"), Some(record()));
-        assert_eq!(s.records().len(), 1);
-        let text = std::fs::read_to_string(d.join(STATE_FILE)).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v["version"], 1);
-        assert_eq!(v["connections"]["c1"]["backend"], "nft");
-        assert_eq!(v["connections"]["c1"]["client_netns"], "inode://4/1");
-        // No temp files left behind.
-        let names: Vec<_> = std::fs::read_dir(&d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names.len(), 2, "{names:?}");
+        let (s, loaded) = StateDir::open(&d).unwrap();
+        assert_eq!(loaded, [("c1".to_owned(), record())].into());
+        assert_eq!(names(&d), [format!("{}.json", file_stem("c1"))]);
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(s.file_of("c1")).unwrap()).unwrap();
+        assert_eq!(v["version"], STATE_VERSION);
+        assert_eq!(v["id"], "c1");
+        assert_eq!(v["record"]["backend"], "nft");
+        assert_eq!(v["record"]["client_netns"], "inode://4/1");
+        assert_eq!(v["record"]["session"]["caller_id"], "client-0");
         drop(s);
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -301,37 +427,109 @@ mod tests {
     #[test]
     fn a_second_user_of_the_directory_is_refused() {
         let d = dir("locked");
-        let first = StateFile::open(&d).unwrap();
-        let e = StateFile::open(&d).unwrap_err();
+        let first = StateDir::open(&d).unwrap();
+        let e = StateDir::open(&d).unwrap_err();
         assert!(matches!(e, StateError::Locked { .. }), "{e}");
         drop(first);
-        StateFile::open(&d).unwrap();
+        StateDir::open(&d).unwrap();
         std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
-    fn unreadable_content_is_refused_not_overwritten() {
+    fn unreadable_files_are_refused_not_overwritten() {
         let d = dir("bad");
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join(STATE_FILE), r#"{"version":2,"connections":{}}"#).unwrap();
-        assert!(matches!(
-            StateFile::open(&d),
-            Err(StateError::Version { found: 2, .. })
-        ));
-        std::fs::write(d.join(STATE_FILE), "{").unwrap();
-        assert!(matches!(StateFile::open(&d), Err(StateError::Parse { .. })));
-        let mut doc = StateDoc {
-            version: 1,
-            connections: [("c".to_owned(), record())].into(),
-        };
-        doc.connections.get_mut("c").unwrap().owner = "Bad Owner".into();
-        std::fs::write(d.join(STATE_FILE), serde_json::to_string(&doc).unwrap()).unwrap();
-        let e = StateFile::open(&d).unwrap_err();
-        assert!(e.to_string().contains("connection c"), "{e}");
-        assert_eq!(
-            std::fs::read_to_string(d.join(STATE_FILE)).unwrap(),
-            serde_json::to_string(&doc).unwrap()
+        let conns = d.join(CONNECTIONS_DIR);
+        std::fs::create_dir_all(&conns).unwrap();
+        let file = conns.join(format!("{}.json", file_stem("c")));
+        let write = |v: &serde_json::Value| std::fs::write(&file, v.to_string()).unwrap();
+        let good = serde_json::to_value(ConnectionFile {
+            version: STATE_VERSION,
+            id: "c".into(),
+            boot_id: None,
+            record: record(),
+        })
+        .unwrap();
+
+        let mut v = good.clone();
+        v["version"] = 3.into();
+        write(&v);
+        let e = StateDir::open(&d).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StateError::Version {
+                    found: 3,
+                    reads: 2,
+                    ..
+                }
+            ),
+            "{e}"
         );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), v.to_string());
+
+        std::fs::write(&file, "{").unwrap();
+        assert!(matches!(StateDir::open(&d), Err(StateError::Parse { .. })));
+
+        let mut v = good.clone();
+        v["record"]["owner"] = "Bad Owner".into();
+        write(&v);
+        let e = StateDir::open(&d).unwrap_err();
+        assert!(e.to_string().contains("connection c"), "{e}");
+
+        let mut v = good.clone();
+        v["id"] = "someone-else".into();
+        write(&v);
+        let e = StateDir::open(&d).unwrap_err();
+        assert!(e.to_string().contains("someone-else"), "{e}");
+
+        write(&good);
+        let (_s, loaded) = StateDir::open(&d).unwrap();
+        assert_eq!(loaded.len(), 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn records_of_an_earlier_boot_and_temp_leftovers_are_dropped() {
+        let Some(now) = boot_id() else {
+            return; // no boot id to tell boots apart
+        };
+        let d = dir("boot");
+        {
+            let (s, _) = StateDir::open(&d).unwrap();
+            s.put("this-boot", &record()).unwrap();
+        }
+        let conns = d.join(CONNECTIONS_DIR);
+        let old = ConnectionFile {
+            version: STATE_VERSION,
+            id: "old".into(),
+            boot_id: Some(format!("not-{now}")),
+            record: record(),
+        };
+        std::fs::write(
+            conns.join(format!("{}.json", file_stem("old"))),
+            serde_json::to_string(&old).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(conns.join(".x.1.2.tmp"), "half").unwrap();
+        let (_s, loaded) = StateDir::open(&d).unwrap();
+        assert_eq!(loaded.keys().collect::<Vec<_>>(), ["this-boot"]);
+        assert_eq!(names(&d), [format!("{}.json", file_stem("this-boot"))]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn ids_that_share_a_file_are_refused() {
+        let d = dir("collision");
+        let (s, _) = StateDir::open(&d).unwrap();
+        s.put("a", &record()).unwrap();
+        // Pretend "b" hashed like "a" did.
+        s.files().insert(file_stem("b"), "a".into());
+        let e = s.put("b", &record()).unwrap_err();
+        assert!(matches!(e, StateError::Collision { .. }), "{e}");
+        // And removing "b" does not take "a"'s file.
+        s.remove("b").unwrap();
+        assert!(s.file_of("a").exists());
+        drop(s);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

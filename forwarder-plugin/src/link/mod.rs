@@ -23,8 +23,8 @@ pub use addr::AddrOptions;
 pub use error::{LinkError, Result};
 pub use mac::MacAddr;
 pub use plumb::{
-    NeighbourSpec, Plumbed, PlumbedEnd, VethEnd, VethPlan, plumb_veth, plumb_veth_in, unplumb,
-    unplumb_in,
+    NeighbourSpec, Plumbed, PlumbedEnd, VethEnd, VethPlan, plumb_veth, plumb_veth_in,
+    plumb_veth_with, unplumb, unplumb_in, unplumb_with,
 };
 pub use route::RouteSpec;
 pub use veth::{LinkState, VethPair, VethSpec};

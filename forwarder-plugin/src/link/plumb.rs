@@ -158,10 +158,16 @@ pub async fn plumb_veth(plan: &VethPlan) -> Result<Plumbed> {
 /// `b` are used instead of opening `plan.a.netns` and `plan.b.netns`.
 pub async fn plumb_veth_in(plan: &VethPlan, a: &Netns, b: &Netns) -> Result<Plumbed> {
     plan.validate()?;
-    let a = Links::open(a)?;
-    let b = Links::open(b)?;
+    plumb_veth_with(plan, &Links::open(a)?, &Links::open(b)?).await
+}
+
+/// [`plumb_veth`] through netlink handles the caller already has open in
+/// end `a`'s and end `b`'s namespaces (e.g. one kept for a namespace that
+/// many veths end in), saving a socket (and a thread) per namespace.
+pub async fn plumb_veth_with(plan: &VethPlan, a: &Links, b: &Links) -> Result<Plumbed> {
+    plan.validate()?;
     let mut undo = Vec::new();
-    match apply(&a, &b, plan, &mut undo).await {
+    match apply(a, b, plan, &mut undo).await {
         Ok(pair) => Ok(Plumbed {
             a: PlumbedEnd {
                 netns: a.netns_id(),
@@ -176,7 +182,7 @@ pub async fn plumb_veth_in(plan: &VethPlan, a: &Netns, b: &Netns) -> Result<Plum
             changed: !undo.is_empty(),
         }),
         Err(e) => {
-            roll_back(&a, &b, undo).await;
+            roll_back(a, b, undo).await;
             Err(e)
         }
     }
@@ -291,13 +297,19 @@ pub async fn unplumb(plan: &VethPlan) -> Result<()> {
 /// `b`'s namespace is gone (then only the kind of link `a` is checked).
 pub async fn unplumb_in(plan: &VethPlan, a_ns: &Netns, b_ns: Option<&Netns>) -> Result<()> {
     plan.validate()?;
-    let a = Links::open(a_ns)?;
+    let b = b_ns.map(Links::open).transpose()?;
+    unplumb_with(plan, &Links::open(a_ns)?, b.as_ref()).await
+}
+
+/// [`unplumb`] through netlink handles open in the namespaces; `b: None`
+/// means end `b`'s namespace is gone.
+pub async fn unplumb_with(plan: &VethPlan, a: &Links, b: Option<&Links>) -> Result<()> {
+    plan.validate()?;
     let Some(link) = a.link(&plan.a.name).await? else {
         return Ok(());
     };
-    match b_ns {
-        Some(b_ns) => {
-            let b = Links::open(b_ns)?;
+    match b {
+        Some(b) => {
             // Confirms the pair is ours (a veth whose peer is `b` in that
             // namespace); MTU and MACs may have been changed since.
             let ours = VethSpec {
@@ -306,7 +318,7 @@ pub async fn unplumb_in(plan: &VethPlan, a_ns: &Netns, b_ns: Option<&Netns>) -> 
                 peer_mac: None,
                 ..plan.veth()
             };
-            a.existing_veth(&ours, &b).await?;
+            a.existing_veth(&ours, b).await?;
         }
         None if link.kind.as_deref() != Some("veth") => {
             return Err(LinkError::LinkConflict {

@@ -165,6 +165,8 @@ impl Links {
     /// namespace (one RTM_NEWLINK with IFLA_NET_NS_FD: far cheaper than
     /// creating it here and moving it). An identical existing pair is reused;
     /// anything else already using either name is a [`LinkError::LinkConflict`].
+    /// The create comes first (exclusive): the usual case, a new pair, then
+    /// costs no lookups, and a name in use makes the kernel say so.
     pub async fn add_veth(&self, spec: &VethSpec, peer: &Links) -> Result<VethPair> {
         spec.validate()?;
         let same_ns = self.netns_id() == peer.netns_id();
@@ -173,9 +175,6 @@ impl Links {
                 "both ends of the veth are called {:?} in one namespace",
                 spec.name
             )));
-        }
-        if let Some(pair) = self.existing_veth(spec, peer).await? {
-            return Ok(pair);
         }
         let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new().name(spec.peer_name.as_str());
         if !same_ns {
@@ -201,7 +200,8 @@ impl Links {
             .await
         {
             Ok(()) => {}
-            // Raced with another creator: identical is fine, else a conflict.
+            // Already there (ours from before, or a racing creator's):
+            // identical is fine, anything else a conflict.
             Err(e) if is_errno(&e, Errno::EEXIST) => {
                 return match self.existing_veth(spec, peer).await? {
                     Some(pair) => Ok(pair),

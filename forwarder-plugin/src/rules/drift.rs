@@ -40,6 +40,30 @@ pub enum DriftItem {
     ExtraPolicyRoute {
         what: String,
     },
+    MissingSet {
+        set: String,
+    },
+    ExtraSet {
+        set: String,
+    },
+    /// The set exists but does not hold what the plan's does (e.g. another
+    /// key type).
+    WrongSet {
+        set: String,
+        found: String,
+    },
+    /// A member of the interface set is not in the kernel's set: traffic
+    /// from that interface is not captured.
+    MissingElement {
+        set: String,
+        element: String,
+    },
+    /// The kernel's set holds a member the plan does not: traffic from that
+    /// interface is captured.
+    ExtraElement {
+        set: String,
+        element: String,
+    },
 }
 
 impl fmt::Display for DriftItem {
@@ -58,6 +82,15 @@ impl fmt::Display for DriftItem {
             DriftItem::OutOfOrder { chain } => write!(f, "rules of {chain} are out of order"),
             DriftItem::MissingPolicyRoute { what } => write!(f, "missing {what}"),
             DriftItem::ExtraPolicyRoute { what } => write!(f, "extra {what}"),
+            DriftItem::MissingSet { set } => write!(f, "missing set {set}"),
+            DriftItem::ExtraSet { set } => write!(f, "extra set {set}"),
+            DriftItem::WrongSet { set, found } => write!(f, "set {set} is {found}"),
+            DriftItem::MissingElement { set, element } => {
+                write!(f, "missing element {element:?} in set {set}")
+            }
+            DriftItem::ExtraElement { set, element } => {
+                write!(f, "extra element {element:?} in set {set}")
+            }
         }
     }
 }
@@ -94,6 +127,10 @@ impl fmt::Display for Drift {
 pub(crate) struct Want {
     pub tag: String,
     pub text: String,
+    /// May sit anywhere among our rules of its chain: one member's rule of a
+    /// spelled-out interface set, which membership changes append and
+    /// delete one by one (they exclude each other, so order means nothing).
+    pub unordered: bool,
 }
 
 /// A rule as the kernel has it; `tag` is `None` when it carries none of ours.
@@ -170,8 +207,23 @@ pub(crate) fn compare_chain(want: &WantChain, have: Option<&[Have]>, out: &mut V
         }
     }
     if out.len() == before {
-        let order_have: Vec<&str> = relevant.iter().filter_map(|h| h.tag.as_deref()).collect();
-        let order_want: Vec<&str> = want.rules.iter().map(|w| w.tag.as_str()).collect();
+        let unordered: std::collections::HashSet<&str> = want
+            .rules
+            .iter()
+            .filter(|w| w.unordered)
+            .map(|w| w.tag.as_str())
+            .collect();
+        let order_have: Vec<&str> = relevant
+            .iter()
+            .filter_map(|h| h.tag.as_deref())
+            .filter(|t| !unordered.contains(t))
+            .collect();
+        let order_want: Vec<&str> = want
+            .rules
+            .iter()
+            .filter(|w| !w.unordered)
+            .map(|w| w.tag.as_str())
+            .collect();
         if order_have != order_want {
             out.push(DriftItem::OutOfOrder {
                 chain: want.label.clone(),
@@ -193,6 +245,7 @@ mod tests {
                 .map(|t| Want {
                     tag: (*t).into(),
                     text: format!("rule {t}"),
+                    unordered: false,
                 })
                 .collect(),
         }
@@ -235,6 +288,28 @@ mod tests {
         compare_chain(
             &want(&["a", "b"]),
             Some(&have(&[Some("b"), Some("a")])),
+            &mut out,
+        );
+        assert_eq!(out, vec![DriftItem::OutOfOrder { chain: "c".into() }]);
+    }
+
+    #[test]
+    fn unordered_rules_may_sit_anywhere() {
+        let mut w = want(&["a", "m1", "m2", "b"]);
+        for r in &mut w.rules[1..3] {
+            r.unordered = true;
+        }
+        let mut out = Vec::new();
+        compare_chain(
+            &w,
+            Some(&have(&[Some("a"), Some("b"), Some("m2"), Some("m1")])),
+            &mut out,
+        );
+        assert!(out.is_empty(), "{out:?}");
+        // The ordered ones still count.
+        compare_chain(
+            &w,
+            Some(&have(&[Some("b"), Some("m1"), Some("a"), Some("m2")])),
             &mut out,
         );
         assert_eq!(out, vec![DriftItem::OutOfOrder { chain: "c".into() }]);

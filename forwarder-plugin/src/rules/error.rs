@@ -59,6 +59,13 @@ pub enum RulesError {
         cause: Box<RulesError>,
         rollback: Box<RulesError>,
     },
+    /// A change of the interface set's members that cannot be made that
+    /// way; nothing was written.
+    #[error("cannot change the interface set: {0}")]
+    Membership(String),
+    /// A membership change found the namespace without the plan's rules.
+    #[error("{what} is missing in network namespace {netns}: apply the plan first")]
+    NotApplied { what: String, netns: NetnsId },
     #[error("the {backend} backend cannot {op}")]
     Unsupported {
         backend: &'static str,

@@ -7,7 +7,10 @@
 //! --noflush` per family into owned chains, legacy/nft variant detected) and
 //! `render` (prints what would be applied). Every apply is atomic and
 //! idempotent, `verify` reports drift, [`reconcile`] re-applies on drift and
-//! `cleanup` leaves nothing of ours.
+//! `cleanup` leaves nothing of ours. A plan whose capture is restricted to
+//! an interface set (`includeInterfaces`, [`Plan::for_interfaces`]) changes
+//! members with [`Backend::update_interfaces`], which rewrites no rule: an
+//! nft set element, or one iptables rule per interface.
 //!
 //! ```no_run
 //! use forwarder_plugin::netns::Netns;
@@ -68,6 +71,22 @@ pub trait Backend: Send + Sync {
     fn verify(&self, ns: &Netns, plan: &Plan) -> Result<Drift>;
     /// Removes everything of ours: tables, chains, rules, ip rules, routes.
     fn cleanup(&self, ns: &Netns) -> Result<()>;
+    /// Adds `add` to and removes `remove` from the interface set of `plan`
+    /// ([`Plan::interfaces`]) in one all-or-nothing step that rewrites no
+    /// rule and no chain: how an endpoint follows its connections' links
+    /// coming and going. The namespace must hold `plan`'s rules already
+    /// (apply it first; `plan`'s own members are ignored). Adding a member
+    /// that is there, or removing one that is not, changes nothing. Refused
+    /// before anything is written: a plan without an interface set, an
+    /// invalid name, a name in both lists, and `lo` (whose membership
+    /// shapes the rules: apply a plan with or without it instead).
+    fn update_interfaces(
+        &self,
+        ns: &Netns,
+        plan: &Plan,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<()>;
     /// Verifies, and re-applies when the namespace drifted from `plan`.
     /// Returns the drift that was found (empty: nothing was done).
     fn reconcile(&self, ns: &Netns, plan: &Plan) -> Result<Drift> {
@@ -102,6 +121,14 @@ pub struct BackendOptions {
     pub owner: Owner,
     /// iptables only: force `legacy` or `nft` instead of detecting.
     pub iptables_variant: Option<Variant>,
+    /// nft only: keep the namespace's netlink socket open between calls
+    /// instead of opening one (on a thread of its own in the namespace) per
+    /// call. Closing a netfilter socket after a transaction that deleted
+    /// anything waits for the kernel to free what it deleted (an RCU grace
+    /// period, ~10 ms), so this is what makes removing an interface-set
+    /// member cheap. For a process managing one long-lived namespace (its
+    /// own): the open socket keeps the namespace alive.
+    pub keep_socket: bool,
     #[doc(hidden)]
     pub fault: Option<Fault>,
 }
@@ -145,6 +172,32 @@ pub fn reconcile_default<B: Backend + ?Sized>(
         }
     }
     Ok(drift)
+}
+
+/// What [`Backend::update_interfaces`] refuses before touching anything.
+pub(crate) fn check_membership(plan: &Plan, add: &[String], remove: &[String]) -> Result<()> {
+    let refuse = |why: String| Err(RulesError::Membership(why));
+    if plan.interfaces.is_none() {
+        return refuse(
+            "the plan captures on every interface: it has no interface set (build it with \
+             Plan::for_interfaces or a non-empty includeInterfaces)"
+                .into(),
+        );
+    }
+    for name in add.iter().chain(remove) {
+        spec::validate_interface(name).map_err(RulesError::Membership)?;
+        if name == "lo" {
+            return refuse(
+                "\"lo\" decides whether the proxy's hairpin rules exist: apply a plan with or \
+                 without it instead"
+                    .into(),
+            );
+        }
+        if add.contains(name) && remove.contains(name) {
+            return refuse(format!("{name:?} is both added and removed"));
+        }
+    }
+    Ok(())
 }
 
 /// Wraps an apply error with the outcome of the rollback (a cleanup).
@@ -234,6 +287,37 @@ impl Backend for RenderBackend {
             backend: "render",
             op: "verify (it has no kernel state to compare)",
         })
+    }
+
+    fn update_interfaces(
+        &self,
+        _ns: &Netns,
+        plan: &Plan,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<()> {
+        check_membership(plan, add, remove)?;
+        let text = match self.format {
+            RenderFormat::Nft => render::nft_membership_script(&self.owner, add, remove),
+            RenderFormat::Iptables => {
+                let mut s = String::new();
+                for (family, tool) in [
+                    (plan::Family::V4, "iptables"),
+                    (plan::Family::V6, "ip6tables"),
+                ] {
+                    let doc = render::iptables_membership(plan, &self.owner, family, add, remove);
+                    if !doc.is_empty() {
+                        s.push_str(&format!(
+                            "# {tool}-restore --noflush (appends only missing rules, deletes \
+                             only present ones)\n{}",
+                            doc.text()
+                        ));
+                    }
+                }
+                s
+            }
+        };
+        self.write(&text)
     }
 
     fn cleanup(&self, _ns: &Netns) -> Result<()> {

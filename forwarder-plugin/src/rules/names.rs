@@ -126,6 +126,10 @@ pub fn nft_base(id: ChainId) -> Option<(&'static str, Hook, i32)> {
     })
 }
 
+/// The nft set of interfaces inbound capture is restricted to
+/// (`includeInterfaces`), in our table: `type ifname`.
+pub const NFT_INTERFACE_SET: &str = "include_ifaces";
+
 pub const NAT_PRIORITY: i32 = -100;
 pub const MANGLE_PRIORITY: i32 = -150;
 pub const RAW_PRIORITY: i32 = -300;

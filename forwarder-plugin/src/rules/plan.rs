@@ -2,10 +2,13 @@
 //! istio-iptables (`tools/istio-iptables/pkg/capture/run.go`): every backend
 //! renders this one list, so nft and iptables always agree.
 
+use std::collections::BTreeSet;
+
 use ipnet::IpNet;
 
 use super::spec::{
     Mark as MarkMask, Mode, OUTBOUND_MARK, Port, RedirectSpec, Selection, SpecError,
+    validate_interface,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -140,6 +143,11 @@ pub enum Match {
     NotDaddr(IpNet),
     Saddr(IpNet),
     Iif(String),
+    /// Arrived on a member of the plan's interface set ([`Plan::interfaces`],
+    /// `includeInterfaces`). nft tests membership of a named set, so members
+    /// come and go without touching any rule; iptables has no interface sets
+    /// and installs one rule per member instead ([`Plan::for_member`]).
+    IifInSet,
     Oif(String),
     Uid(u32),
     NotUid(u32),
@@ -191,21 +199,120 @@ pub struct PolicyRoute {
     pub table: u32,
 }
 
+impl Rule {
+    /// Whether the rule matches membership of the interface set.
+    pub fn uses_interface_set(&self) -> bool {
+        self.matches.contains(&Match::IifInSet)
+    }
+}
+
+/// A rule of [`Plan::rules_with_members`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spelled {
+    pub rule: Rule,
+    /// The interface-set member this rule was spelled out for.
+    pub member: Option<String>,
+}
+
 /// Everything one spec asks of a namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub ipv6: bool,
     pub rules: Vec<Rule>,
     pub policy_routes: Vec<PolicyRoute>,
+    /// The interface set's members when inbound capture is restricted to
+    /// listed interfaces (`includeInterfaces`), `None` when every interface
+    /// is captured. Rules test membership with [`Match::IifInSet`]; the
+    /// members can change without touching them
+    /// ([`super::Backend::update_interfaces`]).
+    pub interfaces: Option<BTreeSet<String>>,
 }
 
 impl Plan {
     /// Validates `spec` and derives its rules.
     pub fn new(spec: &RedirectSpec) -> Result<Plan, SpecError> {
         spec.validate()?;
-        let spec = spec.normalized();
+        let set = (!spec.include_interfaces.is_empty())
+            .then(|| spec.include_interfaces.iter().cloned().collect());
+        Ok(Self::build(&spec.normalized(), set))
+    }
+
+    /// The plan of `spec` with inbound capture restricted to an interface
+    /// set holding `interfaces` — also when there are none, which captures
+    /// nothing inbound until members are added (an empty
+    /// `includeInterfaces` means every interface instead). Replaces
+    /// `spec.include_interfaces`. What an endpoint uses whose connections'
+    /// interfaces come and go: the rules stay, only the set changes. Whether
+    /// `lo` is a member shapes the rules (the proxy's hairpin), so `lo` is
+    /// set here and never by a membership change.
+    pub fn for_interfaces(
+        spec: &RedirectSpec,
+        interfaces: impl IntoIterator<Item = String>,
+    ) -> Result<Plan, SpecError> {
+        let set: BTreeSet<String> = interfaces.into_iter().collect();
+        for name in &set {
+            validate_interface(name).map_err(|why| SpecError::Interface {
+                field: "includeInterfaces",
+                why,
+            })?;
+        }
+        let mut spec = spec.clone();
+        spec.include_interfaces = Vec::new();
+        spec.validate()?;
+        Ok(Self::build(&spec.normalized(), Some(set)))
+    }
+
+    /// Whether `other` installs the same tables, chains, rules and policy
+    /// routes: at most the members of its interface set differ, so a
+    /// namespace holding one becomes the other by a membership change.
+    pub fn same_rules(&self, other: &Plan) -> bool {
+        self.ipv6 == other.ipv6
+            && self.rules == other.rules
+            && self.policy_routes == other.policy_routes
+            && self.interfaces.is_some() == other.interfaces.is_some()
+    }
+
+    /// `rule` as a backend without interface sets installs it for `member`:
+    /// the set match replaced by a match of that interface.
+    pub fn for_member(rule: &Rule, member: &str) -> Rule {
+        let mut r = rule.clone();
+        for m in &mut r.matches {
+            if *m == Match::IifInSet {
+                *m = Match::Iif(member.to_owned());
+            }
+        }
+        r
+    }
+
+    /// The rules that apply to `family` with the interface set spelled out,
+    /// one rule per member in member order (none for an empty set): what
+    /// backends without interface sets install.
+    pub fn rules_with_members(&self, family: Family) -> Vec<Spelled> {
+        let mut out = Vec::new();
+        for r in self.rules_for(family) {
+            if r.uses_interface_set() {
+                for m in self.interfaces.iter().flatten() {
+                    out.push(Spelled {
+                        rule: Self::for_member(r, m),
+                        member: Some(m.clone()),
+                    });
+                }
+            } else {
+                out.push(Spelled {
+                    rule: r.clone(),
+                    member: None,
+                });
+            }
+        }
+        out
+    }
+
+    /// Derives the rules of a validated, normalised spec; `interfaces`:
+    /// the interface set, if capture is restricted to one.
+    fn build(spec: &RedirectSpec, interfaces: Option<BTreeSet<String>>) -> Plan {
         let mut g = Gen {
-            spec: &spec,
+            spec,
+            interfaces: interfaces.as_ref(),
             rules: Vec::new(),
             families: if spec.ipv6 {
                 vec![Family::V4, Family::V6]
@@ -235,11 +342,12 @@ impl Plan {
         } else {
             Vec::new()
         };
-        Ok(Plan {
+        Plan {
             ipv6: spec.ipv6,
             rules: g.rules,
             policy_routes,
-        })
+            interfaces,
+        }
     }
 
     /// Every chain the rules live in or jump to, base chains first, in a
@@ -269,6 +377,8 @@ impl Plan {
 /// Rule generator state.
 struct Gen<'a> {
     spec: &'a RedirectSpec,
+    /// The interface set inbound capture is restricted to, if any.
+    interfaces: Option<&'a BTreeSet<String>>,
     rules: Vec<Rule>,
     families: Vec<Family>,
 }
@@ -340,32 +450,23 @@ impl Gen<'_> {
     /// Whether inbound capture reaches traffic arriving on `lo`, i.e. the
     /// proxy's hairpin to its own pod address (istio's rule (a) below).
     fn captures_lo(&self) -> bool {
-        let include = &self.spec.include_interfaces;
-        include.is_empty() || include.iter().any(|i| i == "lo")
+        self.interfaces.is_none_or(|set| set.contains("lo"))
     }
 
-    /// The PREROUTING jump into inbound capture: one rule, or one per
-    /// `includeInterfaces` entry so only those interfaces are captured.
+    /// The PREROUTING jump into inbound capture, restricted to the members
+    /// of the interface set if there is one.
     fn inbound_jumps(&mut self, table: Table) {
         let fam = self.base_family();
-        let jump = Action::Jump(OwnChain::Inbound);
-        if self.spec.include_interfaces.is_empty() {
-            self.push(
-                base(table, Hook::Prerouting),
-                fam,
-                vec![Match::Proto(L4::Tcp)],
-                jump,
-            );
-            return;
+        let mut matches = vec![Match::Proto(L4::Tcp)];
+        if self.interfaces.is_some() {
+            matches.insert(0, Match::IifInSet);
         }
-        for nic in self.spec.include_interfaces.clone() {
-            self.push(
-                base(table, Hook::Prerouting),
-                fam,
-                vec![Match::Iif(nic), Match::Proto(L4::Tcp)],
-                jump.clone(),
-            );
-        }
+        self.push(
+            base(table, Hook::Prerouting),
+            fam,
+            matches,
+            Action::Jump(OwnChain::Inbound),
+        );
     }
 
     fn nat(&mut self) {
@@ -872,11 +973,28 @@ mod tests {
     #[test]
     fn include_interfaces_capture_inbound_only_there() {
         let plan = Plan::new(&endpoint_spec(Mode::Redirect)).unwrap();
-        let iif = |n: &str| vec![Match::Iif(n.into()), Match::Proto(L4::Tcp)];
+        let in_set = vec![Match::IifInSet, Match::Proto(L4::Tcp)];
+        // One jump testing set membership, whatever the number of members.
         assert_eq!(
             prerouting_jumps(&plan, Table::Nat),
-            [iif("nsm-a"), iif("nsm-b")]
+            std::slice::from_ref(&in_set)
         );
+        let members: Vec<&str> = plan
+            .interfaces
+            .iter()
+            .flatten()
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(members, ["nsm-a", "nsm-b"]);
+        // Spelled out (iptables): one jump per member, in member order.
+        let iif = |n: &str| vec![Match::Iif(n.into()), Match::Proto(L4::Tcp)];
+        let spelled: Vec<Vec<Match>> = plan
+            .rules_with_members(Family::V4)
+            .into_iter()
+            .filter(|s| s.rule.chain == base(Table::Nat, Hook::Prerouting))
+            .map(|s| s.rule.matches)
+            .collect();
+        assert_eq!(spelled, [iif("nsm-a"), iif("nsm-b")]);
         // Everything that arrives there goes to the inbound port.
         assert!(plan.rules.iter().any(|r| {
             r.chain == own(Table::Nat, OwnChain::InRedirect) && r.action == Action::Redirect(15001)
@@ -895,10 +1013,7 @@ mod tests {
         );
 
         let tproxy = Plan::new(&endpoint_spec(Mode::Tproxy)).unwrap();
-        assert_eq!(
-            prerouting_jumps(&tproxy, Table::Mangle),
-            [iif("nsm-a"), iif("nsm-b")]
-        );
+        assert_eq!(prerouting_jumps(&tproxy, Table::Mangle), [in_set]);
         assert!(prerouting_jumps(&tproxy, Table::Nat).is_empty());
         // The hairpin mark is useless when lo is not captured.
         assert!(
@@ -908,6 +1023,47 @@ mod tests {
                 .any(|r| r.action == Action::SetMark(OUTBOUND_MARK))
         );
         assert!(tproxy.rules.iter().all(|r| r.chain.table != Table::Nat));
+    }
+
+    #[test]
+    fn an_interface_set_may_be_empty_and_members_change_no_rule() {
+        let spec = endpoint_spec(Mode::Redirect);
+        let empty = Plan::for_interfaces(&spec, Vec::new()).unwrap();
+        assert_eq!(empty.interfaces, Some(BTreeSet::new()));
+        // Still restricted: the jump tests the (empty) set, nothing is
+        // captured until members come.
+        assert_eq!(
+            prerouting_jumps(&empty, Table::Nat),
+            [vec![Match::IifInSet, Match::Proto(L4::Tcp)]]
+        );
+        assert!(
+            empty
+                .rules_with_members(Family::V4)
+                .iter()
+                .all(|s| s.rule.action != Action::Jump(OwnChain::Inbound))
+        );
+        let two = Plan::for_interfaces(&spec, vec!["nsm-b".into(), "nsm-a".into()]).unwrap();
+        assert!(empty.same_rules(&two) && two.same_rules(&empty));
+        assert_ne!(empty, two);
+        // The spec's own list is replaced, not added to.
+        assert_eq!(two, Plan::new(&spec).unwrap());
+        // Not the same as capturing on every interface.
+        let all = Plan::new(&RedirectSpec {
+            include_interfaces: vec![],
+            ..spec.clone()
+        })
+        .unwrap();
+        assert!(!all.same_rules(&empty));
+        // lo shapes the rules (the hairpin), so it is no mere member.
+        let lo = Plan::for_interfaces(&spec, vec!["lo".into()]).unwrap();
+        assert!(!lo.same_rules(&empty));
+        assert!(matches!(
+            Plan::for_interfaces(&spec, vec!["a/b".into()]),
+            Err(SpecError::Interface {
+                field: "includeInterfaces",
+                ..
+            })
+        ));
     }
 
     #[test]

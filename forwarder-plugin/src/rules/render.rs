@@ -8,8 +8,10 @@ use std::fmt::Write as _;
 
 use ipnet::IpNet;
 
-use super::names::{Owner, nft_base, nft_chain};
-use super::plan::{Action, ChainId, ChainRef, CtState, Family, Hook, Match, Plan, Rule, Table};
+use super::names::{NFT_INTERFACE_SET, Owner, nft_base, nft_chain};
+use super::plan::{
+    Action, ChainId, ChainRef, CtState, Family, Hook, Match, Plan, Rule, Spelled, Table,
+};
 use super::spec::Mark;
 
 /// The rule's text in nft syntax, without its comment, e.g.
@@ -30,6 +32,7 @@ pub fn nft_rule_body(rule: &Rule) -> String {
             Match::NotDaddr(n) => parts.extend(nft_addr("daddr", "!= ", n)),
             Match::Saddr(n) => parts.extend(nft_addr("saddr", "", n)),
             Match::Iif(n) => parts.push(format!("iifname \"{n}\"")),
+            Match::IifInSet => parts.push(format!("iifname @{NFT_INTERFACE_SET}")),
             Match::Oif(n) => parts.push(format!("oifname \"{n}\"")),
             Match::Uid(u) => parts.push(format!("meta skuid {u}")),
             Match::NotUid(u) => parts.push(format!("meta skuid != {u}")),
@@ -128,6 +131,16 @@ pub fn nft_script(plan: &Plan, owner: &Owner) -> String {
     let _ = writeln!(s, "add table inet {t}");
     let _ = writeln!(s, "delete table inet {t}");
     let _ = writeln!(s, "add table inet {t}");
+    if let Some(members) = &plan.interfaces {
+        let _ = writeln!(s, "add set inet {t} {NFT_INTERFACE_SET} {{ type ifname; }}");
+        if !members.is_empty() {
+            let _ = writeln!(
+                s,
+                "add element inet {t} {NFT_INTERFACE_SET} {{ {} }}",
+                nft_elements(members)
+            );
+        }
+    }
     for id in plan.chains() {
         let name = nft_chain(id);
         match nft_base(id) {
@@ -153,6 +166,39 @@ pub fn nft_script(plan: &Plan, owner: &Owner) -> String {
             nft_chain(r.chain),
             nft_rule_body(r),
             owner.tag(&rule_key(r))
+        );
+    }
+    s
+}
+
+/// Interface names as nft set elements: `"a", "b"`.
+pub fn nft_elements<'a>(names: impl IntoIterator<Item = &'a String>) -> String {
+    names
+        .into_iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The `nft -f` lines of a membership change of the interface set (what
+/// [`super::Backend::update_interfaces`] does, as one transaction): adding
+/// then deleting `remove` makes removing an absent member a no-op.
+pub fn nft_membership_script(owner: &Owner, add: &[String], remove: &[String]) -> String {
+    let t = owner.nft_table();
+    let mut s = String::new();
+    let both: Vec<&String> = add.iter().chain(remove).collect();
+    if !both.is_empty() {
+        let _ = writeln!(
+            s,
+            "add element inet {t} {NFT_INTERFACE_SET} {{ {} }}",
+            nft_elements(both)
+        );
+    }
+    if !remove.is_empty() {
+        let _ = writeln!(
+            s,
+            "delete element inet {t} {NFT_INTERFACE_SET} {{ {} }}",
+            nft_elements(remove)
         );
     }
     s
@@ -187,6 +233,9 @@ pub fn iptables_rule_args(owner: &Owner, rule: &Rule) -> Vec<String> {
             Match::NotDaddr(n) => push(&["!", "-d", &n.to_string()]),
             Match::Saddr(n) => push(&["-s", &n.to_string()]),
             Match::Iif(n) => push(&["-i", n]),
+            Match::IifInSet => {
+                unreachable!("iptables rules have the interface set spelled out (Plan::for_member)")
+            }
             Match::Oif(n) => push(&["-o", n]),
             Match::Uid(u) => push(&["-m", "owner", "--uid-owner", &u.to_string()]),
             Match::NotUid(u) => push(&["-m", "owner", "!", "--uid-owner", &u.to_string()]),
@@ -298,7 +347,7 @@ pub fn iptables_restore(plan: &Plan, owner: &Owner, family: Family) -> RestoreDo
             t.declare.push(owner.iptables_chain(id));
         }
     }
-    for r in plan.rules_for(family) {
+    for Spelled { rule: r, .. } in &plan.rules_with_members(family) {
         let line = format!(
             "{} {}",
             owner.iptables_chain(r.chain),
@@ -310,6 +359,36 @@ pub fn iptables_restore(plan: &Plan, owner: &Owner, family: Family) -> RestoreDo
             .append
             .push(line);
     }
+    doc
+}
+
+/// The `iptables-restore --noflush` document of a membership change of the
+/// plan's interface set for `family`: each member rule of `add` appended,
+/// each of `remove` deleted (the iptables backend writes only the appends
+/// that are missing and the deletions that are present).
+pub fn iptables_membership(
+    plan: &Plan,
+    owner: &Owner,
+    family: Family,
+    add: &[String],
+    remove: &[String],
+) -> RestoreDoc {
+    let mut doc = RestoreDoc::default();
+    if family == Family::V6 && !plan.ipv6 {
+        return doc;
+    }
+    for template in plan.rules_for(family).filter(|r| r.uses_interface_set()) {
+        let chain = owner.iptables_chain(template.chain);
+        let line = |name: &String| {
+            let r = Plan::for_member(template, name);
+            format!("{chain} {}", iptables_rule_args(owner, &r).join(" "))
+        };
+        let t = doc.tables.entry(template.chain.table).or_default();
+        t.append.extend(add.iter().map(line));
+        t.delete_rules.extend(remove.iter().map(line));
+    }
+    doc.tables
+        .retain(|_, t| !t.append.is_empty() || !t.delete_rules.is_empty());
     doc
 }
 
@@ -330,7 +409,7 @@ pub fn iptables_argv(plan: &Plan, owner: &Owner, family: Family) -> Vec<Vec<Stri
             ]);
         }
     }
-    for r in plan.rules_for(family) {
+    for Spelled { rule: r, .. } in &plan.rules_with_members(family) {
         let mut argv = vec![
             "-t".into(),
             r.chain.table.name().into(),
@@ -417,6 +496,48 @@ mod tests {
         assert!(v6.contains("-j TPROXY --on-port 15006 --tproxy-mark 0x539/0xffffffff"));
         assert!(v6.contains("! -d ::1/128"));
         assert!(!v6.contains("127.0.0.1"));
+    }
+
+    #[test]
+    fn interface_sets_render_as_a_set_and_membership_as_elements_or_rules() {
+        let owner = Owner::default();
+        let spec = RedirectSpec {
+            include_outbound_cidrs: crate::rules::spec::Selection::List(vec![]),
+            ..Default::default()
+        };
+        let empty = Plan::for_interfaces(&spec, []).unwrap();
+        let s = nft_script(&empty, &owner);
+        assert!(s.contains("add set inet mesh_proxy include_ifaces { type ifname; }\n"));
+        assert!(
+            !s.contains("add element"),
+            "no element line for an empty set"
+        );
+        assert!(s.contains("NAT_PREROUTING meta nfproto ipv4 iifname @include_ifaces"));
+        let one = Plan::for_interfaces(&spec, ["nsm-a".to_owned()]).unwrap();
+        assert!(
+            nft_script(&one, &owner)
+                .contains("add element inet mesh_proxy include_ifaces { \"nsm-a\" }\n")
+        );
+
+        assert_eq!(
+            nft_membership_script(&owner, &["nsm-a".into()], &["nsm-b".into()]),
+            "add element inet mesh_proxy include_ifaces { \"nsm-a\", \"nsm-b\" }\n\
+             delete element inet mesh_proxy include_ifaces { \"nsm-b\" }\n"
+        );
+        let doc = iptables_membership(&empty, &owner, Family::V4, &["nsm-a".into()], &[]).text();
+        assert!(
+            doc.contains("-A PREROUTING -i nsm-a -p tcp -m comment --comment mesh_proxy:"),
+            "{doc}"
+        );
+        let doc = iptables_membership(&empty, &owner, Family::V4, &[], &["nsm-b".into()]).text();
+        assert!(doc.contains("-D PREROUTING -i nsm-b -p tcp"), "{doc}");
+        assert!(
+            iptables_membership(&empty, &owner, Family::V6, &["nsm-a".into()], &[]).is_empty(),
+            "no IPv6 rules without ipv6"
+        );
+        // A full document spells the members out.
+        let doc = iptables_restore(&one, &owner, Family::V4).text();
+        assert!(doc.contains("-A PREROUTING -i nsm-a -p tcp"), "{doc}");
     }
 
     #[test]

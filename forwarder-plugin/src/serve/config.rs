@@ -74,7 +74,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "nft")]
     pub backend: String,
 
-    /// Directory of the state file (state.json): what a restarted hop undoes.
+    /// The state directory (one file per connection): what a restarted hop undoes.
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
 

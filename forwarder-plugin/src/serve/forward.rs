@@ -20,6 +20,16 @@ use super::client_side::{client_mechanism, client_netns};
 use super::downstream::{Accepted, CallToken, NextHop};
 use super::error::ForwardError;
 use crate::hop::{Hop, HopRecord, PlumbRequest, Session};
+use crate::link::{LinkError, Links};
+use crate::netns::Netns;
+
+/// The client's side of a Request: its namespace, a netlink handle being
+/// opened there, and its mechanism.
+struct Client<'a> {
+    netns: Netns,
+    links: Option<tokio::task::JoinHandle<Result<Links, LinkError>>>,
+    mechanism: &'a Mechanism,
+}
 
 pub struct Forwarder {
     hop: Arc<Hop>,
@@ -65,6 +75,13 @@ impl Forwarder {
         let known = self.hop.record(&id);
         let token = own_token(&conn)?;
         let expires = prev_expires(&conn);
+        let caller_id = conn.prev_segment().map(|s| s.id.clone());
+        // A netlink socket in the client's namespace takes a thread that
+        // enters it: open it while the next hop decides.
+        let client_links = client
+            .try_clone()
+            .ok()
+            .map(|ns| tokio::task::spawn_blocking(move || Links::open(&ns)));
         let mut down = conn;
         // A refresh presents the endpoint's mechanism as it returned it
         // (NSM's mechanismtranslation); a first Request presents none.
@@ -72,9 +89,22 @@ impl Forwarder {
             .as_ref()
             .and_then(decode_downstream)
             .and_then(|c| c.mechanism);
+        let asked = std::time::Instant::now();
         let accepted = self.next_hop.request(down, &token, deadline).await?;
+        let downstream = asked.elapsed();
         match self
-            .plumb(&id, client, &client_mech, &accepted, expires)
+            .plumb(
+                &id,
+                Client {
+                    netns: client,
+                    links: client_links,
+                    mechanism: &client_mech,
+                },
+                &accepted,
+                expires,
+                caller_id,
+                downstream,
+            )
             .await
         {
             Ok(conn) => Ok(conn),
@@ -100,13 +130,21 @@ impl Forwarder {
     async fn plumb(
         &self,
         id: &str,
-        client: crate::netns::Netns,
-        client_mech: &Mechanism,
+        client: Client<'_>,
         accepted: &Accepted,
         expires: Option<SystemTime>,
+        caller_id: Option<String>,
+        downstream: Duration,
     ) -> Result<Connection, ForwardError> {
+        let started = std::time::Instant::now();
         let (endpoint_mech, endpoint) = self.next_hop.endpoint_netns(accepted).await?;
+        let client_mech = client.mechanism;
         let client_if = client_mech.interface_name().unwrap_or_default();
+        // If that failed, the hop opens one itself (and says why it cannot).
+        let client_links = match client.links {
+            Some(task) => task.await.ok().and_then(Result::ok),
+            None => None,
+        };
         let endpoint_if = endpoint_mech.interface_name().unwrap_or_default();
         let session = Session {
             next_hop: Some(self.next_hop.url().to_owned()),
@@ -114,13 +152,15 @@ impl Forwarder {
             expires_unix: expires
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
+            caller_id,
         };
         let done = self
             .hop
             .plumb(PlumbRequest {
                 id,
-                client,
+                client: client.netns,
                 endpoint,
+                client_links,
                 client_if,
                 endpoint_if,
                 connection: &accepted.conn,
@@ -136,6 +176,9 @@ impl Forwarder {
             refreshed = done.refreshed,
             changed = done.applied.changed,
             rules = done.record.rules.is_some(),
+            // Where a slow setup spent its time: the next hop, or here.
+            ?downstream,
+            plumbing = ?started.elapsed(),
             "plumbed"
         );
         // The client gets its own mechanism back (NSM forwarders return the
@@ -165,7 +208,7 @@ impl Forwarder {
             Ok(()) if record.is_some() => tracing::info!(%id, "unplumbed"),
             Ok(()) => {}
             Err(e) => {
-                tracing::warn!(%id, error = %e, "cannot unplumb; the state file keeps the connection for a later try")
+                tracing::warn!(%id, error = %e, "cannot unplumb; the state directory keeps the connection for a later try")
             }
         }
         let down = record.as_ref().and_then(decode_downstream).or_else(|| {

@@ -27,7 +27,7 @@ use tonic_health::ServingStatus;
 
 use super::config::ServeConfig;
 use super::downstream::NextHop;
-use super::elements::{Adopt, Forward};
+use super::elements::{Adopt, Forward, Rejoin};
 use super::error::ForwardError;
 use super::forward::Forwarder;
 use crate::hop::{Hop, HopError, HopOptions};
@@ -85,6 +85,7 @@ impl ForwarderHop {
         ));
         let monitor = MonitorHub::new();
         let elements: Vec<Arc<dyn Element<ForwardError>>> = vec![
+            Arc::new(Rejoin::new(cfg.name.clone(), forwarder.clone())),
             Arc::new(UpdatePath::new(cfg.name.clone())),
             Arc::new(Adopt::new(forwarder.clone())),
             Arc::new(Begin::new()),
@@ -138,7 +139,7 @@ impl ForwarderHop {
     /// closed when their caller's token expires, as the timeout element
     /// would have done.
     pub async fn arm_adopted_expiry(self: &Arc<Self>) {
-        for (id, rec) in self.hop().adopted().await {
+        for (id, rec) in self.hop().adopted() {
             let Some(at) = rec.session.expires_unix else {
                 continue;
             };
@@ -149,7 +150,7 @@ impl ForwarderHop {
             let this = self.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                if this.hop().is_adopted(&id).await {
+                if this.hop().is_adopted(&id) {
                     tracing::info!(%id, "adopted connection expired without refresh: closing it");
                     if let Err(e) = this.forwarder.close_own(&id).await {
                         tracing::warn!(%id, error = %e, "closing the expired adopted connection failed");
@@ -333,7 +334,7 @@ pub async fn serve(
     if cfg.cleanup_on_exit {
         hop.cleanup_all().await;
     } else {
-        let left = hop.hop().records().len();
+        let left = hop.hop().len();
         tracing::info!(connections = left, state = %hop.hop().state_path().display(), "leaving the dataplane for the next start to adopt");
     }
     Ok(())

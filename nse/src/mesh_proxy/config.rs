@@ -197,16 +197,29 @@ impl FunctionConfig {
             key,
             why: e.to_string(),
         };
-        Plan::new(&self.own_spec(vec!["nsm0".into()], true)).map_err(|e| invalid("proxy", e))?;
+        self.own_plan(["nsm0".to_owned()], true)
+            .map_err(|e| invalid("proxy", e))?;
         Plan::new(&self.sidecar).map_err(|e| invalid("sidecar", e))?;
         Ok(())
     }
 
-    /// The redirect spec of the NSE's own netns for the connections'
-    /// `interfaces`: inbound capture of everything arriving there to
-    /// `proxy.port`, nothing else — no outbound capture, so the proxy's
-    /// upstream connections leave directly (the OUTPUT hook gets no chain).
-    pub fn own_spec(&self, interfaces: Vec<String>, ipv6: bool) -> RedirectSpec {
+    /// The rules of the NSE's own netns with the connections' `interfaces`
+    /// as the members of its interface set ([`Self::own_spec`]): the same
+    /// rules for any members, none included.
+    pub fn own_plan(
+        &self,
+        interfaces: impl IntoIterator<Item = String>,
+        ipv6: bool,
+    ) -> Result<Plan, forwarder_plugin::rules::SpecError> {
+        Plan::for_interfaces(&self.own_spec(ipv6), interfaces)
+    }
+
+    /// The redirect spec of the NSE's own netns, for capture restricted to
+    /// the connections' interfaces ([`Plan::for_interfaces`]): inbound
+    /// capture of everything arriving there to `proxy.port`, nothing else —
+    /// no outbound capture, so the proxy's upstream connections leave
+    /// directly (the OUTPUT hook gets no chain).
+    pub fn own_spec(&self, ipv6: bool) -> RedirectSpec {
         let port = self.proxy.port;
         RedirectSpec {
             mode: self.proxy.mode,
@@ -223,7 +236,6 @@ impl FunctionConfig {
             exclude_outbound_cidrs: Vec::new(),
             include_outbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
-            include_interfaces: interfaces,
             exclude_interfaces: Vec::new(),
             capture_dns: false,
             ipv6,
@@ -386,16 +398,21 @@ mod tests {
     }
 
     #[test]
-    fn own_spec_captures_only_inbound_on_the_interfaces() {
+    fn own_plan_captures_only_inbound_on_the_interfaces() {
         let c = FunctionConfig::default();
-        let s = c.own_spec(vec!["nsm-a".into()], false);
+        let s = c.own_spec(false);
         assert_eq!(s.inbound_port, Port(15001));
         assert_ne!(s.outbound_port, s.inbound_port);
         assert_eq!(s.include_outbound_cidrs, Selection::List(vec![]));
         assert_eq!(s.include_inbound_ports, Selection::All);
         assert!(s.exclude_inbound_ports.is_empty());
-        assert_eq!(s.include_interfaces, ["nsm-a"]);
-        Plan::new(&s).unwrap();
+        let one = c.own_plan(["nsm-a".to_owned()], false).unwrap();
+        let members: Vec<&String> = one.interfaces.iter().flatten().collect();
+        assert_eq!(members, ["nsm-a"]);
+        // The members never change the rules, not even when there are none.
+        let none = c.own_plan([], false).unwrap();
+        assert!(none.same_rules(&one));
+        assert!(!none.same_rules(&c.own_plan([], true).unwrap()));
         let top = FunctionConfig {
             proxy: ProxyConfig {
                 port: Port(u16::MAX),
@@ -403,6 +420,6 @@ mod tests {
             },
             ..Default::default()
         };
-        Plan::new(&top.own_spec(vec!["x".into()], true)).unwrap();
+        top.own_plan(["x".to_owned()], true).unwrap();
     }
 }

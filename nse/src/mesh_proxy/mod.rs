@@ -7,15 +7,18 @@
 //!   address; in its own netns the NSE sends everything arriving on the
 //!   connection's interface to `proxy.port` (REDIRECT, or TPROXY), and
 //!   captures nothing outbound, so the proxy's upstream connections leave
-//!   directly. One table ([`own_rules`]) for all connections.
+//!   directly. One table ([`own_rules`]) for all connections, whose
+//!   interface set holds their interfaces: a connection coming or going
+//!   changes one set member, never the rules.
 //! * **sidecar**: the client runs its own proxy; the NSE returns a redirect
 //!   spec for the client's netns in `extra_context[`[`CLIENT_REDIRECT_KEY`]`]`,
 //!   which the forwarder applies there (istio-cni's job, per connection).
 //!
 //! A connection's labels may override the placement and add exclusions
-//! ([`labels`]). Apply is idempotent (every refresh re-applies), undo
-//! removes the connection's part; the table is removed with the last
-//! connection and at start-up.
+//! ([`labels`]). Apply is idempotent (a refresh verifies and repairs), undo
+//! removes the connection's interface from the set; the table stays while
+//! the NSE runs (empty, it captures nothing) and is removed at start-up and
+//! at exit when no connection is left.
 
 pub mod capability;
 pub mod config;
@@ -85,6 +88,17 @@ impl MeshProxy {
             own,
             net_admin,
         })
+    }
+
+    /// At exit: removes the function's table if no connection is left (see
+    /// [`OwnRules::release`]).
+    pub fn release(&self) {
+        if !self.net_admin {
+            return;
+        }
+        if let Err(e) = self.own.release() {
+            tracing::warn!(table = %self.own.table(), error = %e, "cannot remove the redirect rules at exit");
+        }
     }
 
     /// The interfaces whose traffic the NSE's netns hands to the proxy now.

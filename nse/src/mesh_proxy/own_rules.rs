@@ -1,14 +1,27 @@
 //! Placement proxy: the one table this function owns in the NSE's own
-//! netns, regenerated from the live connections' interfaces on every
-//! change. One spec for all connections (`includeInterfaces` = their
-//! interfaces) keeps the kernel state a pure function of the live set, so
-//! apply is idempotent and a restart can start from "no table".
+//! netns. Its rules depend on the configuration alone (and on whether some
+//! connection has IPv6 addresses); the live connections' interfaces are the
+//! members of its interface set (`Plan::for_interfaces`). So a Request adds
+//! one member and a Close removes one, a set-element transaction that
+//! rewrites no rule ([`Backend::update_interfaces`]; with nft microseconds
+//! of kernel time, on a netlink socket kept open because closing one after
+//! a deletion waits ~10 ms for an RCU grace period); only the first
+//! connection, and the first with IPv6, write the rules.
+//!
+//! The table stays when the last connection leaves: its empty set captures
+//! nothing, and the next connection is again one element away (deleting and
+//! re-creating the table, hooks and all, costs ~1 ms per round). It is
+//! removed at start-up (after a restart no connection is known, and clients
+//! get their rules back with their next refresh) and when the NSE stops with
+//! no connection left ([`OwnRules::release`]). IPv6 capture, once some
+//! connection needed it, stays while the table does (it is restricted to
+//! the set's interfaces like IPv4).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
 use forwarder_plugin::netns::{Netns, NetnsError};
-use forwarder_plugin::rules::{self, Backend, BackendOptions, Plan, RulesError};
+use forwarder_plugin::rules::{self, Backend, BackendOptions, Outcome, Plan, RulesError};
 
 use super::config::FunctionConfig;
 
@@ -25,8 +38,41 @@ pub struct OwnRules {
     config: FunctionConfig,
     netns: Netns,
     backend: Box<dyn Backend>,
-    /// Connection id → what it needs; the table always matches it.
-    live: Mutex<BTreeMap<String, Live>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Connection id → what it needs; the set's members are their interfaces.
+    live: BTreeMap<String, Live>,
+    /// The rules the kernel holds (a plan whose members do not matter),
+    /// `None` when unknown — nothing applied yet, or a failure that could
+    /// not be undone: the next change then applies everything.
+    applied: Option<Plan>,
+}
+
+impl State {
+    /// The interfaces of the live connections, but `except`'s.
+    fn members(&self, except: Option<&str>) -> BTreeSet<String> {
+        self.live
+            .iter()
+            .filter(|(id, _)| Some(id.as_str()) != except)
+            .map(|(_, l)| l.interface.clone())
+            .collect()
+    }
+
+    /// Whether a live connection other than `id` uses `interface`.
+    fn shared(&self, id: &str, interface: &str) -> bool {
+        self.live
+            .iter()
+            .any(|(other, l)| other != id && l.interface == interface)
+    }
+
+    /// Whether the rules capture IPv6: once some connection needed it, for
+    /// as long as the rules stay.
+    fn ipv6(&self) -> bool {
+        self.applied.as_ref().is_some_and(|p| p.ipv6) || self.live.values().any(|l| l.ipv6)
+    }
 }
 
 impl OwnRules {
@@ -36,6 +82,9 @@ impl OwnRules {
             config.rules.backend.kind(),
             BackendOptions {
                 owner: config.rules.owner.clone(),
+                // Our own namespace, for as long as we run: one socket, so
+                // a Close's element deletion does not wait for the kernel.
+                keep_socket: true,
                 ..Default::default()
             },
         );
@@ -43,79 +92,156 @@ impl OwnRules {
             config: config.clone(),
             netns: Netns::current()?,
             backend,
-            live: Mutex::new(BTreeMap::new()),
+            state: Mutex::new(State::default()),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Live>> {
-        // Every critical section leaves the map matching the kernel or unchanged.
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state matching the kernel or unchanged.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The plan for a live set; `None` when nothing is live (no table).
-    fn plan(&self, live: &BTreeMap<String, Live>) -> Result<Option<Plan>, RulesError> {
-        if live.is_empty() {
-            return Ok(None);
-        }
-        let interfaces: BTreeSet<&String> = live.values().map(|l| &l.interface).collect();
-        let ipv6 = live.values().any(|l| l.ipv6);
-        let spec = self
-            .config
-            .own_spec(interfaces.into_iter().cloned().collect(), ipv6);
-        Ok(Some(Plan::new(&spec)?))
+    fn plan(
+        &self,
+        members: impl IntoIterator<Item = String>,
+        ipv6: bool,
+    ) -> Result<Plan, RulesError> {
+        Ok(self.config.own_plan(members, ipv6)?)
     }
 
-    fn write(&self, live: &BTreeMap<String, Live>) -> Result<(), RulesError> {
-        match self.plan(live)? {
-            Some(plan) => self.backend.apply(&self.netns, &plan).map(|_| ()),
-            None => self.backend.cleanup(&self.netns),
-        }
+    /// Makes the kernel hold `plan` (all of it, members included).
+    fn write(&self, plan: &Plan) -> Result<(), RulesError> {
+        self.backend.apply(&self.netns, plan).map(|_| ())
     }
 
-    /// Sets connection `id`'s entry (`None`: removes it) and makes the table
-    /// match. All or nothing: on error the previous set is restored in the
-    /// kernel (best effort) and kept here. Removing an unknown id touches
-    /// nothing; setting an entry always re-applies, which is a read when
-    /// the table is already right and a repair when it drifted.
+    /// Sets connection `id`'s entry (`None`: removes it) and makes the
+    /// kernel match. All or nothing: on error the previous state is
+    /// restored in the kernel (best effort) and kept here. A new entry
+    /// adds its interface to the set (the rules are written only when
+    /// they are missing or must change); a removed one takes its interface
+    /// out; an unchanged entry (a refresh) verifies the table and repairs
+    /// it if it drifted. Removing an unknown id touches nothing.
     pub fn update(&self, id: &str, entry: Option<Live>) -> Result<(), RulesError> {
-        let mut live = self.lock();
-        let mut next = live.clone();
-        match entry {
-            Some(e) => {
-                next.insert(id.to_owned(), e);
+        let mut st = self.lock();
+        let old = st.live.get(id).cloned();
+        let (add, remove, ipv6) = match (&entry, &old) {
+            (None, None) => return Ok(()),
+            (Some(new), Some(old)) if new == old => return self.refresh(&mut st),
+            (Some(new), _) => {
+                let add = if st.shared(id, &new.interface) {
+                    Vec::new()
+                } else {
+                    vec![new.interface.clone()]
+                };
+                let remove = old
+                    .filter(|o| o.interface != new.interface && !st.shared(id, &o.interface))
+                    .map(|o| vec![o.interface])
+                    .unwrap_or_default();
+                (add, remove, st.ipv6() || new.ipv6)
             }
-            None => {
-                if next.remove(id).is_none() {
-                    return Ok(());
-                }
+            (None, Some(old)) => {
+                let remove = if st.shared(id, &old.interface) {
+                    Vec::new()
+                } else {
+                    vec![old.interface.clone()]
+                };
+                (Vec::new(), remove, st.ipv6())
             }
-        }
-        if let Err(e) = self.write(&next) {
-            // The backends apply atomically, but a rollback of theirs may
-            // have removed the whole table: put the previous set back.
-            if let Err(again) = self.write(&live) {
-                tracing::error!(error = %again, "cannot restore the previous redirect rules");
-            }
+        };
+        // The rules alone (no member): what decides between a membership
+        // change and a full apply, without work per open connection.
+        let rules_only = self.plan([], ipv6)?;
+        let whole = || {
+            let mut next = st.members(Some(id));
+            next.extend(entry.as_ref().map(|e| e.interface.clone()));
+            self.plan(next, ipv6).and_then(|p| self.write(&p))
+        };
+        let written = match &st.applied {
+            // The rules are there: only the members change.
+            Some(applied) if applied.same_rules(&rules_only) => self
+                .backend
+                .update_interfaces(&self.netns, &rules_only, &add, &remove)
+                .or_else(|e| {
+                    // E.g. the table was deleted by hand: write it whole.
+                    tracing::warn!(error = %e, "interface set change failed; re-applying the whole table");
+                    whole()
+                }),
+            _ => whole(),
+        };
+        if let Err(e) = written {
+            self.restore(&mut st);
             return Err(e);
         }
-        *live = next;
+        match entry {
+            Some(e) => st.live.insert(id.to_owned(), e),
+            None => st.live.remove(id),
+        };
+        st.applied = Some(rules_only);
         Ok(())
+    }
+
+    /// A refresh: apply the whole plan, which is a read when the kernel
+    /// matches it (set members included) and a repair when it drifted.
+    fn refresh(&self, st: &mut State) -> Result<(), RulesError> {
+        let plan = self.plan(st.members(None), st.ipv6())?;
+        match self.backend.apply(&self.netns, &plan) {
+            Ok(Outcome::Applied) if st.applied.is_some() => {
+                tracing::warn!(table = %self.table(), "repaired the redirect rules, which had drifted");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.restore(st);
+                return Err(e);
+            }
+        }
+        st.applied = Some(plan);
+        Ok(())
+    }
+
+    /// After a failed change: puts the kernel back as `st` says it was (the
+    /// backends apply atomically, but a rollback of theirs may have removed
+    /// the whole table). Forgets what is applied if that fails too.
+    fn restore(&self, st: &mut State) {
+        let restored = match &st.applied {
+            None if st.live.is_empty() => self.backend.cleanup(&self.netns),
+            None => self
+                .plan(st.members(None), st.ipv6())
+                .and_then(|p| self.write(&p)),
+            Some(applied) => self
+                .plan(st.members(None), applied.ipv6)
+                .and_then(|p| self.write(&p)),
+        };
+        if let Err(e) = restored {
+            tracing::error!(error = %e, "cannot restore the previous redirect rules");
+            st.applied = None;
+        }
     }
 
     /// Removes the table whatever is live (start-up: after a restart no
     /// connection is known until clients refresh).
     pub fn cleanup(&self) -> Result<(), RulesError> {
-        let mut live = self.lock();
+        let mut st = self.lock();
         self.backend.cleanup(&self.netns)?;
-        live.clear();
+        *st = State::default();
+        Ok(())
+    }
+
+    /// At exit: removes the table if no connection is live (it captures
+    /// nothing then). Live connections keep their rules, and so their path
+    /// through the proxy, until a restarted NSE cleans up at start.
+    pub fn release(&self) -> Result<(), RulesError> {
+        let mut st = self.lock();
+        if !st.live.is_empty() {
+            return Ok(());
+        }
+        self.backend.cleanup(&self.netns)?;
+        st.applied = None;
         Ok(())
     }
 
     /// The interfaces whose traffic is captured now.
     pub fn interfaces(&self) -> Vec<String> {
-        let live = self.lock();
-        let set: BTreeSet<&String> = live.values().map(|l| &l.interface).collect();
-        set.into_iter().cloned().collect()
+        self.lock().members(None).into_iter().collect()
     }
 
     /// The table's name, e.g. `inet mesh_proxy_nse`.

@@ -2,6 +2,10 @@
 //! endpoint — each capture CIDR via the endpoint's address of its family
 //! (the connection's `dst_ip_addrs`), minus the CIDRs the connection asks
 //! to keep away from the proxy, which then follow the client's own routes.
+//! "Everything" (`0.0.0.0/0`, `::/0`) is given as its two halves: a pod has
+//! a default route of its own (via eth0), which a second default would
+//! clash with (EEXIST) or replace, while the longer halves win over it and
+//! leave it in place for when the connection goes.
 
 use std::net::IpAddr;
 
@@ -56,12 +60,26 @@ pub fn has_ipv6(ip: &IpContext) -> bool {
     next_hops(ip).1.is_some()
 }
 
+/// `nets` with every /0 replaced by its two /1 halves (same addresses,
+/// never the same prefix as a default route).
+fn split_defaults(nets: Vec<IpNet>) -> Vec<IpNet> {
+    nets.into_iter()
+        .flat_map(|n| {
+            if n.prefix_len() == 0 {
+                n.subnets(1).expect("a /0 has /1 halves").collect()
+            } else {
+                vec![n]
+            }
+        })
+        .collect()
+}
+
 /// The capture routes for `ip`: `capture` minus `exclude`, each via the
-/// endpoint address of its family; prefixes of a family the connection has
-/// no address of are left out.
+/// endpoint address of its family, a /0 as its two halves; prefixes of a
+/// family the connection has no address of are left out.
 pub fn capture_routes(ip: &IpContext, capture: &[IpNet], exclude: &[IpNet]) -> Vec<Route> {
     let (v4, v6) = next_hops(ip);
-    subtract(capture, exclude)
+    split_defaults(subtract(capture, exclude))
         .into_iter()
         .filter_map(|net| {
             let hop = match net {
@@ -138,25 +156,56 @@ mod tests {
         assert_eq!(subtract(&nets(&["::/0"]), &nets(&["fd00::/8"])).len(), 8);
     }
 
+    fn pairs(routes: &[Route]) -> Vec<(&str, &str)> {
+        routes
+            .iter()
+            .map(|r| (r.prefix.as_str(), r.next_hop.as_str()))
+            .collect()
+    }
+
     #[test]
     fn routes_go_via_the_endpoint_address_of_their_family() {
-        let all = nets(&["0.0.0.0/0", "::/0"]);
-        let r = capture_routes(&ctx(&["198.18.0.0/32"]), &all, &[]);
+        let some = nets(&["198.19.0.0/16", "fd00:9::/32"]);
+        let r = capture_routes(&ctx(&["198.18.0.0/32"]), &some, &[]);
+        assert_eq!(pairs(&r), [("198.19.0.0/16", "198.18.0.0")]);
+        let r = capture_routes(&ctx(&["198.18.0.0/32", "fd00::a/128"]), &some, &[]);
         assert_eq!(
-            r,
-            [Route {
-                prefix: "0.0.0.0/0".into(),
-                next_hop: "198.18.0.0".into()
-            }]
-        );
-        let r = capture_routes(&ctx(&["198.18.0.0/32", "fd00::a/128"]), &all, &[]);
-        assert_eq!(r.len(), 2);
-        assert_eq!(
-            (r[1].prefix.as_str(), r[1].next_hop.as_str()),
-            ("::/0", "fd00::a")
+            pairs(&r),
+            [("198.19.0.0/16", "198.18.0.0"), ("fd00:9::/32", "fd00::a")]
         );
         assert!(has_ipv6(&ctx(&["fd00::a/128"])));
         assert!(!has_ipv6(&ctx(&["198.18.0.0/32"])));
+    }
+
+    #[test]
+    fn everything_is_two_halves_so_the_clients_default_route_stays() {
+        let all = nets(&["0.0.0.0/0", "::/0"]);
+        let r = capture_routes(&ctx(&["198.18.0.0/32", "fd00::a/128"]), &all, &[]);
+        assert_eq!(
+            pairs(&r),
+            [
+                ("0.0.0.0/1", "198.18.0.0"),
+                ("128.0.0.0/1", "198.18.0.0"),
+                ("::/1", "fd00::a"),
+                ("8000::/1", "fd00::a"),
+            ]
+        );
+        // Together they still cover every address, and no route is a default.
+        for a in ["0.0.0.1", "127.255.255.255", "128.0.0.0", "255.255.255.255"] {
+            let a: IpAddr = a.parse().unwrap();
+            let n = r
+                .iter()
+                .filter(|x| x.prefix.parse::<IpNet>().unwrap().contains(&a))
+                .count();
+            assert_eq!(n, 1, "{a}");
+        }
+        assert!(r.iter().all(|x| !x.prefix.ends_with("/0")));
+        // An exclusion already splits the /0; what is left is unchanged.
+        let r = capture_routes(&ctx(&["198.18.0.0/32"]), &all, &nets(&["128.0.0.0/2"]));
+        assert_eq!(
+            pairs(&r),
+            [("0.0.0.0/1", "198.18.0.0"), ("192.0.0.0/2", "198.18.0.0")]
+        );
     }
 
     #[test]
@@ -166,7 +215,8 @@ mod tests {
         let routes = capture_routes(&ip, &all, &[]);
         set_capture_routes(&mut ip, routes.clone());
         set_capture_routes(&mut ip, routes);
-        assert_eq!(ip.src_routes.len(), 2, "idempotent: {:?}", ip.src_routes);
+        // The p2p route and the two halves, however often it is set.
+        assert_eq!(ip.src_routes.len(), 3, "idempotent: {:?}", ip.src_routes);
         set_capture_routes(&mut ip, Vec::new());
         assert_eq!(ip.src_routes.len(), 1, "the p2p route stays");
         assert!(ip.src_routes[0].next_hop.is_empty());

@@ -344,11 +344,29 @@ impl Hop {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The state file as JSON (`null` if absent).
+    /// The state directory's connection files (`connections/*.json`, one
+    /// per connection, each checked to be version 2 and named after its id)
+    /// as `{"connections": {id: record}}`.
     pub fn state(&self) -> Value {
-        std::fs::read_to_string(self.state_dir.join("state.json"))
-            .map(|t| serde_json::from_str(&t).expect("state.json is JSON"))
-            .unwrap_or(Value::Null)
+        let mut connections = serde_json::Map::new();
+        let dir = self.state_dir.join("connections");
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue; // a write in progress
+            }
+            let text = std::fs::read_to_string(entry.path()).expect("read a connection file");
+            let v: Value = serde_json::from_str(&text).expect("a connection file is JSON");
+            assert_eq!(v["version"], 2, "{name}: {v}");
+            let id = v["id"].as_str().expect("a connection file names its id");
+            assert_eq!(
+                name,
+                format!("{}.json", forwarder_plugin::hop::file_stem(id)),
+                "{v}"
+            );
+            connections.insert(id.to_owned(), v["record"].clone());
+        }
+        serde_json::json!({ "connections": connections })
     }
 
     pub fn kill9(&mut self) {

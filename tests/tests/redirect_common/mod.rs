@@ -217,6 +217,55 @@ fn strip_counters(text: &str) -> String {
         .join("\n")
 }
 
+/// The members of our nft interface set (`inet <table> include_ifaces`),
+/// `None` when the set does not exist.
+pub fn nft_set_members(ns: &TestNetns, table: &str) -> Option<Vec<String>> {
+    let out = ns.exec(&["nft", "-j", "list", "set", "inet", table, "include_ifaces"]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft json");
+    let set = v["nftables"]
+        .as_array()?
+        .iter()
+        .find_map(|o| o.get("set"))?
+        .clone();
+    let mut members: Vec<String> = set["elem"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    members.sort();
+    Some(members)
+}
+
+/// The lines of `b` that `a` lacks (`+`) and of `a` that `b` lacks (`-`),
+/// over every part of the state.
+pub fn changed_lines(a: &State, b: &State) -> Vec<String> {
+    let mut out = Vec::new();
+    for (x, y) in [
+        (&a.nft, &b.nft),
+        (&a.xtables, &b.xtables),
+        (&a.ip_rules, &b.ip_rules),
+        (&a.routes, &b.routes),
+    ] {
+        out.extend(
+            y.lines()
+                .filter(|l| !x.lines().any(|m| m == *l))
+                .map(|l| format!("+ {l}")),
+        );
+        out.extend(
+            x.lines()
+                .filter(|l| !y.lines().any(|m| m == *l))
+                .map(|l| format!("- {l}")),
+        );
+    }
+    out
+}
+
 /// Asserts two states are equal, printing only the lines that differ.
 #[track_caller]
 pub fn assert_same(a: &State, b: &State, what: &str) {

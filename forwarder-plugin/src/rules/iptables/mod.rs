@@ -8,6 +8,11 @@
 //! table, so if a later table (or family) fails, the ones already written
 //! are restored from the iptables-save read before: a failed apply leaves
 //! the namespace as it was.
+//!
+//! iptables has no interface sets: `includeInterfaces` becomes one jump per
+//! interface, and [`Backend::update_interfaces`] appends or deletes just
+//! those rules (`iptables-save` to see which are there, then one
+//! `iptables-restore --noflush` per family of only those lines).
 
 mod save;
 mod variant;
@@ -23,9 +28,9 @@ use super::drift::{Drift, DriftItem, Have, Want, WantChain, compare_chain};
 use super::error::{Result, RulesError};
 use super::exec::Run;
 use super::names::Owner;
-use super::plan::{ChainRef, Family, Plan, Table};
+use super::plan::{Action, ChainRef, Family, Plan, Spelled, Table};
 use super::render::{RestoreDoc, RestoreTable, iptables_rule_args, rule_key};
-use super::{Backend, BackendOptions, Fault, Outcome, policy_route};
+use super::{Backend, BackendOptions, Fault, Outcome, check_membership, policy_route};
 use save::{SaveRule, SaveTable};
 
 /// Our own lock file for iptables-legacy: the host's `/run/xtables.lock` is
@@ -163,15 +168,17 @@ impl IptablesBackend {
             .filter(|id| id.table == table)
             .map(|id| {
                 let rules = plan
-                    .rules_for(family)
-                    .filter(|r| r.chain == id)
-                    .map(|r| Want {
-                        tag: self.owner.tag(&rule_key(r)),
+                    .rules_with_members(family)
+                    .into_iter()
+                    .filter(|s| s.rule.chain == id)
+                    .map(|Spelled { rule: r, member }| Want {
+                        tag: self.owner.tag(&rule_key(&r)),
                         text: format!(
                             "-A {} {}",
                             self.owner.iptables_chain(id),
-                            iptables_rule_args(&self.owner, r).join(" ")
+                            iptables_rule_args(&self.owner, &r).join(" ")
                         ),
+                        unordered: member.is_some(),
                     })
                     .collect();
                 (
@@ -357,6 +364,61 @@ impl IptablesBackend {
         Ok(out)
     }
 
+    /// One family's document of a membership change: member rules of `add`
+    /// that `saved` lacks appended, those of `remove` it has deleted.
+    fn membership_doc(
+        &self,
+        ns: &Netns,
+        plan: &Plan,
+        family: Family,
+        saved: &[SaveTable],
+        add: &[String],
+        remove: &[String],
+    ) -> Result<RestoreDoc> {
+        let mut doc = RestoreDoc::default();
+        for template in plan.rules_for(family).filter(|r| r.uses_interface_set()) {
+            let table = template.chain.table;
+            let chain = self.owner.iptables_chain(template.chain);
+            let st = saved.iter().find(|s| s.name == table.name());
+            // The rules jump into our chain: without it the plan is not there.
+            if let Action::Jump(target) = template.action {
+                let target = self.owner.iptables_chain(super::plan::ChainId {
+                    table,
+                    chain: ChainRef::Own(target),
+                });
+                if !st.is_some_and(|st| st.has_chain(&target)) {
+                    return Err(RulesError::NotApplied {
+                        what: format!("chain {} {target}", table.name()),
+                        netns: ns.id(),
+                    });
+                }
+            }
+            let tagged = |name: &String| {
+                let tag = self.owner.tag(&rule_key(&Plan::for_member(template, name)));
+                st.into_iter()
+                    .flat_map(|st| st.rules_of(&chain))
+                    .filter(move |r| r.comment.as_deref() == Some(tag.as_str()))
+            };
+            let t = doc.tables.entry(table).or_default();
+            for name in add {
+                if tagged(name).next().is_none() {
+                    let r = Plan::for_member(template, name);
+                    t.append.push(format!(
+                        "{chain} {}",
+                        iptables_rule_args(&self.owner, &r).join(" ")
+                    ));
+                }
+            }
+            for name in remove {
+                t.delete_rules
+                    .extend(tagged(name).map(|r| format!("{} {}", r.chain, r.rest)));
+            }
+        }
+        doc.tables
+            .retain(|_, t| !t.append.is_empty() || !t.delete_rules.is_empty());
+        Ok(doc)
+    }
+
     fn try_apply(&self, ns: &Netns, plan: &Plan) -> Result<Outcome> {
         let (variant, mut v4_save) = self.variant(ns)?;
         let mut work: Vec<Work> = Vec::new();
@@ -524,6 +586,47 @@ impl Backend for IptablesBackend {
             }
         }
         Ok(drift)
+    }
+
+    fn update_interfaces(
+        &self,
+        ns: &Netns,
+        plan: &Plan,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<()> {
+        check_membership(plan, add, remove)?;
+        if add.is_empty() && remove.is_empty() {
+            return Ok(());
+        }
+        let (variant, mut v4_save) = self.variant(ns)?;
+        let mut work: Vec<Work> = Vec::new();
+        for t in self.families(Some(plan), variant)? {
+            if t.family == Family::V6 && !plan.ipv6 {
+                continue;
+            }
+            let saved = match (t.family, v4_save.take()) {
+                (Family::V4, Some(text)) => save::parse(&text),
+                _ => self.save(ns, &t)?,
+            };
+            let doc = self.membership_doc(ns, plan, t.family, &saved, add, remove)?;
+            if !doc.is_empty() {
+                work.push(Work {
+                    tools: t,
+                    before: saved,
+                    doc,
+                });
+            }
+        }
+        // All or nothing across families: a later family failing puts the
+        // earlier ones back as they were saved.
+        match work
+            .iter()
+            .try_for_each(|w| self.restore(ns, &w.tools, &w.doc))
+        {
+            Ok(()) => Ok(()),
+            Err(cause) => Err(super::rolled_back(ns, cause, self.rollback(ns, &work))),
+        }
     }
 
     fn cleanup(&self, ns: &Netns) -> Result<()> {

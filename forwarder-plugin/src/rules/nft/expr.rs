@@ -15,7 +15,7 @@ use libc::{
 use nftnl::nftnl_sys as sys;
 
 use super::ffi::{Attr, RawExpr};
-use crate::rules::names::nft_chain;
+use crate::rules::names::{NFT_INTERFACE_SET, nft_chain};
 use crate::rules::plan::{Action, ChainId, ChainRef, CtState, Family, L4, Match, Rule};
 use crate::rules::spec::Mark;
 
@@ -25,7 +25,10 @@ const NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 const CT_STATE_INVALID: u32 = 1;
 const CT_STATE_ESTABLISHED: u32 = 2;
 const CT_STATE_RELATED: u32 = 4;
-const IFNAMSIZ: usize = 16;
+pub(crate) const IFNAMSIZ: usize = 16;
+/// The interface set's id within the transaction that creates it (rules
+/// added in that transaction find it by id as well as by name).
+pub(crate) const INTERFACE_SET_ID: u32 = 1;
 
 fn e(name: &'static std::ffi::CStr, attrs: Vec<Attr>) -> RawExpr {
     RawExpr { name, attrs }
@@ -150,11 +153,36 @@ fn mark_match(m: &Mark, eq: bool) -> Vec<RawExpr> {
     v
 }
 
-fn ifname(key: i32, name: &str) -> Vec<RawExpr> {
-    // nft compares the whole zero-padded IFNAMSIZ buffer.
+/// An interface name as nft compares and stores it: the whole zero-padded
+/// IFNAMSIZ buffer (names are validated to be shorter).
+pub(crate) fn ifname_key(name: &str) -> [u8; IFNAMSIZ] {
     let mut buf = [0u8; IFNAMSIZ];
-    buf[..name.len()].copy_from_slice(name.as_bytes());
-    vec![meta_load(key), cmp(true, &buf)]
+    let n = name.len().min(IFNAMSIZ - 1);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    buf
+}
+
+fn ifname(key: i32, name: &str) -> Vec<RawExpr> {
+    vec![meta_load(key), cmp(true, &ifname_key(name))]
+}
+
+/// `iifname @include_ifaces`: the input interface's name looked up in the
+/// interface set.
+fn iif_in_set() -> Vec<RawExpr> {
+    vec![
+        meta_load(NFT_META_IIFNAME),
+        e(
+            c"lookup",
+            vec![
+                Attr::U32(sys::NFTNL_EXPR_LOOKUP_SREG, reg1()),
+                Attr::Str(
+                    sys::NFTNL_EXPR_LOOKUP_SET,
+                    CString::new(NFT_INTERFACE_SET).expect("no NUL"),
+                ),
+                Attr::U32(sys::NFTNL_EXPR_LOOKUP_SET_ID, INTERFACE_SET_ID),
+            ],
+        ),
+    ]
 }
 
 fn nfproto(f: Family) -> u8 {
@@ -234,6 +262,7 @@ pub(crate) fn rule_exprs(rule: &Rule) -> Vec<RawExpr> {
             Match::NotDaddr(n) => x.extend(addr_match(n, true, false)),
             Match::Saddr(n) => x.extend(addr_match(n, false, true)),
             Match::Iif(n) => x.extend(ifname(NFT_META_IIFNAME, n)),
+            Match::IifInSet => x.extend(iif_in_set()),
             Match::Oif(n) => x.extend(ifname(NFT_META_OIFNAME, n)),
             Match::Uid(u) => x.extend(meta_u32(NFT_META_SKUID, true, *u)),
             Match::NotUid(u) => x.extend(meta_u32(NFT_META_SKUID, false, *u)),

@@ -1,8 +1,8 @@
 //! The only unsafe code of the rules module: building libnftnl expressions
 //! from plain attribute lists (nftnl 0.9 lacks `redir`, `tproxy` and
 //! `ct zone set`, so every expression goes through this one generic builder
-//! instead of a mix of crate types and hand-written FFI), and sizing the
-//! netlink socket's send buffer (`mnl::Socket` only offers a raw fd).
+//! instead of a mix of crate types and hand-written FFI), and a set's user
+//! data (nftnl 0.9 has no setter).
 
 #![allow(unsafe_code)]
 
@@ -63,17 +63,18 @@ impl nftnl::expr::Expression for RawExpr {
     }
 }
 
-/// Raises `sock`'s send buffer to `bytes`, so a large batch still reaches
-/// the kernel in one datagram (as nft does for large rulesets):
-/// `SO_SNDBUFFORCE` (needs CAP_NET_ADMIN, as writing rules does), else
-/// `SO_SNDBUF` (capped by `net.core.wmem_max`).
-pub(crate) fn set_send_buffer(sock: &mnl::Socket, bytes: usize) -> std::io::Result<()> {
-    use nix::sys::socket::{setsockopt, sockopt};
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    // SAFETY: the descriptor is `sock`'s, open for as long as `sock` is
-    // borrowed here, and the borrow does not outlive this call.
-    let fd = unsafe { BorrowedFd::borrow_raw(sock.as_raw_fd()) };
-    setsockopt(&fd, sockopt::SndBufForce, &bytes)
-        .or_else(|_| setsockopt(&fd, sockopt::SndBuf, &bytes))
-        .map_err(std::io::Error::from)
+/// Sets `set`'s user data (`NFTNL_SET_USERDATA`), which the kernel stores
+/// for userspace: nft reads the key's byte order from it to print elements.
+pub(crate) fn set_userdata<K>(set: &nftnl::set::Set<'_, K>, data: &[u8]) {
+    // SAFETY: `set.as_ptr()` is the live `nftnl_set` that `set` owns for the
+    // whole call; `nftnl_set_set_data` copies `data.len()` bytes from the
+    // live slice, so nothing keeps a pointer into it.
+    unsafe {
+        let _ = sys::nftnl_set_set_data(
+            set.as_ptr().as_ptr(),
+            sys::NFTNL_SET_USERDATA as u16,
+            data.as_ptr().cast::<c_void>(),
+            data.len() as u32,
+        );
+    }
 }

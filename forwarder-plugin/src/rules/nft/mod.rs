@@ -4,51 +4,130 @@
 //! Apply is check-then-apply on one socket, on one thread inside the
 //! namespace: no table → one transaction creating it; a table matching the
 //! plan → nothing written; a table that drifted → one transaction flushing
-//! its chains, deleting the ones the plan no longer has and adding the rest.
-//! The kernel applies a transaction entirely or not at all, so a refused
-//! apply leaves the previous rules. (Deleting rules costs the kernel an RCU
-//! grace period, ~10 ms: hence no rewrite when nothing changed, and no
-//! "delete table + add table" replace.) If the policy routing TPROXY needs
+//! its chains, deleting the ones the plan no longer has and its sets, and
+//! adding the rest. The kernel applies a transaction entirely or not at
+//! all, so a refused apply leaves the previous rules. (Closing a netfilter
+//! socket after a transaction that deleted anything waits for the kernel to
+//! free it, an RCU grace period of ~10 ms: hence no rewrite when nothing
+//! changed, no "delete table + add table" replace, and
+//! [`BackendOptions::keep_socket`].) If the policy routing TPROXY needs
 //! cannot be set up afterwards, everything of ours is removed again.
 //! Cleanup deletes the table.
+//!
+//! `includeInterfaces` is the set `include_ifaces` (`type ifname`), which
+//! one rule per hook tests; [`Backend::update_interfaces`] adds and deletes
+//! its elements in a transaction that touches no rule (microseconds of
+//! kernel time either way).
 
 mod expr;
 mod ffi;
 mod netlink;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;
+use std::sync::Mutex;
 
+use nftnl::set::{Set, SetKey};
 use nftnl::{Batch, Chain, ChainType, Hook as NfHook, MsgType, Policy, ProtoFamily, Table};
 
 use crate::netns::{Netns, NetnsId};
 
 use super::drift::{Drift, DriftItem, Have, Want, WantChain, compare_chain};
 use super::error::{Result, RulesError};
-use super::names::{Owner, nft_base, nft_chain};
+use super::names::{NFT_INTERFACE_SET, Owner, nft_base, nft_chain};
 use super::plan::{ChainId, Family, Hook, Plan};
 use super::render::{nft_rule_body, rule_key};
-use super::{Backend, BackendOptions, Fault, Outcome, policy_route};
+use super::{Backend, BackendOptions, Fault, Outcome, check_membership, policy_route};
 
-use netlink::{KernelChain, KernelRule};
+use expr::{IFNAMSIZ, INTERFACE_SET_ID, ifname_key};
+use netlink::{ElementOp, KernelChain, KernelRule, KernelSet, NlSocket};
 
 /// `(type, hooknum, priority)` of a base chain.
 type BaseHook = (String, u32, i32);
 
+/// nft's datatype number of `ifname` (`TYPE_IFNAME`), so `nft list` shows
+/// the set as `type ifname` and prints its elements as names.
+const IFNAME_TYPE: u32 = 41;
+
+/// The set's user data as nft writes it for `type ifname`: one libnftnl
+/// TLV, key byte order (`NFTNL_UDATA_SET_KEYBYTEORDER`, 0) = host endian
+/// (1). Without it nft would print the elements byte-reversed.
+fn ifname_set_userdata() -> Vec<u8> {
+    let mut v = vec![0u8, 4];
+    v.extend_from_slice(&1u32.to_ne_bytes());
+    v
+}
+
+/// An interface name as a set key (zero-padded to IFNAMSIZ).
+struct IfnameKey([u8; IFNAMSIZ]);
+
+impl SetKey for IfnameKey {
+    const TYPE: u32 = IFNAME_TYPE;
+    const LEN: u32 = IFNAMSIZ as u32;
+
+    fn data(&self) -> Box<[u8]> {
+        Box::new(self.0)
+    }
+}
+
 pub struct NftBackend {
     owner: Owner,
     fault: Option<Fault>,
+    /// With [`BackendOptions::keep_socket`]: the socket of the namespace
+    /// used last, kept open between calls.
+    kept: Option<Mutex<Option<(NetnsId, NlSocket)>>>,
 }
 
-/// Our table as the kernel has it (`None`: no table).
-type Current = Option<(Vec<KernelChain>, Vec<KernelRule>)>;
+/// Our table as the kernel has it.
+struct TableState {
+    chains: Vec<KernelChain>,
+    rules: Vec<KernelRule>,
+    sets: Vec<KernelSet>,
+    /// The members of the interface set, if it exists with an ifname key.
+    members: Option<BTreeSet<String>>,
+}
+
+/// `None`: no table.
+type Current = Option<TableState>;
+
+/// A set key read back as an interface name (up to the first NUL).
+fn key_name(key: &[u8]) -> String {
+    let end = key.iter().position(|&b| b == 0).unwrap_or(key.len());
+    String::from_utf8_lossy(&key[..end]).into_owned()
+}
 
 impl NftBackend {
     pub fn new(opts: &BackendOptions) -> Self {
         NftBackend {
             owner: opts.owner.clone(),
             fault: opts.fault,
+            kept: opts.keep_socket.then(|| Mutex::new(None)),
         }
+    }
+
+    /// Runs `f` with a netfilter socket of `ns`: a fresh one on a thread in
+    /// the namespace, or the kept one (opened there on first use; calls on
+    /// it are serialised). A kept socket is dropped after an error, which
+    /// may have left replies unread.
+    fn with_socket<R: Send>(
+        &self,
+        ns: &Netns,
+        f: impl FnOnce(&NlSocket) -> Result<R> + Send,
+    ) -> Result<R> {
+        let netns = ns.id();
+        let Some(kept) = &self.kept else {
+            return ns.run(|| f(&socket(netns)?))?;
+        };
+        let mut slot = kept.lock().unwrap_or_else(|p| p.into_inner());
+        let sock = match slot.take() {
+            Some((id, sock)) if id == netns => sock,
+            _ => ns.run(|| socket(netns))??,
+        };
+        let res = f(&sock);
+        if res.is_ok() {
+            *slot = Some((netns, sock));
+        }
+        res
     }
 
     fn table_label(&self) -> String {
@@ -59,7 +138,7 @@ impl NftBackend {
         format!("inet {} {name}", self.owner.nft_table())
     }
 
-    fn read(&self, sock: &mnl::Socket, netns: NetnsId) -> Result<Current> {
+    fn read(&self, sock: &NlSocket, netns: NetnsId) -> Result<Current> {
         let table = self.owner.nft_table();
         let err = |source| RulesError::Netlink {
             op: format!("dump of table {}", self.table_label()),
@@ -71,7 +150,101 @@ impl NftBackend {
         }
         let chains = netlink::dump_chains(sock, table).map_err(err)?;
         let rules = netlink::dump_rules(sock, table).map_err(err)?;
-        Ok(Some((chains, rules)))
+        let sets = netlink::dump_sets(sock, table).map_err(err)?;
+        let members = match sets.iter().find(|s| s.name == NFT_INTERFACE_SET) {
+            Some(s) if s.key_type == IFNAME_TYPE && s.key_len == IFNAMSIZ as u32 => Some(
+                netlink::dump_elements(sock, table, NFT_INTERFACE_SET)
+                    .map_err(err)?
+                    .iter()
+                    .map(|k| key_name(k))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        Ok(Some(TableState {
+            chains,
+            rules,
+            sets,
+            members,
+        }))
+    }
+
+    /// [`Self::read`] and the drift from `plan`. A member seen missing is
+    /// looked for again (up to twice) before it counts: a dump spans several
+    /// messages, each a fresh walk of the kernel's hash set skipping what was
+    /// sent, and a rehash of a set that just grew (the kernel does it later,
+    /// in a worker) can reorder the walk between two messages.
+    fn read_drift(
+        &self,
+        sock: &NlSocket,
+        netns: NetnsId,
+        plan: &Plan,
+    ) -> Result<(Current, Vec<DriftItem>)> {
+        let mut current = self.read(sock, netns)?;
+        let mut items = self.table_drift(&current, plan);
+        for _ in 0..2 {
+            let missing = |i: &DriftItem| matches!(i, DriftItem::MissingElement { .. });
+            let Some(members) = current.as_mut().and_then(|st| st.members.as_mut()) else {
+                break;
+            };
+            if !items.iter().any(missing) {
+                break;
+            }
+            let again = netlink::dump_elements(sock, self.owner.nft_table(), NFT_INTERFACE_SET)
+                .map_err(|source| RulesError::Netlink {
+                    op: format!("dump of set {}", self.set_label(NFT_INTERFACE_SET)),
+                    netns,
+                    source,
+                })?;
+            members.extend(again.iter().map(|k| key_name(k)));
+            items = self.table_drift(&current, plan);
+        }
+        Ok((current, items))
+    }
+
+    fn set_label(&self, name: &str) -> String {
+        format!("inet {} {name}", self.owner.nft_table())
+    }
+
+    /// Differences between our table's sets and the plan's interface set.
+    fn set_drift(&self, state: &TableState, plan: &Plan, items: &mut Vec<DriftItem>) {
+        for s in &state.sets {
+            if s.name != NFT_INTERFACE_SET || plan.interfaces.is_none() {
+                items.push(DriftItem::ExtraSet {
+                    set: self.set_label(&s.name),
+                });
+            }
+        }
+        let Some(want) = &plan.interfaces else {
+            return;
+        };
+        let label = self.set_label(NFT_INTERFACE_SET);
+        let Some(have_set) = state.sets.iter().find(|s| s.name == NFT_INTERFACE_SET) else {
+            items.push(DriftItem::MissingSet { set: label });
+            return;
+        };
+        let Some(have) = &state.members else {
+            items.push(DriftItem::WrongSet {
+                set: label,
+                found: format!(
+                    "of key type {} length {} instead of ifname",
+                    have_set.key_type, have_set.key_len
+                ),
+            });
+            return;
+        };
+        for m in want.difference(have) {
+            items.push(DriftItem::MissingElement {
+                set: label.clone(),
+                element: m.clone(),
+            });
+        }
+        for m in have.difference(want) {
+            items.push(DriftItem::ExtraElement {
+                set: label.clone(),
+                element: m.clone(),
+            });
+        }
     }
 
     /// The chains the plan wants, with their rules' tags and texts.
@@ -86,6 +259,7 @@ impl NftBackend {
                     .map(|r| Want {
                         tag: self.owner.tag(&rule_key(r)),
                         text: nft_rule_body(r),
+                        unordered: false,
                     })
                     .collect();
                 let base = nft_base(id).map(|(ty, hook, prio)| {
@@ -111,14 +285,15 @@ impl NftBackend {
     fn table_drift(&self, current: &Current, plan: &Plan) -> Vec<DriftItem> {
         let wanted = self.want_chains(plan);
         let mut items = Vec::new();
-        let Some((chains, rules)) = current else {
-            if !wanted.is_empty() {
+        let Some(state) = current else {
+            if !wanted.is_empty() || plan.interfaces.is_some() {
                 items.push(DriftItem::MissingTable {
                     table: self.table_label(),
                 });
             }
             return items;
         };
+        let (chains, rules) = (&state.chains, &state.rules);
         for (want, base) in &wanted {
             let have_chain = chains
                 .iter()
@@ -162,39 +337,33 @@ impl NftBackend {
                 });
             }
         }
+        self.set_drift(state, plan, &mut items);
         items
     }
 
     /// Makes our table hold exactly `plan` (see the module comment).
     fn write_plan(&self, ns: &Netns, plan: &Plan) -> Result<Outcome> {
         let netns = ns.id();
-        ns.run(|| {
-            let sock = netlink::open().map_err(|source| RulesError::Netlink {
-                op: "socket".into(),
-                netns,
-                source,
-            })?;
-            let current = self.read(&sock, netns)?;
-            if self.fault.is_none()
-                && current.is_some()
-                && self.table_drift(&current, plan).is_empty()
-            {
+        self.with_socket(ns, |sock| {
+            let (current, drift) = self.read_drift(sock, netns, plan)?;
+            if self.fault.is_none() && current.is_some() && drift.is_empty() {
                 return Ok(Outcome::Unchanged);
             }
-            let old = current.map(|(chains, _)| chains).unwrap_or_default();
-            self.send_plan(&sock, netns, plan, &old)?;
+            let (old, old_sets) = current.map(|st| (st.chains, st.sets)).unwrap_or_default();
+            self.send_plan(sock, netns, plan, &old, &old_sets)?;
             Ok(Outcome::Applied)
-        })?
+        })
     }
 
-    /// Builds and sends the transaction. `old`: the chains our table has now
-    /// (empty when there is no table).
+    /// Builds and sends the transaction. `old`, `old_sets`: the chains and
+    /// sets our table has now (empty when there is no table).
     fn send_plan(
         &self,
-        sock: &mnl::Socket,
+        sock: &NlSocket,
         netns: NetnsId,
         plan: &Plan,
         old: &[KernelChain],
+        old_sets: &[KernelSet],
     ) -> Result<()> {
         let want = self.want_chains(plan);
         let name = cstring(self.owner.nft_table());
@@ -228,6 +397,15 @@ impl NftBackend {
                 what.push(format!("deletion of chain {label}"));
             }
         }
+        // Sets go too (no rule refers to them after the flushes) and the
+        // plan's is made anew: simpler than patching its elements, and this
+        // path only runs when the table drifted or the rules changed.
+        let old_set_names: Vec<CString> = old_sets.iter().map(|s| cstring(&s.name)).collect();
+        for (n, k) in old_set_names.iter().zip(old_sets) {
+            let set = Set::<IfnameKey>::new_named(n, 0, &table, ProtoFamily::Inet);
+            batch.add(&set, MsgType::Del);
+            what.push(format!("deletion of set {}", self.set_label(&k.name)));
+        }
 
         let ids = plan.chains();
         let names: Vec<CString> = ids.iter().map(|id| cstring(&nft_chain(*id))).collect();
@@ -256,6 +434,24 @@ impl NftBackend {
             if !kept(&w.label, base) {
                 batch.add(c, MsgType::Add);
                 what.push(format!("chain {}", self.chain_label(&nft_chain(*id))));
+            }
+        }
+        let set_name = cstring(NFT_INTERFACE_SET);
+        let mut set =
+            Set::<IfnameKey>::new_named(&set_name, INTERFACE_SET_ID, &table, ProtoFamily::Inet);
+        if let Some(members) = &plan.interfaces {
+            ffi::set_userdata(&set, &ifname_set_userdata());
+            batch.add(&set, MsgType::Add);
+            what.push(format!("set {}", self.set_label(NFT_INTERFACE_SET)));
+            for m in members {
+                set.add(&IfnameKey(ifname_key(m)));
+            }
+            for msg in set.elems_iter() {
+                batch.add(&msg, MsgType::Add);
+                what.push(format!(
+                    "elements of set {}",
+                    self.set_label(NFT_INTERFACE_SET)
+                ));
             }
         }
         let index: HashMap<ChainId, usize> =
@@ -294,16 +490,14 @@ impl NftBackend {
     fn delete_table(&self, ns: &Netns) -> Result<()> {
         let netns = ns.id();
         let name = cstring(self.owner.nft_table());
-        ns.run(|| {
-            let sock = socket(netns)?;
-            let exists =
-                netlink::table_exists(&sock, self.owner.nft_table()).map_err(|source| {
-                    RulesError::Netlink {
-                        op: format!("lookup of table {}", self.table_label()),
-                        netns,
-                        source,
-                    }
-                })?;
+        self.with_socket(ns, |sock| {
+            let exists = netlink::table_exists(sock, self.owner.nft_table()).map_err(|source| {
+                RulesError::Netlink {
+                    op: format!("lookup of table {}", self.table_label()),
+                    netns,
+                    source,
+                }
+            })?;
             if !exists {
                 return Ok(());
             }
@@ -315,12 +509,12 @@ impl NftBackend {
                 format!("table {}", self.table_label()),
                 format!("deletion of table {}", self.table_label()),
             ];
-            commit(&sock, netns, batch, &what)
-        })?
+            commit(sock, netns, batch, &what)
+        })
     }
 }
 
-fn socket(netns: NetnsId) -> Result<mnl::Socket> {
+fn socket(netns: NetnsId) -> Result<NlSocket> {
     netlink::open().map_err(|source| RulesError::Netlink {
         op: "socket".into(),
         netns,
@@ -328,7 +522,7 @@ fn socket(netns: NetnsId) -> Result<mnl::Socket> {
     })
 }
 
-fn commit(sock: &mnl::Socket, netns: NetnsId, batch: Batch, what: &[String]) -> Result<()> {
+fn commit(sock: &NlSocket, netns: NetnsId, batch: Batch, what: &[String]) -> Result<()> {
     let batch = batch.finalize();
     netlink::send_batch(sock, &batch, what.len()).map_err(|e| match e.index {
         Some(i) => RulesError::Rejected {
@@ -401,8 +595,7 @@ impl Backend for NftBackend {
 
     fn verify(&self, ns: &Netns, plan: &Plan) -> Result<Drift> {
         let netns = ns.id();
-        let current = ns.run(|| self.read(&socket(netns)?, netns))??;
-        let mut items = self.table_drift(&current, plan);
+        let (_, mut items) = self.with_socket(ns, |sock| self.read_drift(sock, netns, plan))?;
         items.extend(policy_route::drift(ns, &plan.policy_routes)?);
         Ok(Drift { items })
     }
@@ -411,5 +604,53 @@ impl Backend for NftBackend {
         let table = self.delete_table(ns);
         let routes = policy_route::cleanup(ns);
         table.and(routes)
+    }
+
+    /// One transaction on the set's elements: `add` and `remove` added
+    /// (without NLM_F_EXCL, so present ones are no error), then `remove`
+    /// deleted — removing an absent member thus changes nothing.
+    fn update_interfaces(
+        &self,
+        ns: &Netns,
+        plan: &Plan,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<()> {
+        check_membership(plan, add, remove)?;
+        if add.is_empty() && remove.is_empty() {
+            return Ok(());
+        }
+        let keys = |names: &mut dyn Iterator<Item = &String>| -> Vec<Vec<u8>> {
+            names.map(|n| ifname_key(n).to_vec()).collect()
+        };
+        let mut ops = vec![(ElementOp::Add, keys(&mut add.iter().chain(remove)))];
+        if !remove.is_empty() {
+            ops.push((ElementOp::Delete, keys(&mut remove.iter())));
+        }
+        let label = self.set_label(NFT_INTERFACE_SET);
+        let netns = ns.id();
+        self.with_socket(ns, |sock| {
+            netlink::send_elements(sock, self.owner.nft_table(), NFT_INTERFACE_SET, &ops).map_err(
+                |e| match e.index {
+                    _ if e.error.raw_os_error() == Some(libc::ENOENT) => RulesError::NotApplied {
+                        what: format!("set {label}"),
+                        netns,
+                    },
+                    Some(i) => RulesError::Rejected {
+                        what: match ops[i].0 {
+                            ElementOp::Add => format!("addition of elements to set {label}"),
+                            ElementOp::Delete => format!("deletion of elements from set {label}"),
+                        },
+                        netns,
+                        source: e.error,
+                    },
+                    None => RulesError::Netlink {
+                        op: "transaction".into(),
+                        netns,
+                        source: e.error,
+                    },
+                },
+            )
+        })
     }
 }

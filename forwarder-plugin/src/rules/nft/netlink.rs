@@ -5,10 +5,19 @@
 //! in safe Rust; libnftnl only builds the batch.
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
+    setsockopt, socket, sockopt,
+};
 
 use libc::{
-    NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETTABLE,
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFPROTO_INET,
+    NFT_MSG_DELSETELEM, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETSET, NFT_MSG_GETSETELEM,
+    NFT_MSG_GETTABLE, NFT_MSG_NEWSETELEM, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST,
+    NLMSG_DONE, NLMSG_ERROR,
 };
 
 const NLMSG_HDRLEN: usize = 16;
@@ -30,6 +39,18 @@ const NFTA_RULE_EXPRESSIONS: u16 = 4;
 const NFTA_RULE_USERDATA: u16 = 7;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_DATA_VALUE: u16 = 1;
+const NLA_F_NESTED: u16 = 0x8000;
+/// Elements per set-element message (about 8 KiB each).
+const ELEMENTS_PER_MESSAGE: usize = 256;
 /// libnftnl's TLV type for a rule comment in NFTA_RULE_USERDATA.
 const UDATA_RULE_COMMENT: u8 = 0;
 
@@ -52,6 +73,15 @@ pub(crate) struct KernelRule {
     pub comment: Option<String>,
     /// Expression names, for describing rules that are not ours.
     pub exprs: Vec<String>,
+}
+
+/// A set as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KernelSet {
+    pub name: String,
+    /// nft's datatype number of the key (e.g. 41 = ifname) and its length.
+    pub key_type: u32,
+    pub key_len: u32,
 }
 
 /// Why a batch failed: `index` is the position of the refused object among
@@ -165,9 +195,54 @@ fn error_code(m: &Msg<'_>) -> io::Result<i32> {
     ))
 }
 
-/// A netfilter netlink socket, bound to the calling thread's namespace.
-pub(crate) fn open() -> io::Result<mnl::Socket> {
-    mnl::Socket::new(mnl::Bus::Netfilter)
+/// A netfilter netlink socket. It belongs to the namespace of the thread
+/// that opened it for its whole life (and keeps that namespace alive), so
+/// any thread may use it afterwards.
+pub(crate) struct NlSocket(OwnedFd);
+
+/// Opens a netfilter netlink socket in the calling thread's namespace.
+pub(crate) fn open() -> io::Result<NlSocket> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )?;
+    // Port id 0: the kernel picks one.
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+    Ok(NlSocket(fd))
+}
+
+impl NlSocket {
+    /// Sends one datagram to the kernel (an unconnected netlink socket
+    /// sends to port 0, the kernel).
+    fn send(&self, bytes: &[u8]) -> io::Result<usize> {
+        loop {
+            match send(self.0.as_raw_fd(), bytes, MsgFlags::empty()) {
+                Err(Errno::EINTR) => continue,
+                r => return r.map_err(io::Error::from),
+            }
+        }
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match recv(self.0.as_raw_fd(), buf, MsgFlags::empty()) {
+                Err(Errno::EINTR) => continue,
+                r => return r.map_err(io::Error::from),
+            }
+        }
+    }
+
+    /// Raises the send buffer to `bytes`, so a large batch still reaches the
+    /// kernel in one datagram (as nft does for large rulesets):
+    /// `SO_SNDBUFFORCE` (needs CAP_NET_ADMIN, as writing rules does), else
+    /// `SO_SNDBUF` (capped by `net.core.wmem_max`).
+    fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        setsockopt(&self.0, sockopt::SndBufForce, &bytes)
+            .or_else(|_| setsockopt(&self.0, sockopt::SndBuf, &bytes))
+            .map_err(io::Error::from)
+    }
 }
 
 /// Largest transaction that fits the default netlink send buffer; a larger
@@ -189,12 +264,38 @@ const MAX_BATCH: usize = 64 * 1024 * 1024;
 /// only the last object (and the end marker, which kernels ≥ 6.10 ack) keep
 /// their ack flag: an error of any message arrives before those acks.
 pub(crate) fn send_batch(
-    sock: &mnl::Socket,
+    sock: &NlSocket,
     batch: &nftnl::FinalizedBatch,
     objects: usize,
 ) -> Result<(), BatchError> {
+    let bytes: Vec<u8> = batch.iter().flatten().copied().collect();
+    let seqs = batch.sequence_numbers();
+    // Kernels ≥ 6.10 also ack the begin/end markers (nftnl numbers them).
+    let markers_acked = seqs.len() == objects + 2;
+    let first_object = if markers_acked {
+        seqs.start + 1
+    } else {
+        seqs.start
+    };
+    send_numbered(
+        sock,
+        bytes,
+        first_object,
+        objects,
+        markers_acked.then(|| seqs.end - 1),
+    )
+}
+
+/// Sends a batch whose objects are numbered from `first_object` (the end
+/// marker as `end_marker` when it asks for an ack) and waits for the outcome.
+fn send_numbered(
+    sock: &NlSocket,
+    mut bytes: Vec<u8>,
+    first_object: u32,
+    objects: usize,
+    end_marker: Option<u32>,
+) -> Result<(), BatchError> {
     let plain = |error| BatchError { index: None, error };
-    let mut bytes: Vec<u8> = batch.iter().flatten().copied().collect();
     if bytes.len() > MAX_BATCH {
         return Err(plain(io::Error::other(format!(
             "transaction of {} bytes is larger than {MAX_BATCH}",
@@ -203,7 +304,7 @@ pub(crate) fn send_batch(
     }
     if bytes.len() > DEFAULT_BATCH {
         // The kernel refuses a datagram above the buffer less a little.
-        super::ffi::set_send_buffer(sock, bytes.len() + 64 * 1024).map_err(|e| {
+        sock.set_send_buffer(bytes.len() + 64 * 1024).map_err(|e| {
             plain(io::Error::new(
                 e.kind(),
                 format!(
@@ -213,14 +314,6 @@ pub(crate) fn send_batch(
             ))
         })?;
     }
-    let seqs = batch.sequence_numbers();
-    // Kernels ≥ 6.10 also ack the begin/end markers (nftnl numbers them).
-    let markers_acked = seqs.len() == objects + 2;
-    let first_object = if markers_acked {
-        seqs.start + 1
-    } else {
-        seqs.start
-    };
     let last_object = first_object + objects as u32 - 1;
     let mut awaited = Vec::new();
     let mut off = 0;
@@ -232,7 +325,7 @@ pub(crate) fn send_batch(
         let seq = u32_at(&bytes, off + 8);
         let mut flags = u16_at(&bytes, off + 6);
         if flags & NLM_F_ACK as u16 != 0 {
-            if seq == last_object || (markers_acked && seq == seqs.end - 1) {
+            if seq == last_object || end_marker == Some(seq) {
                 awaited.push(seq);
             } else {
                 flags &= !(NLM_F_ACK as u16);
@@ -246,7 +339,7 @@ pub(crate) fn send_batch(
     }
     let mut buf = vec![0u8; RECV_BUF];
     while !awaited.is_empty() {
-        let n = sock.recv_raw(&mut buf).map_err(plain)?;
+        let n = sock.recv(&mut buf).map_err(plain)?;
         for m in messages(&buf[..n]).map_err(plain)? {
             if i32::from(m.ty) != NLMSG_ERROR {
                 continue;
@@ -269,14 +362,105 @@ pub(crate) fn send_batch(
     Ok(())
 }
 
+/// What one message of a set-element transaction does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ElementOp {
+    /// Adds elements; one already there is no error (no NLM_F_EXCL).
+    Add,
+    Delete,
+}
+
+fn nested(ty: u16, inner: &[u8]) -> (u16, Vec<u8>) {
+    (ty | NLA_F_NESTED, inner.to_vec())
+}
+
+fn attr_bytes(attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for (ty, data) in attrs {
+        push_attr(&mut buf, *ty, data);
+    }
+    buf
+}
+
+/// A batch begin/end marker for the nf_tables subsystem (`res_id` in
+/// network order, as nft sends it).
+fn marker(ty: i32, seq: u32) -> Vec<u8> {
+    let mut buf = vec![0u8; NLMSG_HDRLEN];
+    buf.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
+    buf.extend_from_slice(&(NFNL_SUBSYS_NFTABLES as u16).to_be_bytes());
+    let len = buf.len() as u32;
+    buf[0..4].copy_from_slice(&len.to_ne_bytes());
+    buf[4..6].copy_from_slice(&(ty as u16).to_ne_bytes());
+    buf[6..8].copy_from_slice(&(NLM_F_REQUEST as u16).to_ne_bytes());
+    buf[8..12].copy_from_slice(&seq.to_ne_bytes());
+    buf
+}
+
+/// One transaction of set-element messages on set `set` of table
+/// `inet <table>`, built here (libnftnl always adds with NLM_F_EXCL). Each
+/// `(op, keys)` becomes one or more messages; a refused one is reported by
+/// the index of its `(op, keys)` entry. Only the last message asks for an
+/// ack: an error of any other arrives before it.
+pub(crate) fn send_elements(
+    sock: &NlSocket,
+    table: &str,
+    set: &str,
+    ops: &[(ElementOp, Vec<Vec<u8>>)],
+) -> Result<(), BatchError> {
+    const FIRST: u32 = 1;
+    let mut msgs: Vec<(i32, i32, Vec<u8>)> = Vec::new();
+    // Message number → entry of `ops`.
+    let mut entry_of: Vec<usize> = Vec::new();
+    for (i, (op, keys)) in ops.iter().enumerate() {
+        for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
+            let mut list = Vec::new();
+            for key in chunk {
+                let value = attr_bytes(&[(NFTA_DATA_VALUE, key.clone())]);
+                let elem_key = attr_bytes(&[nested(NFTA_SET_ELEM_KEY, &value)]);
+                push_attr(&mut list, NFTA_LIST_ELEM | NLA_F_NESTED, &elem_key);
+            }
+            let attrs = attr_bytes(&[
+                (NFTA_SET_ELEM_LIST_TABLE, cstr(table)),
+                (NFTA_SET_ELEM_LIST_SET, cstr(set)),
+                nested(NFTA_SET_ELEM_LIST_ELEMENTS, &list),
+            ]);
+            let (cmd, flags) = match op {
+                ElementOp::Add => (NFT_MSG_NEWSETELEM, NLM_F_CREATE),
+                ElementOp::Delete => (NFT_MSG_DELSETELEM, 0),
+            };
+            msgs.push((cmd, flags, attrs));
+            entry_of.push(i);
+        }
+    }
+    if msgs.is_empty() {
+        return Ok(());
+    }
+    let objects = msgs.len();
+    let mut bytes = marker(NFNL_MSG_BATCH_BEGIN, 0);
+    for (n, (cmd, flags, attrs)) in msgs.iter().enumerate() {
+        let seq = FIRST + n as u32;
+        let ack = if n + 1 == objects { NLM_F_ACK } else { 0 };
+        let mut m = request(*cmd, flags | ack, seq, &[]);
+        m.extend_from_slice(attrs);
+        let len = m.len() as u32;
+        m[0..4].copy_from_slice(&len.to_ne_bytes());
+        bytes.extend_from_slice(&m);
+    }
+    bytes.extend_from_slice(&marker(NFNL_MSG_BATCH_END, 0));
+    send_numbered(sock, bytes, FIRST, objects, None).map_err(|e| BatchError {
+        index: e.index.map(|i| entry_of[i]),
+        error: e.error,
+    })
+}
+
 /// Sends `req` and collects the payloads of the reply messages until the
 /// dump ends (or the ack of a non-dump request arrives).
-fn transact(sock: &mnl::Socket, req: &[u8], seq: u32) -> io::Result<Vec<Vec<u8>>> {
+fn transact(sock: &NlSocket, req: &[u8], seq: u32) -> io::Result<Vec<Vec<u8>>> {
     sock.send(req)?;
     let mut buf = vec![0u8; RECV_BUF];
     let mut out = Vec::new();
     loop {
-        let n = sock.recv_raw(&mut buf)?;
+        let n = sock.recv(&mut buf)?;
         for m in messages(&buf[..n])? {
             if m.seq != seq {
                 continue;
@@ -300,7 +484,7 @@ fn transact(sock: &mnl::Socket, req: &[u8], seq: u32) -> io::Result<Vec<Vec<u8>>
 const SEQ: u32 = 0x5eed_0000;
 
 /// Whether table `inet <name>` exists.
-pub(crate) fn table_exists(sock: &mnl::Socket, name: &str) -> io::Result<bool> {
+pub(crate) fn table_exists(sock: &NlSocket, name: &str) -> io::Result<bool> {
     let req = request(
         NFT_MSG_GETTABLE,
         NLM_F_ACK,
@@ -315,7 +499,7 @@ pub(crate) fn table_exists(sock: &mnl::Socket, name: &str) -> io::Result<bool> {
 }
 
 /// The chains of table `inet <table>`.
-pub(crate) fn dump_chains(sock: &mnl::Socket, table: &str) -> io::Result<Vec<KernelChain>> {
+pub(crate) fn dump_chains(sock: &NlSocket, table: &str) -> io::Result<Vec<KernelChain>> {
     let req = request(
         NFT_MSG_GETCHAIN,
         NLM_F_DUMP,
@@ -356,7 +540,7 @@ pub(crate) fn dump_chains(sock: &mnl::Socket, table: &str) -> io::Result<Vec<Ker
 }
 
 /// The rules of table `inet <table>`, in chain order.
-pub(crate) fn dump_rules(sock: &mnl::Socket, table: &str) -> io::Result<Vec<KernelRule>> {
+pub(crate) fn dump_rules(sock: &NlSocket, table: &str) -> io::Result<Vec<KernelRule>> {
     let req = request(
         NFT_MSG_GETRULE,
         NLM_F_DUMP,
@@ -406,6 +590,75 @@ pub(crate) fn dump_rules(sock: &mnl::Socket, table: &str) -> io::Result<Vec<Kern
     Ok(out)
 }
 
+/// The sets of table `inet <table>`.
+pub(crate) fn dump_sets(sock: &NlSocket, table: &str) -> io::Result<Vec<KernelSet>> {
+    let req = request(
+        NFT_MSG_GETSET,
+        NLM_F_DUMP,
+        SEQ,
+        &[(NFTA_SET_TABLE, cstr(table))],
+    );
+    let mut out = Vec::new();
+    for payload in transact(sock, &req, SEQ)? {
+        let mut t = String::new();
+        let mut set = KernelSet {
+            name: String::new(),
+            key_type: 0,
+            key_len: 0,
+        };
+        for (k, v) in attrs(payload.get(NFGENMSG_LEN..).unwrap_or_default()) {
+            match k {
+                NFTA_SET_TABLE => t = attr_str(v),
+                NFTA_SET_NAME => set.name = attr_str(v),
+                NFTA_SET_KEY_TYPE => set.key_type = be32(v).unwrap_or(0),
+                NFTA_SET_KEY_LEN => set.key_len = be32(v).unwrap_or(0),
+                _ => {}
+            }
+        }
+        if t == table {
+            out.push(set);
+        }
+    }
+    Ok(out)
+}
+
+/// The keys of the elements of set `set` in table `inet <table>`.
+pub(crate) fn dump_elements(sock: &NlSocket, table: &str, set: &str) -> io::Result<Vec<Vec<u8>>> {
+    let req = request(
+        NFT_MSG_GETSETELEM,
+        NLM_F_DUMP,
+        SEQ,
+        &[
+            (NFTA_SET_ELEM_LIST_TABLE, cstr(table)),
+            (NFTA_SET_ELEM_LIST_SET, cstr(set)),
+        ],
+    );
+    let mut out = Vec::new();
+    for payload in transact(sock, &req, SEQ)? {
+        for (k, v) in attrs(payload.get(NFGENMSG_LEN..).unwrap_or_default()) {
+            if k != NFTA_SET_ELEM_LIST_ELEMENTS {
+                continue;
+            }
+            for (ek, ev) in attrs(v) {
+                if ek != NFTA_LIST_ELEM {
+                    continue;
+                }
+                let key = attrs(ev)
+                    .into_iter()
+                    .find(|(k, _)| *k == NFTA_SET_ELEM_KEY)
+                    .and_then(|(_, kv)| {
+                        attrs(kv)
+                            .into_iter()
+                            .find(|(k, _)| *k == NFTA_DATA_VALUE)
+                            .map(|(_, d)| d.to_vec())
+                    });
+                out.extend(key);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The comment TLV of libnftnl rule user data (type u8, length u8, value).
 fn udata_comment(mut data: &[u8]) -> Option<String> {
     while data.len() >= 2 {
@@ -437,6 +690,23 @@ mod tests {
         assert_eq!(msgs[0].seq, 7);
         let a = attrs(&msgs[0].payload[4..]);
         assert_eq!(a, vec![(NFTA_RULE_TABLE, &b"abc\0"[..])]);
+    }
+
+    #[test]
+    fn nested_attributes_round_trip() {
+        let value = attr_bytes(&[(NFTA_DATA_VALUE, b"nsm-1\0".to_vec())]);
+        let key = attr_bytes(&[nested(NFTA_SET_ELEM_KEY, &value)]);
+        let mut list = Vec::new();
+        push_attr(&mut list, NFTA_LIST_ELEM | NLA_F_NESTED, &key);
+        let top = attrs(&list);
+        assert_eq!(top.len(), 1);
+        assert_eq!(top[0].0, NFTA_LIST_ELEM, "the nested flag is masked off");
+        let inner = attrs(top[0].1);
+        let data = attrs(inner[0].1);
+        assert_eq!(data, vec![(NFTA_DATA_VALUE, &b"nsm-1\0"[..])]);
+        let m = marker(NFNL_MSG_BATCH_BEGIN, 3);
+        assert_eq!(m.len(), 20);
+        assert_eq!(&m[18..20], &[0, NFNL_SUBSYS_NFTABLES as u8]);
     }
 
     #[test]
