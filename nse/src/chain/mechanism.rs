@@ -3,7 +3,8 @@
 //! Close) queue our netns fd on the caller's unix connection, so the
 //! forwarder can build the interface in our namespace.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use nsm_api::chain::{Ctx, Element, Next, Req, path_mut};
@@ -11,16 +12,47 @@ use nsm_api::connection::Connection;
 use nsm_api::mechanism::MechanismExt;
 
 use crate::error::NseError;
-use crate::mechanism::{SERVER_INTERFACE_METRIC, fill_kernel, interface_metric, select};
+use crate::mechanism::{
+    SERVER_INTERFACE_METRIC, fill_kernel, generate_interface_name, interface_metric, select,
+};
 use crate::netns::OwnNetns;
 
 pub struct KernelMechanism {
     netns: Arc<OwnNetns>,
+    /// Generated interface name → the connection holding it. All our
+    /// connections' interfaces live in our one netns, so a generated name
+    /// must not repeat among live connections (4 random characters collide
+    /// within a few thousand connections).
+    generated: Mutex<HashMap<String, String>>,
 }
 
 impl KernelMechanism {
     pub fn new(netns: Arc<OwnNetns>) -> Self {
-        KernelMechanism { netns }
+        KernelMechanism {
+            netns,
+            generated: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A fresh name for connection `id`, unused by any other live connection.
+    fn reserve_name(&self, id: &str, service: &str) -> String {
+        let mut held = self.generated.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let name = generate_interface_name(service);
+            if !held.contains_key(&name) {
+                held.insert(name.clone(), id.to_owned());
+                return name;
+            }
+        }
+    }
+
+    /// Forgets the generated name `id` holds (if any, and if it holds it).
+    fn release_name(&self, id: &str, name: Option<&str>) {
+        let Some(name) = name else { return };
+        let mut held = self.generated.lock().unwrap_or_else(|p| p.into_inner());
+        if held.get(name).is_some_and(|holder| holder == id) {
+            held.remove(name);
+        }
     }
 
     /// Queues our netns fd to go out with the response. A failure means the
@@ -47,7 +79,19 @@ impl Element<NseError> for KernelMechanism {
         next: Next<NseError>,
     ) -> Result<Connection, NseError> {
         let mut m = select(req.conn.mechanism.as_ref(), &req.preferences)?;
-        fill_kernel(&mut m, &req.conn.network_service, self.netns.url())?;
+        let id = req.conn.id.clone();
+        let reserved = match m.interface_name() {
+            Some(_) => None,
+            None => {
+                let name = self.reserve_name(&id, &req.conn.network_service);
+                m.set_param(nsm_api::mechanism::keys::NAME, name.clone());
+                Some(name)
+            }
+        };
+        if let Err(e) = fill_kernel(&mut m, &req.conn.network_service, self.netns.url()) {
+            self.release_name(&id, reserved.as_deref());
+            return Err(e.into());
+        }
         let metric = interface_metric(&m);
         let path = path_mut(&mut req.conn);
         let own = path.index as usize;
@@ -56,7 +100,14 @@ impl Element<NseError> for KernelMechanism {
                 .insert(SERVER_INTERFACE_METRIC.to_owned(), metric);
         }
         req.conn.mechanism = Some(m);
-        let conn = next.request(ctx, req).await?;
+        let conn = match next.request(ctx, req).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // A refused new connection never held its name.
+                self.release_name(&id, reserved.as_deref());
+                return Err(e);
+            }
+        };
         self.send_netns(ctx, &conn.id);
         Ok(conn)
     }
@@ -69,10 +120,43 @@ impl Element<NseError> for KernelMechanism {
     ) -> Result<(), NseError> {
         let kernel = conn.mechanism.as_ref().is_some_and(|m| m.is_kernel());
         let id = conn.id.clone();
+        let name = conn
+            .mechanism
+            .as_ref()
+            .and_then(|m| m.interface_name())
+            .map(str::to_owned);
+        self.release_name(&id, name.as_deref());
         let res = next.close(ctx, conn).await;
         if kernel {
             self.send_netns(ctx, &id);
         }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_names_never_repeat_among_live_connections() {
+        let k = KernelMechanism::new(Arc::new(OwnNetns::open().unwrap()));
+        // 20,000 draws from 62^4 names collide with near certainty (birthday
+        // bound), so this fails if reservation does not check live names.
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..20_000 {
+            let name = k.reserve_name(&format!("c{i}"), "mesh-proxy");
+            assert!(name.starts_with("mesh-proxy-") && name.len() == 15);
+            assert!(seen.insert(name.clone()), "{name} handed out twice");
+        }
+        // A released name is free again; a name is only released by its holder.
+        let name = k.reserve_name("a", "svc");
+        k.release_name("someone-else", Some(&name));
+        assert_eq!(
+            k.generated.lock().unwrap().get(&name).map(String::as_str),
+            Some("a")
+        );
+        k.release_name("a", Some(&name));
+        assert!(!k.generated.lock().unwrap().contains_key(&name));
     }
 }
