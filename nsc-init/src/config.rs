@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use nsm_api::duration::{self, DurationError};
+use nsm_api::env;
 use nsm_api::nsurl::{NsUrl, NsUrlError};
 
 pub const DEFAULT_CONNECT_TO: &str = "unix:///var/lib/networkservicemesh/nsm.io.sock";
@@ -222,17 +223,23 @@ pub enum ConfigError {
     Probe(String),
 }
 
-/// Go's `strconv.ParseBool`, as NSM's envconfig uses it.
+/// Go's `strconv.ParseBool`; unset is false.
 fn parse_bool(var: &'static str, value: Option<&str>) -> Result<bool, ConfigError> {
-    match value.map(str::trim) {
-        None => Ok(false),
-        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
-        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
-        Some(v) => Err(ConfigError::Bool {
+    value.map_or(Ok(false), |v| {
+        env::parse_bool(v).map_err(|_| ConfigError::Bool {
             var,
-            value: v.to_owned(),
-        }),
-    }
+            value: v.trim().to_owned(),
+        })
+    })
+}
+
+/// `k:v,k:v` (envconfig's map syntax).
+pub fn parse_labels(value: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    env::parse_labels(value).map_err(|_| ConfigError::Labels(value.to_owned()))
+}
+
+fn parse_log_level(value: &str) -> Result<tracing::Level, ConfigError> {
+    env::parse_log_level(value).map_err(|_| ConfigError::LogLevel(value.to_owned()))
 }
 
 fn parse_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
@@ -260,33 +267,6 @@ fn parse_connect_to(value: &str) -> Result<ConnectTo, ConfigError> {
         return Ok(ConnectTo::Tcp(addr.to_owned()));
     }
     Err(bad())
-}
-
-/// `k:v,k:v` (envconfig's map syntax); empty items are ignored.
-pub fn parse_labels(value: &str) -> Result<BTreeMap<String, String>, ConfigError> {
-    let mut out = BTreeMap::new();
-    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (k, v) = item
-            .split_once(':')
-            .ok_or_else(|| ConfigError::Labels(value.to_owned()))?;
-        let (k, v) = (k.trim(), v.trim());
-        if k.is_empty() || k.chars().chain(v.chars()).any(char::is_control) {
-            return Err(ConfigError::Labels(value.to_owned()));
-        }
-        out.insert(k.to_owned(), v.to_owned());
-    }
-    Ok(out)
-}
-
-fn parse_log_level(value: &str) -> Result<tracing::Level, ConfigError> {
-    Ok(match value.trim().to_ascii_uppercase().as_str() {
-        "TRACE" => tracing::Level::TRACE,
-        "DEBUG" => tracing::Level::DEBUG,
-        "INFO" => tracing::Level::INFO,
-        "WARN" | "WARNING" => tracing::Level::WARN,
-        "ERROR" | "FATAL" | "PANIC" => tracing::Level::ERROR,
-        _ => return Err(ConfigError::LogLevel(value.to_owned())),
-    })
 }
 
 /// Labels sdk's `clientinfo` adds from the pod's environment.

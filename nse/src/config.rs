@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use ipnet::IpNet;
 use nsm_api::duration;
+use nsm_api::env::{parse_bool, parse_labels, parse_log_level};
 
 use crate::ipam::{Policy, parse_groups};
 use crate::mesh_proxy::config::FunctionConfig;
@@ -270,62 +271,11 @@ fn parse_service_names(s: &str) -> Result<Vec<String>, String> {
     names.into_iter().map(parse_name).collect()
 }
 
-/// `k1:v1,k2:v2` (envconfig's map syntax); empty means no labels.
-pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    if s.trim().is_empty() {
-        return Ok(out);
-    }
-    for pair in s.split(',') {
-        let (k, v) = pair
-            .split_once(':')
-            .ok_or_else(|| format!("{pair:?} is not key:value"))?;
-        let (k, v) = (k.trim(), v.trim());
-        if k.is_empty() {
-            return Err(format!("{pair:?} has an empty key"));
-        }
-        if let Some(c) = first_control(k).or_else(|| first_control(v)) {
-            return Err(format!(
-                "{pair:?} contains control character U+{:04X}",
-                c as u32
-            ));
-        }
-        if out.insert(k.to_owned(), v.to_owned()).is_some() {
-            return Err(format!("key {k:?} appears twice"));
-        }
-    }
-    Ok(out)
-}
-
 fn parse_payload(s: &str) -> Result<String, String> {
     let up = s.trim().to_ascii_uppercase();
     match up.as_str() {
         nsm_api::payload::IP | nsm_api::payload::ETHERNET => Ok(up),
         _ => Err(format!("{s:?} is not a payload: use IP or ETHERNET")),
-    }
-}
-
-fn parse_log_level(s: &str) -> Result<tracing::Level, String> {
-    Ok(match s.trim().to_ascii_uppercase().as_str() {
-        "TRACE" => tracing::Level::TRACE,
-        "DEBUG" => tracing::Level::DEBUG,
-        "INFO" => tracing::Level::INFO,
-        "WARN" | "WARNING" => tracing::Level::WARN,
-        "ERROR" | "FATAL" | "PANIC" => tracing::Level::ERROR,
-        _ => {
-            return Err(format!(
-                "{s:?} is not a log level: use TRACE, DEBUG, INFO, WARN or ERROR"
-            ));
-        }
-    })
-}
-
-fn parse_bool(s: &str) -> Result<bool, String> {
-    // Go's strconv.ParseBool, which envconfig uses.
-    match s.trim() {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
-        _ => Err(format!("{s:?} is not a boolean: use true or false")),
     }
 }
 

@@ -31,6 +31,7 @@ pub mod registry {
 
 pub mod chain;
 pub mod duration;
+pub mod env;
 pub mod grpcfd;
 pub mod inode;
 pub mod mechanism;

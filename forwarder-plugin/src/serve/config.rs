@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::hop::BackendName;
+use nsm_api::env::{parse_bool, parse_log_level};
 
 /// `sysexits.h` EX_USAGE: the configuration is wrong.
 pub const EXIT_CONFIG: u8 = 64;
@@ -166,30 +167,6 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
         Ok(d) if d.is_zero() => Err(format!("{s:?} must be more than 0")),
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
-    }
-}
-
-fn parse_log_level(s: &str) -> Result<tracing::Level, String> {
-    Ok(match s.trim().to_ascii_uppercase().as_str() {
-        "TRACE" => tracing::Level::TRACE,
-        "DEBUG" => tracing::Level::DEBUG,
-        "INFO" => tracing::Level::INFO,
-        "WARN" | "WARNING" => tracing::Level::WARN,
-        "ERROR" | "FATAL" | "PANIC" => tracing::Level::ERROR,
-        _ => {
-            return Err(format!(
-                "{s:?} is not a log level: use TRACE, DEBUG, INFO, WARN or ERROR"
-            ));
-        }
-    })
-}
-
-/// Go's `strconv.ParseBool`, which NSM's envconfig uses.
-fn parse_bool(s: &str) -> Result<bool, String> {
-    match s.trim() {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
-        _ => Err(format!("{s:?} is not a boolean: use true or false")),
     }
 }
 
