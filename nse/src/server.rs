@@ -3,8 +3,6 @@
 //! unix (with grpcfd, so our netns fd reaches the forwarder) or TCP.
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +12,7 @@ use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
 use nsm_api::grpcfd;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::networkservice::network_service_server::{NetworkService, NetworkServiceServer};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
@@ -38,20 +36,14 @@ pub enum ServeError {
     Endpoint(#[from] EndpointError),
     #[error("mesh-proxy function: {0}")]
     MeshProxy(#[source] forwarder_plugin::netns::NetnsError),
-    #[error("cannot create the socket directory {0}: {1}")]
-    SocketDir(PathBuf, #[source] std::io::Error),
-    #[error("{0} exists and is not a unix socket: refusing to replace it")]
-    NotASocket(PathBuf),
-    #[error("cannot remove the stale socket {0}: {1}")]
-    Stale(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Listen(#[from] nsm_api::listen::ListenError),
     #[error("cannot listen on {0}: {1}")]
     Bind(String, #[source] std::io::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("server task failed: {0}")]
     Task(String),
-    #[error("cannot install the {0} handler: {1}")]
-    Signal(&'static str, #[source] std::io::Error),
 }
 
 /// `networkservice.NetworkService` over the endpoint.
@@ -109,37 +101,6 @@ impl NetworkService for NetworkServiceHandler {
     }
 }
 
-/// Removes a stale socket file at `path` (never anything else) and makes its directory.
-fn prepare_socket_path(path: &Path) -> Result<(), ServeError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| ServeError::SocketDir(dir.to_owned(), e))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|e| ServeError::Stale(path.to_owned(), e))
-        }
-        Ok(_) => Err(ServeError::NotASocket(path.to_owned())),
-        Err(_) => Ok(()),
-    }
-}
-
-/// Removes our socket file on exit, unless someone replaced it meanwhile.
-struct SocketFile {
-    path: PathBuf,
-    id: Option<(u64, u64)>,
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let now = std::fs::symlink_metadata(&self.path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
-        if now.is_some() && now == self.id {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
 /// Serves `endpoint` on `listen_on` until `shutdown` completes, then drains
 /// (monitor streams end, in-flight calls get [`SHUTDOWN_GRACE`]) and removes the socket.
 pub async fn serve(
@@ -174,16 +135,8 @@ pub async fn serve(
     let mut socket_file = None;
     let mut server = match listen_on {
         ListenOn::Unix(path) => {
-            prepare_socket_path(path)?;
-            let listener =
-                UnixListener::bind(path).map_err(|e| ServeError::Bind(listen_on.to_string(), e))?;
-            let id = std::fs::symlink_metadata(path)
-                .ok()
-                .map(|m| (m.dev(), m.ino()));
-            socket_file = Some(SocketFile {
-                path: path.clone(),
-                id,
-            });
+            let (listener, file) = nsm_api::listen::bind_unix(path)?;
+            socket_file = Some(file);
             tokio::spawn(router.serve_with_incoming_shutdown(grpcfd::incoming(listener), stopped))
         }
         ListenOn::Tcp(addr) => {
@@ -227,19 +180,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub fn termination() -> Result<impl Future<Output = ()> + Send + 'static, ServeError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Signal("SIGTERM", e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Signal("SIGINT", e))?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = int.recv() => tracing::info!("SIGINT"),
-        }
-    })
-}
-
 /// The whole program after configuration: endpoint, server, signals.
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let function = config.function.clone();
@@ -275,7 +215,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             "NSM_CONNECT_TO is set, but registration is not implemented yet: not registering"
         );
     }
-    let shutdown = termination()?;
+    let shutdown = nsm_api::listen::termination()?;
     let served = serve(&config.listen_on, endpoint, shutdown).await;
     let release = tokio::task::spawn_blocking(move || mesh_proxy.release());
     if let Err(e) = release.await {

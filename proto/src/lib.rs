@@ -34,6 +34,7 @@ pub mod duration;
 pub mod env;
 pub mod grpcfd;
 pub mod inode;
+pub mod listen;
 pub mod mechanism;
 pub mod metadata;
 pub mod monitor;

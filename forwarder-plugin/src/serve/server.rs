@@ -3,8 +3,6 @@
 //! socket with grpcfd (the client's netns fd arrives on it), until SIGTERM.
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,7 +19,6 @@ use nsm_api::monitor::MonitorHub;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::networkservice::network_service_server::{NetworkService, NetworkServiceServer};
 use nsm_api::token::TokenIssuer;
-use tokio::net::UnixListener;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
@@ -43,20 +40,14 @@ pub enum ServeError {
     Hop(#[from] HopError),
     #[error("cannot make a token key: {0}")]
     Token(String),
-    #[error("cannot create the socket directory {0}: {1}")]
-    SocketDir(PathBuf, #[source] std::io::Error),
-    #[error("{0} exists and is not a unix socket: refusing to replace it")]
-    NotASocket(PathBuf),
-    #[error("cannot remove the stale socket {0}: {1}")]
-    Stale(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Listen(#[from] nsm_api::listen::ListenError),
     #[error("cannot listen on {0}: {1}")]
     Bind(String, #[source] std::io::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("server task failed: {0}")]
     Task(String),
-    #[error("cannot install the {0} handler: {1}")]
-    Signal(&'static str, #[source] std::io::Error),
 }
 
 /// The forwarder chain and what the server and shutdown need of it.
@@ -225,37 +216,6 @@ impl NetworkService for Handler {
     }
 }
 
-/// Removes a stale socket file at `path` (never anything else) and makes its directory.
-fn prepare_socket_path(path: &Path) -> Result<(), ServeError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| ServeError::SocketDir(dir.to_owned(), e))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|e| ServeError::Stale(path.to_owned(), e))
-        }
-        Ok(_) => Err(ServeError::NotASocket(path.to_owned())),
-        Err(_) => Ok(()),
-    }
-}
-
-/// Removes our socket file on exit, unless someone replaced it meanwhile.
-struct SocketFile {
-    path: PathBuf,
-    id: Option<(u64, u64)>,
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let now = std::fs::symlink_metadata(&self.path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
-        if now.is_some() && now == self.id {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
 /// Serves until `shutdown` completes; then stops accepting, drains, and
 /// (with `--cleanup-on-exit`) undoes every connection.
 pub async fn serve(
@@ -283,15 +243,7 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_SIZE),
         );
 
-    prepare_socket_path(&cfg.listen_on)?;
-    let listener =
-        UnixListener::bind(&cfg.listen_on).map_err(|e| ServeError::Bind(cfg.listen_on_url(), e))?;
-    let _socket = SocketFile {
-        path: cfg.listen_on.clone(),
-        id: std::fs::symlink_metadata(&cfg.listen_on)
-            .ok()
-            .map(|m| (m.dev(), m.ino())),
-    };
+    let (listener, _socket) = nsm_api::listen::bind_unix(&cfg.listen_on)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
         grpcfd::incoming(listener),
@@ -340,19 +292,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub fn termination() -> Result<impl Future<Output = ()> + Send + 'static, ServeError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Signal("SIGTERM", e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Signal("SIGINT", e))?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = int.recv() => tracing::info!("SIGINT"),
-        }
-    })
-}
-
 /// The whole subcommand after configuration: chain, server, signals.
 pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     tracing::info!(
@@ -367,6 +306,6 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         cleanup_on_exit = cfg.cleanup_on_exit,
         "starting (insecure: no TLS, tokens signed with an ephemeral key)"
     );
-    let shutdown = termination()?;
+    let shutdown = nsm_api::listen::termination()?;
     serve(&cfg, shutdown).await
 }
