@@ -219,3 +219,34 @@ pub fn snapshot(ns: &Namespace) -> Result<NsState, InspectError> {
     }
     Ok(s)
 }
+
+/// The NSE's redirect table (mesh-proxy-nse's default owner).
+pub const NSE_TABLE: &str = "mesh_proxy_nse";
+
+/// What changed between `before` and `after` in the endpoint's namespace,
+/// leaving out the NSE's idle redirect table: after its last Close the NSE
+/// keeps that table for the next connection, with an empty interface set, so
+/// it captures nothing (nse/README.md). Err if the set still has members.
+pub fn diff_but_idle_nse_table(
+    ns: &Namespace,
+    before: &NsState,
+    after: &NsState,
+) -> Result<Vec<String>, String> {
+    let table = ns
+        .exec(&["nft", "list", "table", "inet", NSE_TABLE])
+        .unwrap_or_default();
+    let ours: BTreeSet<&str> = table.lines().map(str::trim).collect();
+    if ours.iter().any(|l| l.starts_with("elements")) {
+        return Err(format!(
+            "the NSE's interface set still has members:\n{table}"
+        ));
+    }
+    Ok(before
+        .diff(after)
+        .into_iter()
+        .filter(|d| {
+            !d.strip_prefix("+ nft ")
+                .is_some_and(|l| ours.contains(l.trim()))
+        })
+        .collect())
+}

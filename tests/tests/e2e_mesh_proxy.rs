@@ -134,31 +134,12 @@ fn snapshot(ns: &Namespace) -> NsState {
     inspect::snapshot(ns).unwrap_or_else(|e| panic!("snapshot of {}: {e}", ns.name()))
 }
 
-/// The NSE's table in its namespace (mesh-proxy-nse's default owner).
-const NSE_TABLE: &str = "mesh_proxy_nse";
-
 /// What the last Close leaves in the endpoint's namespace: nothing but the
-/// NSE's redirect table, which stays for the next connection with no
-/// interface in its set, so it captures nothing (nse/README.md).
+/// NSE's idle redirect table (see `inspect::diff_but_idle_nse_table`).
 #[track_caller]
 fn assert_only_the_idle_table(lab: &Lab, before: &NsState, after: &NsState) {
-    let table = lab
-        .nse_ns
-        .exec(&["nft", "list", "table", "inet", NSE_TABLE])
-        .unwrap_or_default();
-    let ours: BTreeSet<&str> = table.lines().map(str::trim).collect();
-    assert!(
-        !ours.iter().any(|l| l.starts_with("elements")),
-        "the NSE's interface set still has members:\n{table}"
-    );
-    let left: Vec<String> = before
-        .diff(after)
-        .into_iter()
-        .filter(|d| {
-            !d.strip_prefix("+ nft ")
-                .is_some_and(|l| ours.contains(l.trim()))
-        })
-        .collect();
+    let left = examples::inspect::diff_but_idle_nse_table(&lab.nse_ns, before, after)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         left,
         Vec::<String>::new(),
