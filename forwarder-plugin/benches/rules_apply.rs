@@ -57,14 +57,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
-    let is_root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
+    let is_root = nix::unistd::Uid::effective().is_root();
     if !is_root {
         eprintln!("rules_apply: needs root (creates network namespaces); skipped");
         return;

@@ -96,14 +96,7 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
-    let uid_root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
+    let uid_root = nix::unistd::Uid::effective().is_root();
     if !uid_root {
         eprintln!("veth_plumb: needs root to create namespaces; skipped");
         return;

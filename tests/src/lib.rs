@@ -47,15 +47,7 @@ pub fn in_ci() -> bool {
 }
 
 fn nix_is_root() -> bool {
-    // /proc/self/status "Uid:" line: real, effective, saved, fs.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
+    nix::unistd::Uid::effective().is_root()
 }
 
 /// A name unique to this process and call, short enough for interface names
