@@ -187,7 +187,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         placement = %function.placement,
         proxy_port = %function.proxy.port,
         proxy_mode = ?function.proxy.mode,
-        capture_cidrs = ?function.capture_cidrs,
+        capture_method = %function.capture.method,
+        capture_cidrs = ?function.capture.cidrs,
+        capture_excluded = function.capture.exclude_cidrs.len(),
+        capture_dns = function.capture.dns,
         backend = %function.rules.backend,
         table = %function.rules.owner,
         "mesh-proxy function"

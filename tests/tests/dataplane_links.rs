@@ -493,6 +493,7 @@ async fn a_failure_half_way_rolls_back_everything_it_did() {
         via: Some("198.18.99.1".parse().unwrap()),
         onlink: false,
         table: None,
+        metric: None,
     });
     let err = plumb_veth(&p).await.expect_err("unreachable gateway");
     assert_eq!(err.errno(), Some(ENETUNREACH), "{err}");
@@ -515,6 +516,7 @@ async fn a_failure_half_way_rolls_back_everything_it_did() {
         via: Some("198.18.99.1".parse().unwrap()),
         onlink: false,
         table: None,
+        metric: None,
     });
     plumb_veth(&more).await.expect_err("unreachable gateway");
     assert_eq!((client.snapshot(), endpoint.snapshot()), plumbed);

@@ -1,18 +1,23 @@
 //! The mesh-proxy network function of a real `mesh-proxy-nse`, running in a
 //! namespace of its own and asked for connections the way a forwarder asks:
-//! the rules it installs there, the routes and client spec it returns, and
-//! where a client's traffic lands once the connection is plumbed as the
-//! forwarder would plumb it (a veth built from the returned connection).
+//! the rules it installs there, the capture (NSM policy routes, or our
+//! capture spec when the forwarder announces it applies one) and client
+//! spec it returns, and where a client's traffic lands once the connection
+//! is plumbed as the forwarder plumbs it (`forwarder_plugin::hop`'s
+//! dataplane: the veth, the client's routing and rules).
 
 mod nse_support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use forwarder_plugin::hop::{Ends, veth_plan};
-use forwarder_plugin::link::plumb_veth_in;
+use forwarder_plugin::hop::{
+    BackendName, Ends, HopRecord, Session, announce_features, client_capture, dataplane, owner_for,
+    policies, veth_plan,
+};
+use forwarder_plugin::link::Links;
 use forwarder_plugin::netns::Netns;
-use forwarder_plugin::rules::{Plan, RedirectSpec};
+use forwarder_plugin::rules::{CaptureSpec, Plan, RedirectSpec};
 use nse_support::*;
 use nsm_api::connection::Connection;
 use nsm_api::mechanism::MechanismExt;
@@ -89,8 +94,9 @@ fn interface(conn: &Connection) -> String {
         .to_owned()
 }
 
-/// `(prefix, nextHop)` of the client's routes that go via the endpoint.
-fn capture_routes(conn: &Connection) -> Vec<(String, String)> {
+/// `(prefix, nextHop)` of the client's routes that go via the endpoint
+/// (none: the client keeps its own routes, plus IPAM's point-to-point one).
+fn via_routes(conn: &Connection) -> Vec<(String, String)> {
     ip(conn)
         .src_routes
         .iter()
@@ -101,6 +107,25 @@ fn capture_routes(conn: &Connection) -> Vec<(String, String)> {
 
 fn client_spec(conn: &Connection) -> Option<&String> {
     conn.context.as_ref()?.extra_context.get(KEY)
+}
+
+fn capture_spec(conn: &Connection) -> Option<CaptureSpec> {
+    client_capture(conn).expect("a valid capture spec, if any")
+}
+
+/// A Request from `forwarder-plugin serve`, which announces the
+/// client-side work it does (placement sidecar, capture method rules).
+fn req_ours() -> NetworkServiceRequest {
+    let mut r = req_p();
+    announce_features(conn_mut(&mut r));
+    r
+}
+
+/// Its refresh: the returned connection, announced again.
+fn refresh_ours(conn: &Connection) -> NetworkServiceRequest {
+    let mut r = refresh_of(conn);
+    announce_features(conn_mut(&mut r));
+    r
 }
 
 fn with_labels(mut req: NetworkServiceRequest, labels: &[(&str, &str)]) -> NetworkServiceRequest {
@@ -120,6 +145,8 @@ struct PlumbedClient {
 }
 
 impl PlumbedClient {
+    /// Plumbs `conn` as the hop does: veth, the client's routing (capture
+    /// or policy routes) and rules.
     async fn plumb(nse: &Nse, conn: &Connection) -> PlumbedClient {
         let ns = TestNetns::new("cli");
         let netns = Netns::open(ns.name()).unwrap();
@@ -136,7 +163,23 @@ impl PlumbedClient {
             conn,
         )
         .expect("a veth plan from the returned connection");
-        plumb_veth_in(&plan, &netns, &endpoint)
+        let record = HopRecord {
+            plan,
+            rules: None,
+            capture: capture_spec(conn),
+            policies: policies(conn).expect("valid policy routes"),
+            slot: Some(1),
+            backend: BackendName::Nft,
+            owner: owner_for(&conn.id).as_str().to_owned(),
+            client_netns: netns.id().to_string(),
+            endpoint_netns: endpoint.id().to_string(),
+            session: Session::default(),
+        };
+        let (a, b) = (
+            Links::open(&netns).unwrap(),
+            Links::open(&endpoint).unwrap(),
+        );
+        dataplane::apply(&record, &a, &b, true)
             .await
             .expect("plumb the connection");
         PlumbedClient { ns, netns }
@@ -170,26 +213,32 @@ async fn proxy_placement_sends_the_connections_traffic_to_the_proxy() {
     // No config file: placement proxy, port 15001, REDIRECT, capture all.
     let nse = Nse::start(&[("NSM_CIDR_PREFIX", "[198.18.10.0/31], [fd00:10::/127]")]).await;
     let ns = nse_netns(&nse);
-    let (conn, _) = nse.request(req_p()).await.expect("Request");
+    let (conn, _) = nse.request(req_ours()).await.expect("Request");
     let nic = interface(&conn);
 
-    // The client routes everything via the endpoint's address of each
-    // family, as two halves that win over its own default route.
-    let via = |p: &str, h: &str| (p.to_owned(), h.to_owned());
-    assert_eq!(
-        capture_routes(&conn),
-        [
-            via("0.0.0.0/1", "198.18.10.0"),
-            via("128.0.0.0/1", "198.18.10.0"),
-            via("::/1", "fd00:10::"),
-            via("8000::/1", "fd00:10::"),
-        ]
-    );
+    // Behind our forwarder: a capture spec for the client's side (TCP it
+    // starts, everywhere), no route via the endpoint, no policy routes.
+    let spec = capture_spec(&conn).expect("the client's capture spec");
+    assert_eq!(spec, CaptureSpec::default());
+    assert_eq!(via_routes(&conn), Vec::<(String, String)>::new());
+    assert!(ip(&conn).policies.is_empty());
     assert_eq!(
         p2p_routes(&ip(&conn).src_routes),
         ["198.18.10.0/32", "fd00:10::/128"]
     );
-    assert!(client_spec(&conn).is_none(), "no client-side rules");
+    assert!(
+        client_spec(&conn).is_none(),
+        "no client-side redirect rules"
+    );
+    assert!(
+        !conn
+            .context
+            .as_ref()
+            .unwrap()
+            .extra_context
+            .contains_key("mesh-proxy.v1/forwarder-features"),
+        "the forwarder's announcement is not echoed"
+    );
     // One table, capturing what arrives on the connection's interface, and
     // nothing at the output hook (the proxy's upstream leaves directly).
     let t = table(ns).expect("our table in the NSE's namespace");
@@ -212,6 +261,15 @@ async fn proxy_placement_sends_the_connections_traffic_to_the_proxy() {
     // The proxy sees the client's own address.
     let from: IpAddr = "198.18.10.1".parse().unwrap();
     assert_eq!(client.reaches(addr("198.19.5.5", 80)).from.ip(), from);
+    // What reaches the endpoint for another host and is not TCP is refused
+    // (ICMP administratively prohibited), not dropped silently; here UDP,
+    // which the client only sends that way for want of any other route.
+    let e = Client::default()
+        .udp(&client.netns, addr("198.19.5.5", 5353))
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::HostUnreachable, "{e}");
+    let t = table(ns).unwrap();
+    assert!(t.contains("reject with icmpx admin-prohibited"), "{t}");
 
     // The proxy's own connections to the client are not captured, whoever makes them.
     let app = IdentityServer::tcp(&client.netns, any(false, 9000), "client-app", false);
@@ -225,8 +283,9 @@ async fn proxy_placement_sends_the_connections_traffic_to_the_proxy() {
     drop(app);
 
     // A refresh changes nothing.
-    let (again, _) = nse.request(refresh_of(&conn)).await.expect("refresh");
+    let (again, _) = nse.request(refresh_ours(&conn)).await.expect("refresh");
     assert_eq!(ip(&again), ip(&conn));
+    assert_eq!(capture_spec(&again), Some(spec));
     assert_eq!(table(ns).as_deref(), Some(t.as_str()), "same rules");
 
     // Close: the interface leaves the set (the table stays, capturing
@@ -247,6 +306,50 @@ async fn proxy_placement_sends_the_connections_traffic_to_the_proxy() {
     assert!(status.success(), "{status}: {}", nse.log());
     let ruleset = nse_netns(&nse).exec_ok(&["nft", "list", "ruleset"]);
     assert!(!ruleset.contains(TABLE), "{ruleset}");
+}
+
+/// Behind a forwarder that announces nothing (NSM's own), the client's
+/// capture is NSM policy routes: TCP to ports 1-32767 (below Linux's
+/// ephemeral range) looks up a table of its own holding the capture CIDRs
+/// via the endpoint. What a rule cannot tell apart is documented: TCP to
+/// ports outside that range is not captured.
+#[tokio::test]
+async fn behind_nsm_forwarders_capture_is_policy_routes() {
+    if !root("behind_nsm_forwarders_capture_is_policy_routes") {
+        return;
+    }
+    let nse = Nse::start(&[("NSM_CIDR_PREFIX", "198.18.20.0/31")]).await;
+    let (conn, _) = nse.request(req_p()).await.expect("Request");
+    assert!(
+        capture_spec(&conn).is_none(),
+        "no key a stock forwarder ignores"
+    );
+    assert!(via_routes(&conn).is_empty(), "the client keeps its routes");
+    let p = &ip(&conn).policies;
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].proto.as_str(), p[0].dst_port.as_str()),
+        ("6", "1-32767")
+    );
+    let routes: Vec<(&str, &str)> = p[0]
+        .routes
+        .iter()
+        .map(|r| (r.prefix.as_str(), r.next_hop.as_str()))
+        .collect();
+    assert_eq!(routes, [("0.0.0.0/0", "198.18.20.0")]);
+
+    let _proxy = proxy(&nse, 15001, false);
+    let client = PlumbedClient::plumb(&nse, &conn).await;
+    let dst = addr("198.19.5.5", 80);
+    assert_eq!(client.reaches(dst).orig, Some(dst));
+    let rules = client.ns.exec_ok(&["ip", "-4", "rule"]);
+    assert!(
+        rules.contains("ipproto tcp dport 1-32767 lookup"),
+        "{rules}"
+    );
+    let e = client.tcp(addr("198.19.5.5", 40000)).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NetworkUnreachable, "{e}");
+    nse.close(conn).await.unwrap();
 }
 
 #[tokio::test]
@@ -472,7 +575,16 @@ async fn sidecar_placement_returns_the_clients_spec_and_installs_nothing() {
     ])
     .await;
     let ns = nse_netns(&nse);
-    let req = with_labels(req_p(), &[("proxy-exclude-outbound-ports", "22;2222")]);
+    // Behind a forwarder that cannot apply it: refused, nothing held.
+    let e = nse.request(req_p()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("use placement proxy"),
+        "{}",
+        e.message()
+    );
+
+    let req = with_labels(req_ours(), &[("proxy-exclude-outbound-ports", "22;2222")]);
     let (conn, _) = nse.request(req).await.unwrap();
     let text = client_spec(&conn).expect("the client's redirect spec");
     let spec = RedirectSpec::from_json(text).expect("a valid version-1 spec");
@@ -480,33 +592,33 @@ async fn sidecar_placement_returns_the_clients_spec_and_installs_nothing() {
     assert!(spec.capture_dns);
     let ports: Vec<u16> = spec.exclude_outbound_ports.iter().map(|p| p.0).collect();
     assert_eq!(ports, [15020, 22, 2222]);
-    assert!(
-        capture_routes(&conn).is_empty(),
-        "the client keeps its routes"
-    );
+    assert!(via_routes(&conn).is_empty(), "the client keeps its routes");
+    assert!(capture_spec(&conn).is_none() && ip(&conn).policies.is_empty());
     assert_eq!(p2p_routes(&ip(&conn).src_routes), ["198.18.13.0/32"]);
     assert_eq!(table(ns), None);
     assert_eq!(ns.exec_ok(&["nft", "list", "ruleset"]).trim(), "");
 
     // A connection may ask for the other placement, and switch back on refresh.
     let (proxied, _) = nse
-        .request(with_labels(req_p(), &[("proxy-placement", "proxy")]))
+        .request(with_labels(req_ours(), &[("proxy-placement", "proxy")]))
         .await
         .unwrap();
     assert!(client_spec(&proxied).is_none());
-    assert_eq!(
-        capture_routes(&proxied).len(),
-        2,
-        "0.0.0.0/1 and 128.0.0.0/1"
+    assert!(
+        capture_spec(&proxied).is_some(),
+        "captured by the forwarder's rules"
     );
     assert_eq!(captured(ns), Some(vec![interface(&proxied)]));
-    let mut refresh = refresh_of(&proxied);
+    let mut refresh = refresh_ours(&proxied);
     conn_mut(&mut refresh)
         .labels
         .insert("proxy-placement".into(), "sidecar".into());
     let (switched, _) = nse.request(refresh).await.unwrap();
     assert!(client_spec(&switched).is_some());
-    assert!(capture_routes(&switched).is_empty());
+    assert!(
+        capture_spec(&switched).is_none(),
+        "the other placement's key went"
+    );
     assert_eq!(
         captured(ns),
         Some(vec![]),
@@ -702,7 +814,7 @@ async fn cap_net_admin_is_needed_for_placement_proxy_and_enough() {
     assert_eq!(table(nse_netns(&without)), None);
     // Placement sidecar needs nothing.
     let (conn, _) = without
-        .request(with_labels(req_p(), &[("proxy-placement", "sidecar")]))
+        .request(with_labels(req_ours(), &[("proxy-placement", "sidecar")]))
         .await
         .expect("sidecar without the capability");
     assert!(client_spec(&conn).is_some());

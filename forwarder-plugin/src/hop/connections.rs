@@ -15,12 +15,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use nsm_api::connection::Connection;
 
+use super::client_routing::{CLIENT_CAPTURE_KEY, MAX_SLOTS, client_capture, policies};
 use super::dataplane::{self, Applied};
 use super::error::{HopError, Result};
 use super::links_cache::LinksCache;
 use super::locks::{KeyGuard, KeyedLocks};
 use super::record::{HopRecord, Session};
-use super::redirect::{BackendName, client_redirect, owner_for};
+use super::redirect::{BackendName, CLIENT_REDIRECT_KEY, client_redirect, owner_for};
 use super::registry::{Held, Registry, tproxy};
 use super::state::StateDir;
 use super::veth_plan::{Ends, veth_plan};
@@ -159,10 +160,13 @@ impl Hop {
         Some((id.to_owned(), reg.records.get(id)?.clone()))
     }
 
+    /// Rules in a client namespace (whose cleanup removes the TPROXY
+    /// policy routes its connections share) one connection at a time.
     async fn rules_lock(&self, rec: &HopRecord) -> Option<KeyGuard<'_>> {
-        match rec.rules {
-            Some(_) => Some(self.namespaces.lock(&rec.client_netns).await),
-            None => None,
+        if dataplane::has_firewall(rec) {
+            Some(self.namespaces.lock(&rec.client_netns).await)
+        } else {
+            None
         }
     }
 
@@ -180,9 +184,19 @@ impl Hop {
         };
         let plan = veth_plan(ends, req.connection)?;
         let rules = client_redirect(req.connection)?;
-        let record = HopRecord {
+        let capture = client_capture(req.connection)?;
+        if rules.is_some() && capture.is_some() {
+            return Err(HopError::Ambiguous {
+                a: CLIENT_REDIRECT_KEY,
+                b: CLIENT_CAPTURE_KEY,
+            });
+        }
+        let mut record = HopRecord {
             plan,
             rules,
+            capture,
+            policies: policies(req.connection)?,
+            slot: None,
             backend: self.backend,
             owner: owner_for(req.id).as_str().to_owned(),
             client_netns: req.client.id().to_string(),
@@ -200,6 +214,10 @@ impl Hop {
         });
         let _conn = self.connections.lock(id).await;
         let old = self.record(id);
+        if record.needs_slot() {
+            // A connection keeps its slot (mark, tables) for as long as it needs one.
+            record.slot = old.as_ref().filter(|o| o.needs_slot()).and_then(|o| o.slot);
+        }
         let replaced = match old {
             Some(old) if old.same_dataplane(&record) => {
                 return self.refresh(id, record, held, &client_links).await;
@@ -210,7 +228,7 @@ impl Hop {
             }
             None => false,
         };
-        let applied = self.fresh(id, &record, held, &client_links).await?;
+        let applied = self.fresh(id, &mut record, held, &client_links).await?;
         Ok(PlumbOutcome {
             record,
             applied,
@@ -277,25 +295,34 @@ impl Hop {
             // `new`'s names stay reserved for the plumbing that follows.
             reg.index(id, new);
         }
-        if old.rules.is_some() {
+        if dataplane::has_firewall(old) {
             self.restore_neighbours(id, old).await;
         }
         Ok(())
     }
 
-    /// A connection with nothing in the kernel yet: recorded first (a crash
-    /// half-way is still undone later), then plumbed; on failure everything
-    /// is taken away again.
+    /// A connection with nothing in the kernel yet: given a slot if it needs
+    /// one, recorded first (a crash half-way is still undone later), then
+    /// plumbed; on failure everything is taken away again.
     async fn fresh(
         &self,
         id: &str,
-        record: &HopRecord,
+        record: &mut HopRecord,
         held: Arc<Held>,
         client: &Links,
     ) -> Result<Applied> {
         {
             let mut reg = self.registry();
             reg.conflicts(id, record)?;
+            if record.needs_slot() && record.slot.is_none() {
+                let slot = reg
+                    .free_slot(id, &record.client_netns, MAX_SLOTS)
+                    .ok_or_else(|| HopError::SlotsExhausted {
+                        netns: record.client_netns.clone(),
+                        max: MAX_SLOTS,
+                    })?;
+                record.slot = Some(slot);
+            }
             reg.set(id, record.clone());
             reg.held.insert(id.to_owned(), held.clone());
         }
@@ -314,7 +341,7 @@ impl Hop {
                     tracing::warn!(id, error = %se, "cannot forget the failed connection in the state directory");
                 }
                 self.registry().forget(id);
-                if record.rules.is_some() {
+                if dataplane::has_firewall(record) {
                     self.restore_neighbours(id, record).await;
                 }
                 Err(e)
@@ -346,7 +373,7 @@ impl Hop {
         .await?;
         self.state.remove(id)?;
         self.registry().forget(id);
-        if record.rules.is_some() {
+        if dataplane::has_firewall(&record) {
             self.restore_neighbours(id, &record).await;
         }
         Ok(Some(record))

@@ -1,10 +1,13 @@
-//! One connection's kernel state: the veth (plumb/unplumb) and the client
-//! side rules (apply/cleanup), in that order up and the reverse order down.
+//! One connection's kernel state: the veth with its routes (plumb/unplumb),
+//! the client namespace's policy-routing rules ([`super::client_routing`]),
+//! then the client-side firewall rules (a redirect spec or a capture plan),
+//! in that order up and the reverse order down.
 
 use crate::link::{self, Links, Plumbed};
 use crate::netns::{Netns, NetnsError};
-use crate::rules::{self, Backend, BackendOptions, DriftItem, Owner, Plan, RedirectSpec};
+use crate::rules::{self, Backend, BackendOptions, DriftItem, Owner, Plan};
 
+use super::client_routing::ClientRouting;
 use super::error::{HopError, Result};
 use super::record::HopRecord;
 
@@ -17,35 +20,61 @@ pub struct Applied {
     pub changed: bool,
 }
 
-/// Plumbs the veth, then applies the rules, through netlink handles open
-/// in the client's and the endpoint's namespaces. `fresh`: nothing of this
-/// connection exists yet, so a failure removes everything this call made;
-/// otherwise (a refresh) only what is missing or different is redone and a
-/// failure leaves the rest as it was.
+/// Whether the connection has firewall rules in its client's namespace.
+pub fn has_firewall(rec: &HopRecord) -> bool {
+    rec.rules.is_some() || rec.capture.is_some()
+}
+
+/// Plumbs the veth (with the client routing's routes), adds the client
+/// routing's rules, then applies the firewall rules, through netlink
+/// handles open in the client's and the endpoint's namespaces. `fresh`:
+/// nothing of this connection exists yet, so a failure removes everything
+/// this call made; otherwise (a refresh) only what is missing or different
+/// is redone and a failure leaves the rest as it was.
 pub async fn apply(
     rec: &HopRecord,
     client: &Links,
     endpoint: &Links,
     fresh: bool,
 ) -> Result<Applied> {
-    let plumbed: Plumbed = link::plumb_veth_with(&rec.plan, client, endpoint).await?;
+    let routing = rec.client_routing()?;
+    let firewall = firewall_plan(rec, &routing)?;
+    let plan = rec.veth_with_routing(&routing);
+    let plumbed: Plumbed = link::plumb_veth_with(&plan, client, endpoint).await?;
     let mut changed = plumbed.changed;
-    if let Some(spec) = &rec.rules {
-        let res = rules_apply(rec, spec, client.netns(), fresh).await;
-        match res {
-            Ok(applied) => changed |= applied,
+    let mut res = Ok(());
+    for rule in &routing.rules {
+        match client.add_rule(rule).await {
+            Ok(added) => changed |= added,
             Err(e) => {
-                if fresh {
-                    // The backend rolled its own part back; take the veth away too.
-                    if let Err(undo) = link::unplumb_with(&rec.plan, client, Some(endpoint)).await {
-                        return Err(HopError::Task(format!(
-                            "{e}; removing the veth again also failed: {undo}"
-                        )));
-                    }
-                }
-                return Err(e);
+                res = Err(HopError::from(e));
+                break;
             }
         }
+    }
+    if res.is_ok()
+        && let Some(fw) = firewall
+    {
+        match rules_apply(rec, fw, client.netns(), fresh).await {
+            Ok(applied) => changed |= applied,
+            Err(e) => res = Err(e),
+        }
+    }
+    if let Err(e) = res {
+        if fresh {
+            // The firewall backend rolled its own part back.
+            let undone = remove_routing(&routing, client).await.and(
+                link::unplumb_with(&plan, client, Some(endpoint))
+                    .await
+                    .map_err(HopError::from),
+            );
+            if let Err(undo) = undone {
+                return Err(HopError::Task(format!(
+                    "{e}; undoing the connection again also failed: {undo}"
+                )));
+            }
+        }
+        return Err(e);
     }
     Ok(Applied {
         client_index: plumbed.a.index,
@@ -54,9 +83,10 @@ pub async fn apply(
     })
 }
 
-/// Removes the rules, then the veth. A namespace that no longer exists took
-/// its part with it. Both steps run even if the first fails; the first error
-/// is returned.
+/// Removes the firewall rules, the client routing's rules, then the veth
+/// (its routes go with it). A namespace that no longer exists took its
+/// part with it. Every step runs even if an earlier one fails; the errors
+/// are reported together.
 pub async fn undo(rec: &HopRecord, client: Option<&Netns>, endpoint: Option<&Netns>) -> Result<()> {
     let client = held_or_found(client, &rec.client_netns)?;
     let Some(client) = client else {
@@ -64,23 +94,79 @@ pub async fn undo(rec: &HopRecord, client: Option<&Netns>, endpoint: Option<&Net
         return Ok(());
     };
     let endpoint = held_or_found(endpoint, &rec.endpoint_netns)?;
-    let rules = match &rec.rules {
-        Some(_) => rules_cleanup(rec, &client).await,
-        None => Ok(()),
-    };
-    let veth = link::unplumb_in(&rec.plan, &client, endpoint.as_ref())
-        .await
-        .map_err(HopError::from);
-    rules.and(veth)
+    let mut errors = Vec::new();
+    if has_firewall(rec)
+        && let Err(e) = rules_cleanup(rec, &client).await
+    {
+        errors.push(e);
+    }
+    if rec.needs_slot() {
+        let removed = match (rec.client_routing(), Links::open(&client)) {
+            (Ok(routing), Ok(links)) => remove_routing(&routing, &links).await,
+            (Err(e), _) => Err(e),
+            (_, Err(e)) => Err(e.into()),
+        };
+        if let Err(e) = removed {
+            errors.push(e);
+        }
+    }
+    if let Err(e) = link::unplumb_in(&rec.plan, &client, endpoint.as_ref()).await {
+        errors.push(e.into());
+    }
+    combine(errors)
 }
 
-/// Applies `rec`'s rules again (e.g. TPROXY policy routes that a
+/// One error for several (the first's kind, every message).
+fn combine(mut errors: Vec<HopError>) -> Result<()> {
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        _ => Err(HopError::Task(
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )),
+    }
+}
+
+/// Deletes the routing's rules (absent ones are fine).
+async fn remove_routing(routing: &ClientRouting, client: &Links) -> Result<()> {
+    let mut errors = Vec::new();
+    for rule in &routing.rules {
+        if let Err(e) = client.del_rule(rule).await {
+            errors.push(HopError::from(e));
+        }
+    }
+    combine(errors)
+}
+
+/// Applies `rec`'s firewall rules again (e.g. TPROXY policy routes that a
 /// neighbour's cleanup removed from the shared namespace).
 pub async fn reapply_rules(rec: &HopRecord, client: Option<&Netns>) -> Result<()> {
-    let (Some(spec), Some(client)) = (&rec.rules, held_or_found(client, &rec.client_netns)?) else {
+    let Some(client) = held_or_found(client, &rec.client_netns)? else {
         return Ok(());
     };
-    rules_apply(rec, spec, &client, true).await.map(|_| ())
+    let routing = rec.client_routing()?;
+    match firewall_plan(rec, &routing)? {
+        Some(plan) => rules_apply(rec, plan, &client, true).await.map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// The firewall rules of the client's namespace: the redirect spec's, or
+/// the capture plan.
+fn firewall_plan(rec: &HopRecord, routing: &ClientRouting) -> Result<Option<Plan>> {
+    if let Some(spec) = &rec.rules {
+        return Plan::new(spec)
+            .map(Some)
+            .map_err(|source| HopError::Redirect {
+                key: super::CLIENT_REDIRECT_KEY,
+                source,
+            });
+    }
+    Ok(routing.capture.clone())
 }
 
 fn held_or_found(held: Option<&Netns>, url: &str) -> Result<Option<Netns>> {
@@ -111,16 +197,7 @@ fn backend(rec: &HopRecord) -> Result<Box<dyn Backend>> {
 /// `fresh`: apply outright. Otherwise verify first and apply only on drift
 /// that is ours: TPROXY policy routes are shared by the namespace's
 /// connections, so another connection's are not drift of this one.
-async fn rules_apply(
-    rec: &HopRecord,
-    spec: &RedirectSpec,
-    client: &Netns,
-    fresh: bool,
-) -> Result<bool> {
-    let plan = Plan::new(spec).map_err(|source| HopError::Redirect {
-        key: super::CLIENT_REDIRECT_KEY,
-        source,
-    })?;
+async fn rules_apply(rec: &HopRecord, plan: Plan, client: &Netns, fresh: bool) -> Result<bool> {
     let backend = backend(rec)?;
     let ns = dup(client)?;
     blocking(move || {

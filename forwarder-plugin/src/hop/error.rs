@@ -1,6 +1,6 @@
 use crate::link::LinkError;
 use crate::netns::NetnsError;
-use crate::rules::{RulesError, SpecError};
+use crate::rules::{CaptureError, RulesError, SpecError};
 
 use super::state::StateError;
 
@@ -30,6 +30,23 @@ pub enum HopError {
         #[source]
         source: SpecError,
     },
+    /// The endpoint asked for client-side capture the capture spec refuses.
+    #[error("the endpoint's connection.context.extra_context[{key:?}]: {source}")]
+    Capture {
+        key: &'static str,
+        #[source]
+        source: CaptureError,
+    },
+    /// The endpoint asked for two kinds of client-side rules at once.
+    #[error(
+        "the endpoint's connection asks for both {a:?} and {b:?}: at most one applies to a connection"
+    )]
+    Ambiguous { a: &'static str, b: &'static str },
+    /// Every slot of the client namespace is taken.
+    #[error(
+        "network namespace {netns} already has {max} connections with client-side routing at this hop"
+    )]
+    SlotsExhausted { netns: String, max: u16 },
     /// Another connection of this hop already uses the interface.
     #[error(
         "interface {name:?} in network namespace {netns} is already plumbed for connection {other}"

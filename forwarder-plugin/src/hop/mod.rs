@@ -10,9 +10,13 @@
 //!   redirect spec, applied in the CLIENT namespace under an owner derived
 //!   from the connection id ([`owner_for`]), so connections sharing a
 //!   namespace keep separate tables/chains.
+//! * [`client_capture`] / [`policies`]: the client's own routing — capture
+//!   by intent (`extra_context[`[`CLIENT_CAPTURE_KEY`]`]`) and NSM's
+//!   `PolicyRoute`s — with a mark and tables per connection (its slot).
 //! * [`Hop`]: plumb / refresh / replace / unplumb, each connection recorded
 //!   in its own file of the [`StateDir`]; connections plumb in parallel.
 
+mod client_routing;
 mod connections;
 pub mod dataplane;
 mod error;
@@ -25,10 +29,18 @@ mod registry;
 pub mod state;
 mod veth_plan;
 
+pub use client_routing::{
+    CLIENT_CAPTURE_KEY, ClientRouting, MAX_POLICIES, MAX_POLICY_ROUTES, MAX_SLOTS, Policy,
+    TABLE_BASE, capture_table, client_capture, policies,
+};
 pub use connections::{Hop, HopOptions, PlumbOutcome, PlumbRequest};
 pub use dataplane::Applied;
 pub use error::{HopError, Result};
 pub use record::{HopRecord, Session};
-pub use redirect::{BackendName, CLIENT_REDIRECT_KEY, client_redirect, owner_for};
+pub use redirect::{
+    BackendName, CLIENT_REDIRECT_KEY, CONTRACT_PREFIX, FEATURE_CLIENT_CAPTURE,
+    FEATURE_CLIENT_REDIRECT, FORWARDER_FEATURES_KEY, announce_features, client_redirect,
+    has_feature, owner_for,
+};
 pub use state::{CONNECTIONS_DIR, ConnectionFile, STATE_VERSION, StateDir, StateError, file_stem};
 pub use veth_plan::{DEFAULT_MTU, Ends, veth_plan};

@@ -4,9 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::client_routing::Policy;
 use super::redirect::BackendName;
 use crate::link::VethPlan;
-use crate::rules::RedirectSpec;
+use crate::rules::{CaptureSpec, RedirectSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HopRecord {
@@ -15,6 +16,16 @@ pub struct HopRecord {
     /// Client-side redirect rules, if the endpoint asked for any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<RedirectSpec>,
+    /// Client-side capture by intent, if the endpoint asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureSpec>,
+    /// NSM policy routes the endpoint returned (`ip_context.policies`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<Policy>,
+    /// The connection's slot in its client namespace (its mark and routing
+    /// tables), when it has capture or policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u16>,
     /// The backend the rules were applied with (cleanup uses the same one,
     /// whatever `--backend` says after a restart).
     pub backend: BackendName,
@@ -33,6 +44,9 @@ impl HopRecord {
     pub fn same_dataplane(&self, other: &HopRecord) -> bool {
         self.plan == other.plan
             && self.rules == other.rules
+            && self.capture == other.capture
+            && self.policies == other.policies
+            && self.slot == other.slot
             && self.backend == other.backend
             && self.owner == other.owner
             && self.client_netns == other.client_netns

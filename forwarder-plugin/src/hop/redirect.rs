@@ -12,6 +12,41 @@ use crate::rules::{BackendKind, Owner, Plan, RedirectSpec};
 /// a later format gets a new key and old hops ignore it instead of misreading it.
 pub const CLIENT_REDIRECT_KEY: &str = "mesh-proxy.v1/client-redirect";
 
+/// Every `extra_context` key of the endpoint↔hop contract starts so.
+pub const CONTRACT_PREFIX: &str = "mesh-proxy.";
+
+/// `extra_context` key by which a hop tells the endpoint (through nsmgr)
+/// which client-side work it does: a comma-separated list of features.
+/// A forwarder that does not set it (NSM's own) applies none of our keys,
+/// so an endpoint can fall back to what NSM can express, or refuse.
+pub const FORWARDER_FEATURES_KEY: &str = "mesh-proxy.v1/forwarder-features";
+/// Feature: applies [`CLIENT_REDIRECT_KEY`] specs.
+pub const FEATURE_CLIENT_REDIRECT: &str = "client-redirect";
+/// Feature: applies [`super::CLIENT_CAPTURE_KEY`] specs.
+pub const FEATURE_CLIENT_CAPTURE: &str = "client-capture";
+
+/// Prepares a Request for the next hop: removes every key of the contract
+/// the caller sent (only an endpoint's answer may ask for client-side work,
+/// and only this hop may say what it does), then announces this hop's
+/// features.
+pub fn announce_features(conn: &mut Connection) {
+    let ctx = conn.context.get_or_insert_default();
+    ctx.extra_context
+        .retain(|k, _| !k.starts_with(CONTRACT_PREFIX));
+    ctx.extra_context.insert(
+        FORWARDER_FEATURES_KEY.to_owned(),
+        format!("{FEATURE_CLIENT_REDIRECT},{FEATURE_CLIENT_CAPTURE}"),
+    );
+}
+
+/// Whether the Request's `extra_context` announces `feature`.
+pub fn has_feature(conn: &Connection, feature: &str) -> bool {
+    conn.context
+        .as_ref()
+        .and_then(|c| c.extra_context.get(FORWARDER_FEATURES_KEY))
+        .is_some_and(|v| v.split(',').any(|f| f.trim() == feature))
+}
+
 /// The validated redirect spec the endpoint asked for, if any. An absent or
 /// blank value means no rules.
 pub fn client_redirect(conn: &Connection) -> Result<Option<RedirectSpec>> {
@@ -118,6 +153,23 @@ mod tests {
             assert!(matches!(e, HopError::Redirect { .. }), "{bad}: {e}");
             assert!(e.to_string().contains(CLIENT_REDIRECT_KEY), "{e}");
         }
+    }
+
+    #[test]
+    fn announcing_replaces_whatever_the_caller_sent_of_ours() {
+        let mut c = with_extra(Some(r#"{"version":1}"#));
+        let extra = &mut c.context.as_mut().unwrap().extra_context;
+        extra.insert(FORWARDER_FEATURES_KEY.into(), "made-up".into());
+        extra.insert("mesh-proxy.v9/anything".into(), "x".into());
+        extra.insert("other".into(), "kept".into());
+        announce_features(&mut c);
+        let extra = &c.context.as_ref().unwrap().extra_context;
+        assert_eq!(extra.len(), 2, "{extra:?}");
+        assert_eq!(extra["other"], "kept");
+        assert!(has_feature(&c, FEATURE_CLIENT_CAPTURE));
+        assert!(has_feature(&c, FEATURE_CLIENT_REDIRECT));
+        assert!(!has_feature(&c, "made-up"));
+        assert!(!has_feature(&Connection::default(), FEATURE_CLIENT_CAPTURE));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! connection each one is. Kept behind one short lock that is never held
 //! across kernel work or I/O.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::error::{HopError, Result};
@@ -38,6 +38,8 @@ pub(crate) struct Registry {
     by_client: HashMap<String, BTreeSet<String>>,
     /// (caller's connection id, client namespace) → connection id.
     callers: HashMap<(String, String), String>,
+    /// Client namespace → slot → the connection holding it.
+    slots: HashMap<String, BTreeMap<u16, String>>,
 }
 
 fn ends(rec: &HopRecord) -> [(String, String); 2] {
@@ -109,6 +111,13 @@ impl Registry {
         if let Some(key) = caller(rec) {
             self.callers.insert(key, id.to_owned());
         }
+        if let Some(slot) = rec.slot {
+            self.slots
+                .entry(rec.client_netns.clone())
+                .or_default()
+                .entry(slot)
+                .or_insert_with(|| id.to_owned());
+        }
     }
 
     /// Removes what [`Registry::index`] added for `rec`, where it is `id`'s.
@@ -129,6 +138,23 @@ impl Registry {
         {
             self.callers.remove(&key);
         }
+        if let Some(slot) = rec.slot
+            && let Some(taken) = self.slots.get_mut(&rec.client_netns)
+        {
+            if taken.get(&slot).is_some_and(|o| o == id) {
+                taken.remove(&slot);
+            }
+            if taken.is_empty() {
+                self.slots.remove(&rec.client_netns);
+            }
+        }
+    }
+
+    /// The lowest slot (1 ..= `max`) of client namespace `netns` that no
+    /// other connection holds.
+    pub fn free_slot(&self, id: &str, netns: &str, max: u16) -> Option<u16> {
+        let taken = self.slots.get(netns);
+        (1..=max).find(|s| taken.and_then(|t| t.get(s)).is_none_or(|o| o == id))
     }
 
     /// Records `rec` as `id`'s, re-indexed.
@@ -190,6 +216,9 @@ mod tests {
                 ipv6_nodad: true,
             },
             rules: None,
+            capture: None,
+            policies: vec![],
+            slot: None,
             backend: BackendName::Nft,
             owner: "fp_0123456789abc".into(),
             client_netns: client_ns.into(),
@@ -262,6 +291,28 @@ mod tests {
         reg.conflicts("B", &rec("inode://4/1", "nsm-1", "nse-b", "b"))
             .unwrap();
         assert_eq!(reg.by_caller("c", "inode://4/1"), Some("A"));
+    }
+
+    #[test]
+    fn slots_are_distinct_per_client_namespace_and_freed_with_the_record() {
+        let mut reg = Registry::default();
+        assert_eq!(reg.free_slot("A", "inode://4/1", 2), Some(1));
+        let mut a = rec("inode://4/1", "nsm-1", "nse-a", "a");
+        a.slot = Some(1);
+        reg.set("A", a);
+        assert_eq!(reg.free_slot("A", "inode://4/1", 2), Some(1), "its own");
+        assert_eq!(reg.free_slot("B", "inode://4/1", 2), Some(2));
+        assert_eq!(
+            reg.free_slot("B", "inode://4/9", 2),
+            Some(1),
+            "another namespace"
+        );
+        let mut b = rec("inode://4/1", "nsm-2", "nse-b", "b");
+        b.slot = Some(2);
+        reg.set("B", b);
+        assert_eq!(reg.free_slot("C", "inode://4/1", 2), None, "all taken");
+        reg.forget("A");
+        assert_eq!(reg.free_slot("C", "inode://4/1", 2), Some(1));
     }
 
     #[test]

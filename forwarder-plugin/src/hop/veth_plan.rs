@@ -91,7 +91,7 @@ fn addresses(field: &'static str, list: &[String]) -> Result<Vec<IpNet>> {
 /// `nextHop` set: via that gateway, on-link (NSM's /32 peers share no
 /// subnet); empty: straight out of the link. Host bits in the prefix are
 /// dropped, as Go's `net.ParseCIDR` does for NSM's own forwarders.
-fn routes(field: &'static str, list: &[Route]) -> Result<Vec<RouteSpec>> {
+pub(super) fn routes(field: &'static str, list: &[Route]) -> Result<Vec<RouteSpec>> {
     list.iter()
         .enumerate()
         .map(|(index, r)| {

@@ -17,6 +17,7 @@ mod mac;
 mod neigh;
 mod plumb;
 mod route;
+mod rule;
 mod veth;
 
 pub use addr::AddrOptions;
@@ -27,6 +28,7 @@ pub use plumb::{
     plumb_veth_with, unplumb, unplumb_in, unplumb_with,
 };
 pub use route::RouteSpec;
+pub use rule::{RULE_PRIORITY, RULE_PROTO, RuleSpec};
 pub use veth::{LinkState, VethPair, VethSpec};
 
 use futures::StreamExt;

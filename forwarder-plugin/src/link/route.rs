@@ -29,6 +29,10 @@ pub struct RouteSpec {
     /// Routing table; `None` is the main table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table: Option<u32>,
+    /// Route metric (preference among routes to the same destination, lower
+    /// wins); `None`: the kernel's default (0 for IPv4, 1024 for IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<u32>,
 }
 
 impl RouteSpec {
@@ -39,6 +43,7 @@ impl RouteSpec {
             via: None,
             onlink: false,
             table: None,
+            metric: None,
         }
     }
 
@@ -49,6 +54,7 @@ impl RouteSpec {
             via: Some(gateway),
             onlink: true,
             table: None,
+            metric: None,
         }
     }
 
@@ -111,6 +117,9 @@ impl RouteSpec {
         }
         m.attributes.push(RouteAttribute::Oif(index));
         m.attributes.push(RouteAttribute::Table(table));
+        if let Some(metric) = self.metric {
+            m.attributes.push(RouteAttribute::Priority(metric));
+        }
         m
     }
 }
@@ -126,6 +135,9 @@ impl std::fmt::Display for RouteSpec {
         }
         if let Some(t) = self.table {
             write!(f, " table {t}")?;
+        }
+        if let Some(m) = self.metric {
+            write!(f, " metric {m}")?;
         }
         Ok(())
     }
@@ -166,8 +178,10 @@ impl Dumped {
         let mut via = None;
         let mut oif = None;
         let mut table = u32::from(m.header.table);
+        let mut metric = None;
         for a in &m.attributes {
             match a {
+                RouteAttribute::Priority(p) => metric = Some(*p),
                 RouteAttribute::Destination(d) => dst = ip_of(d)?,
                 RouteAttribute::Gateway(g) => via = ip_of(g),
                 RouteAttribute::Oif(i) => oif = Some(*i),
@@ -182,6 +196,7 @@ impl Dumped {
                 via,
                 onlink: m.header.flags.contains(RouteFlags::Onlink),
                 table: (table != main).then_some(table),
+                metric,
             },
             oif,
         })
@@ -210,10 +225,11 @@ impl Links {
                     .into_iter()
                     .filter(|d| d.spec.dst == route.dst && d.spec.table_id() == route.table_id())
                     .collect();
-                if same_dst
-                    .iter()
-                    .any(|d| d.oif == Some(index) && d.spec.via == route.via)
-                {
+                if same_dst.iter().any(|d| {
+                    d.oif == Some(index)
+                        && d.spec.via == route.via
+                        && (route.metric.is_none() || d.spec.metric == route.metric)
+                }) {
                     return Ok(false);
                 }
                 let existing: Vec<String> = same_dst

@@ -24,6 +24,7 @@
 //! backend.cleanup(&ns).unwrap();
 //! ```
 
+pub mod capture;
 pub mod drift;
 pub mod error;
 mod exec;
@@ -40,6 +41,7 @@ use std::sync::Mutex;
 
 use crate::netns::Netns;
 
+pub use capture::{CaptureError, CaptureSpec, PortRange};
 pub use drift::{Drift, DriftItem};
 pub use error::RulesError;
 pub use iptables::Variant;

@@ -67,6 +67,7 @@ impl Owner {
         match id.chain {
             ChainRef::Base(Hook::Prerouting) => "PREROUTING".into(),
             ChainRef::Base(Hook::Output) => "OUTPUT".into(),
+            ChainRef::Base(Hook::Postrouting) => "POSTROUTING".into(),
             ChainRef::Own(c) => format!("{}_{}", self.iptables_prefix(), c.suffix()),
         }
     }
@@ -84,7 +85,7 @@ impl std::fmt::Display for Owner {
     }
 }
 
-pub const ALL_OWN: [OwnChain; 8] = [
+pub const ALL_OWN: [OwnChain; 10] = [
     OwnChain::Inbound,
     OwnChain::Redirect,
     OwnChain::InRedirect,
@@ -93,6 +94,8 @@ pub const ALL_OWN: [OwnChain; 8] = [
     OwnChain::Divert,
     OwnChain::Tproxy,
     OwnChain::Drop,
+    OwnChain::Capture,
+    OwnChain::Guard,
 ];
 
 /// nft chain name inside our table: base chains `NAT_OUTPUT` (upper case,
@@ -105,6 +108,7 @@ pub fn nft_chain(id: ChainId) -> String {
             match h {
                 Hook::Prerouting => "PREROUTING",
                 Hook::Output => "OUTPUT",
+                Hook::Postrouting => "POSTROUTING",
             }
         ),
         ChainRef::Own(c) => format!("{}_{}", id.table.name(), c.suffix().to_ascii_lowercase()),
@@ -119,9 +123,11 @@ pub fn nft_base(id: ChainId) -> Option<(&'static str, Hook, i32)> {
         return None;
     };
     Some(match (id.table, hook) {
+        (Table::Nat, Hook::Postrouting) => ("nat", hook, SNAT_PRIORITY),
         (Table::Nat, h) => ("nat", h, NAT_PRIORITY),
         (Table::Mangle, Hook::Prerouting) => ("filter", hook, MANGLE_PRIORITY),
         (Table::Mangle, Hook::Output) => ("route", hook, MANGLE_PRIORITY),
+        (Table::Mangle, Hook::Postrouting) => ("filter", hook, MANGLE_PRIORITY),
         (Table::Raw, h) => ("filter", h, RAW_PRIORITY),
     })
 }
@@ -131,6 +137,8 @@ pub fn nft_base(id: ChainId) -> Option<(&'static str, Hook, i32)> {
 pub const NFT_INTERFACE_SET: &str = "include_ifaces";
 
 pub const NAT_PRIORITY: i32 = -100;
+/// nat POSTROUTING (source NAT), as iptables registers it.
+pub const SNAT_PRIORITY: i32 = 100;
 pub const MANGLE_PRIORITY: i32 = -150;
 pub const RAW_PRIORITY: i32 = -300;
 

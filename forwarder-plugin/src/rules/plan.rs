@@ -66,6 +66,8 @@ impl Table {
 pub enum Hook {
     Prerouting,
     Output,
+    /// Source NAT (nat table only).
+    Postrouting,
 }
 
 /// Chains we own (besides the base chains of each hook).
@@ -79,6 +81,10 @@ pub enum OwnChain {
     Divert,
     Tproxy,
     Drop,
+    /// Client-side capture ([`super::capture`]): marks what goes to the endpoint.
+    Capture,
+    /// Endpoint guard ([`Plan::with_endpoint_guard`]): what a client link may not send.
+    Guard,
 }
 
 impl OwnChain {
@@ -92,6 +98,8 @@ impl OwnChain {
             OwnChain::Divert => "DIVERT",
             OwnChain::Tproxy => "TPROXY",
             OwnChain::Drop => "DROP",
+            OwnChain::Capture => "CAPTURE",
+            OwnChain::Guard => "GUARD",
         }
     }
 }
@@ -128,6 +136,8 @@ impl L4 {
 pub enum CtState {
     Invalid,
     EstablishedRelated,
+    /// The first packet of a connection (conntrack NEW).
+    New,
 }
 
 /// One condition of a rule. Port matches need an [`Match::Proto`] before
@@ -136,6 +146,8 @@ pub enum CtState {
 pub enum Match {
     Proto(L4),
     Dport(u16),
+    /// The destination port is in `lo..=hi` (`lo < hi`).
+    DportRange(u16, u16),
     /// The destination port is none of these.
     NotDports(Vec<u16>),
     Sport(u16),
@@ -157,6 +169,10 @@ pub enum Match {
     NotMark(MarkMask),
     ConnMark(u32),
     Ct(CtState),
+    /// The destination is a unicast address of another host — not one of
+    /// ours, not multicast or broadcast (nft `fib daddr type unicast`,
+    /// iptables `addrtype --dst-type UNICAST`).
+    ForeignUnicastDaddr,
 }
 
 /// What a matching rule does.
@@ -179,6 +195,12 @@ pub enum Action {
     SaveMark,
     /// Copy the connection mark to the packet (CONNMARK --restore-mark).
     RestoreMark,
+    /// Source NAT to the outgoing interface's address (nat POSTROUTING).
+    Masquerade,
+    /// Refuse with ICMP administratively prohibited (nft `reject with icmpx
+    /// admin-prohibited`). iptables allows REJECT only in the filter table,
+    /// so its backend drops instead.
+    Reject,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

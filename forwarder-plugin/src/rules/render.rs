@@ -26,6 +26,7 @@ pub fn nft_rule_body(rule: &Rule) -> String {
         match m {
             Match::Proto(p) => parts.push(format!("meta l4proto {}", p.name())),
             Match::Dport(p) => parts.push(format!("{l4} dport {p}")),
+            Match::DportRange(lo, hi) => parts.push(format!("{l4} dport {lo}-{hi}")),
             Match::NotDports(v) => parts.extend(v.iter().map(|p| format!("{l4} dport != {p}"))),
             Match::Sport(p) => parts.push(format!("{l4} sport {p}")),
             Match::Daddr(n) => parts.extend(nft_addr("daddr", "", n)),
@@ -45,6 +46,8 @@ pub fn nft_rule_body(rule: &Rule) -> String {
             Match::Ct(CtState::EstablishedRelated) => {
                 parts.push("ct state established,related".into())
             }
+            Match::Ct(CtState::New) => parts.push("ct state new".into()),
+            Match::ForeignUnicastDaddr => parts.push("fib daddr type unicast".into()),
         }
     }
     parts.push(match &rule.action {
@@ -70,6 +73,8 @@ pub fn nft_rule_body(rule: &Rule) -> String {
         Action::CtZone(z) => format!("ct zone set {z}"),
         Action::SaveMark => "ct mark set meta mark".into(),
         Action::RestoreMark => "meta mark set ct mark".into(),
+        Action::Masquerade => "masquerade".into(),
+        Action::Reject => "reject with icmpx admin-prohibited".into(),
     });
     parts.join(" ")
 }
@@ -148,6 +153,7 @@ pub fn nft_script(plan: &Plan, owner: &Owner) -> String {
                 let hook = match hook {
                     Hook::Prerouting => "prerouting",
                     Hook::Output => "output",
+                    Hook::Postrouting => "postrouting",
                 };
                 let _ = writeln!(
                     s,
@@ -219,6 +225,7 @@ pub fn iptables_rule_args(owner: &Owner, rule: &Rule) -> Vec<String> {
         match m {
             Match::Proto(p) => push(&["-p", p.name()]),
             Match::Dport(p) => push(&["--dport", &p.to_string()]),
+            Match::DportRange(lo, hi) => push(&["--dport", &format!("{lo}:{hi}")]),
             Match::NotDports(v) if v.len() == 1 => push(&["!", "--dport", &v[0].to_string()]),
             Match::NotDports(v) => {
                 // multiport takes at most 15 ports per match; several
@@ -248,6 +255,8 @@ pub fn iptables_rule_args(owner: &Owner, rule: &Rule) -> Vec<String> {
             Match::Ct(CtState::EstablishedRelated) => {
                 push(&["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"])
             }
+            Match::Ct(CtState::New) => push(&["-m", "conntrack", "--ctstate", "NEW"]),
+            Match::ForeignUnicastDaddr => push(&["-m", "addrtype", "--dst-type", "UNICAST"]),
         }
     }
     push(&["-m", "comment", "--comment", &owner.tag(&rule_key(rule))]);
@@ -275,6 +284,9 @@ pub fn iptables_rule_args(owner: &Owner, rule: &Rule) -> Vec<String> {
         Action::CtZone(z) => push(&["-j", "CT", "--zone", &z.to_string()]),
         Action::SaveMark => push(&["-j", "CONNMARK", "--save-mark"]),
         Action::RestoreMark => push(&["-j", "CONNMARK", "--restore-mark"]),
+        Action::Masquerade => push(&["-j", "MASQUERADE"]),
+        // REJECT is valid only in the filter table's chains.
+        Action::Reject => push(&["-j", "DROP"]),
     }
     a
 }

@@ -64,7 +64,11 @@ fn netns_code(e: &NetnsError) -> Code {
 fn hop_code(e: &HopError) -> Code {
     match e {
         HopError::Missing { .. } | HopError::TproxyClash { .. } => Code::FailedPrecondition,
-        HopError::Malformed { .. } | HopError::Redirect { .. } => Code::InvalidArgument,
+        HopError::Malformed { .. }
+        | HopError::Redirect { .. }
+        | HopError::Capture { .. }
+        | HopError::Ambiguous { .. } => Code::InvalidArgument,
+        HopError::SlotsExhausted { .. } => Code::ResourceExhausted,
         HopError::InUse { .. } => Code::AlreadyExists,
         HopError::Netns(e) => netns_code(e),
         HopError::Link(e) => match e {

@@ -83,6 +83,7 @@ impl Forwarder {
             .ok()
             .map(|ns| tokio::task::spawn_blocking(move || Links::open(&ns)));
         let mut down = conn;
+        crate::hop::announce_features(&mut down);
         // A refresh presents the endpoint's mechanism as it returned it
         // (NSM's mechanismtranslation); a first Request presents none.
         down.mechanism = known

@@ -5,9 +5,15 @@
 //! ```yaml
 //! version: 1
 //! placement: proxy            # proxy | sidecar
-//! captureCidrs: [0.0.0.0/0, "::/0"]
+//! capture:                    # placement proxy: what the client sends to the proxy
+//!   method: auto              # auto | rules | policies
+//!   cidrs: [0.0.0.0/0, "::/0"]
+//!   excludeCidrs: []
+//!   ports: []                 # TCP destination ports (empty: all; policies: 1-32767)
+//!   dns: false
 //! proxy:                      # placement proxy: the proxy beside the NSE
 //!   port: 15001
+//!   dnsPort: 15053
 //!   mode: redirect            # redirect | tproxy
 //!   tproxyMark: 1337
 //!   tproxyRouteTable: 133
@@ -20,8 +26,9 @@
 use std::path::Path;
 
 use forwarder_plugin::hop::BackendName;
+use forwarder_plugin::rules::capture::{MAX_CIDRS, MAX_EXCLUDE_CIDRS, MAX_PORTS};
 use forwarder_plugin::rules::spec::{Mode, Port, Selection};
-use forwarder_plugin::rules::{Owner, Plan, RedirectSpec};
+use forwarder_plugin::rules::{Owner, Plan, PortRange, RedirectSpec};
 use ipnet::IpNet;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
@@ -64,6 +71,74 @@ impl std::fmt::Display for Placement {
     }
 }
 
+/// How the client's side captures what goes to the endpoint (placement proxy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// `rules` when the forwarder announces it applies them
+    /// (`forwarder-plugin serve` does), else `policies`.
+    #[default]
+    Auto,
+    /// Exact capture by the forwarder's rules in the client's namespace:
+    /// TCP the client starts, marked and routed to the endpoint; replies
+    /// to connections it accepted keep its own routes.
+    Rules,
+    /// What any NSM forwarder installs: `ip_context.policies` (TCP to the
+    /// capture ports in a table of their own). Cannot tell replies of
+    /// inbound TCP apart (see nse/README.md).
+    Policies,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Auto => "auto",
+            Method::Rules => "rules",
+            Method::Policies => "policies",
+        })
+    }
+}
+
+/// What a client in placement proxy sends to the endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct CaptureConfig {
+    pub method: Method,
+    /// Destinations captured (a prefix only for connections with an
+    /// address of its family).
+    #[serde(deserialize_with = "de_cidrs")]
+    pub cidrs: Vec<IpNet>,
+    /// Destinations never captured: e.g. the cluster's node, pod and
+    /// service CIDRs when in-cluster traffic should not meet the proxy.
+    #[serde(deserialize_with = "de_cidrs")]
+    pub exclude_cidrs: Vec<IpNet>,
+    /// TCP destination ports captured; empty: every port (method policies:
+    /// [`POLICY_DEFAULT_PORTS`]).
+    pub ports: Vec<PortRange>,
+    /// Also the client's DNS (UDP and TCP port 53), to `proxy.dnsPort`.
+    pub dns: bool,
+}
+
+/// Method policies without `ports`: below Linux's ephemeral range
+/// (32768-60999), so replies to peers that connect from it (kubelet,
+/// other pods) are not captured.
+pub const POLICY_DEFAULT_PORTS: PortRange = PortRange { lo: 1, hi: 32767 };
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            method: Method::Auto,
+            cidrs: vec![
+                "0.0.0.0/0".parse().expect("literal"),
+                "::/0".parse().expect("literal"),
+            ],
+            exclude_cidrs: Vec::new(),
+            ports: Vec::new(),
+            dns: false,
+        }
+    }
+}
+
 /// The proxy beside the NSE (placement `proxy`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -72,6 +147,9 @@ pub struct ProxyConfig {
     /// it finds the original destination with `SO_ORIGINAL_DST`, or as its
     /// local address in TPROXY mode).
     pub port: Port,
+    /// Where captured DNS goes (`capture.dns`): a DNS proxy in the NSE's
+    /// netns (istio's agent listens on 15053).
+    pub dns_port: Port,
     /// `redirect` (NAT) or `tproxy` (the listener needs `IP_TRANSPARENT`).
     pub mode: Mode,
     /// TPROXY only: mark of diverted packets.
@@ -85,6 +163,7 @@ impl Default for ProxyConfig {
         let spec = RedirectSpec::default();
         ProxyConfig {
             port: Port(15001),
+            dns_port: spec.dns_port,
             mode: Mode::Redirect,
             tproxy_mark: spec.tproxy_mark,
             tproxy_route_table: spec.tproxy_route_table,
@@ -122,11 +201,11 @@ pub struct FunctionConfig {
     /// Default placement; a connection may ask for the other one
     /// (`proxy-placement` label).
     pub placement: Placement,
-    /// Placement proxy: destinations the client routes to the endpoint.
-    /// A prefix is given only when the connection has an address of its
-    /// family (`::/0` only to clients with IPv6 addresses).
-    #[serde(deserialize_with = "de_cidrs")]
-    pub capture_cidrs: Vec<IpNet>,
+    /// Placement proxy: what the client sends to the endpoint.
+    pub capture: CaptureConfig,
+    /// The old name of `capture.cidrs` (read, never written).
+    #[serde(default, deserialize_with = "de_some_cidrs")]
+    capture_cidrs: Option<Vec<IpNet>>,
     pub proxy: ProxyConfig,
     pub rules: RulesConfig,
     /// Placement sidecar: the redirect spec for the client's netns
@@ -139,10 +218,8 @@ impl Default for FunctionConfig {
         FunctionConfig {
             version: CONFIG_VERSION,
             placement: Placement::Proxy,
-            capture_cidrs: vec![
-                "0.0.0.0/0".parse().expect("literal"),
-                "::/0".parse().expect("literal"),
-            ],
+            capture: CaptureConfig::default(),
+            capture_cidrs: None,
             proxy: ProxyConfig::default(),
             rules: RulesConfig::default(),
             sidecar: RedirectSpec::default(),
@@ -177,12 +254,21 @@ impl FunctionConfig {
     /// Parses and validates YAML (JSON is YAML too); an empty document
     /// means all defaults.
     pub fn parse(text: &str) -> Result<FunctionConfig, FunctionConfigError> {
-        let cfg: FunctionConfig = if text.trim().is_empty() {
+        let mut cfg: FunctionConfig = if text.trim().is_empty() {
             FunctionConfig::default()
         } else {
             serde_yaml::from_str(text)
                 .map_err(|e| FunctionConfigError::Parse(one_line(&e.to_string())))?
         };
+        if let Some(old) = cfg.capture_cidrs.take() {
+            if cfg.capture.cidrs != CaptureConfig::default().cidrs {
+                return Err(FunctionConfigError::Invalid {
+                    key: "captureCidrs",
+                    why: "is the old name of capture.cidrs: set one of them".into(),
+                });
+            }
+            cfg.capture.cidrs = old;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -197,6 +283,29 @@ impl FunctionConfig {
             key,
             why: e.to_string(),
         };
+        let c = &self.capture;
+        for (key, len, max) in [
+            ("capture.cidrs", c.cidrs.len(), MAX_CIDRS),
+            (
+                "capture.excludeCidrs",
+                c.exclude_cidrs.len(),
+                MAX_EXCLUDE_CIDRS,
+            ),
+            ("capture.ports", c.ports.len(), MAX_PORTS),
+        ] {
+            if len > max {
+                return Err(FunctionConfigError::Invalid {
+                    key,
+                    why: format!("{len} entries, at most {max}"),
+                });
+            }
+        }
+        if c.dns && self.proxy.port == self.proxy.dns_port {
+            return Err(FunctionConfigError::Invalid {
+                key: "proxy.dnsPort",
+                why: format!("{} is the proxy's port", self.proxy.dns_port),
+            });
+        }
         self.own_plan(["nsm0".to_owned()], true)
             .map_err(|e| invalid("proxy", e))?;
         Plan::new(&self.sidecar).map_err(|e| invalid("sidecar", e))?;
@@ -204,14 +313,17 @@ impl FunctionConfig {
     }
 
     /// The rules of the NSE's own netns with the connections' `interfaces`
-    /// as the members of its interface set ([`Self::own_spec`]): the same
-    /// rules for any members, none included.
+    /// as the members of its interface set ([`Self::own_spec`]), guarded
+    /// (what arrives there for another host and is not TCP is refused) and,
+    /// with `capture.dns`, DNS arriving there sent to `proxy.dnsPort`: the
+    /// same rules for any members, none included.
     pub fn own_plan(
         &self,
         interfaces: impl IntoIterator<Item = String>,
         ipv6: bool,
     ) -> Result<Plan, forwarder_plugin::rules::SpecError> {
-        Plan::for_interfaces(&self.own_spec(ipv6), interfaces)
+        let dns = self.capture.dns.then_some(self.proxy.dns_port.0);
+        Ok(Plan::for_interfaces(&self.own_spec(ipv6), interfaces)?.with_endpoint_guard(dns))
     }
 
     /// The redirect spec of the NSE's own netns, for capture restricted to
@@ -276,6 +388,10 @@ impl<'de> Deserialize<'de> for CidrItem {
     }
 }
 
+fn de_some_cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+    de_cidrs(d).map(Some)
+}
+
 fn de_cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
     Ok(Vec::<CidrItem>::deserialize(d)?
         .into_iter()
@@ -306,28 +422,43 @@ mod tests {
         assert_eq!(d.proxy.mode, Mode::Redirect);
         assert_eq!(d.rules.backend, BackendName::Nft);
         assert_eq!(d.rules.owner.as_str(), "mesh_proxy_nse");
-        let cidrs: Vec<String> = d.capture_cidrs.iter().map(|c| c.to_string()).collect();
+        let cidrs: Vec<String> = d.capture.cidrs.iter().map(|c| c.to_string()).collect();
         assert_eq!(cidrs, ["0.0.0.0/0", "::/0"]);
+        assert_eq!(d.capture.method, Method::Auto);
+        assert!(d.capture.exclude_cidrs.is_empty() && d.capture.ports.is_empty());
+        assert!(!d.capture.dns);
+        assert_eq!(d.proxy.dns_port, Port(15053));
         assert_eq!(d.sidecar, RedirectSpec::default());
     }
 
     #[test]
     fn every_key() {
         let c = FunctionConfig::parse(
-            "version: 1\nplacement: sidecar\ncaptureCidrs: [198.19.0.0/16, 'fd00:1::5']\n\
-             proxy: {port: 15100, mode: tproxy, tproxyMark: 0x111, tproxyRouteTable: 100}\n\
+            "version: 1\nplacement: sidecar\n\
+             capture: {method: policies, cidrs: [198.19.0.0/16, 'fd00:1::5'], \
+             excludeCidrs: [198.19.53.0/24], ports: [80, '8000-8999'], dns: true}\n\
+             proxy: {port: 15100, dnsPort: 15153, mode: tproxy, tproxyMark: 0x111, tproxyRouteTable: 100}\n\
              rules: {backend: iptables, owner: mp}\n\
              sidecar: {outboundPort: 15101, excludeOutboundPorts: '22,2222'}\n",
         )
         .unwrap();
         assert_eq!(c.placement, Placement::Sidecar);
         assert_eq!(
-            c.capture_cidrs,
+            c.capture.cidrs,
             [
                 "198.19.0.0/16".parse::<IpNet>().unwrap(),
                 "fd00:1::5/128".parse().unwrap()
             ]
         );
+        assert_eq!(c.capture.method, Method::Policies);
+        assert_eq!(
+            c.capture.exclude_cidrs,
+            ["198.19.53.0/24".parse::<IpNet>().unwrap()]
+        );
+        let ports: Vec<String> = c.capture.ports.iter().map(|p| p.to_string()).collect();
+        assert_eq!(ports, ["80", "8000-8999"]);
+        assert!(c.capture.dns);
+        assert_eq!(c.proxy.dns_port, Port(15153));
         assert_eq!(c.proxy.port, Port(15100));
         assert_eq!(c.proxy.mode, Mode::Tproxy);
         assert_eq!(
@@ -354,6 +485,23 @@ mod tests {
             (
                 "captureCidrs: [10.0.0.0/33]\n",
                 "captureCidrs: \"10.0.0.0/33\" is not a CIDR",
+            ),
+            (
+                "capture: {excludeCidrs: [banana]}\n",
+                "capture.excludeCidrs: \"banana\" is not a CIDR",
+            ),
+            (
+                "capture: {method: iptables}\n",
+                "capture.method: unknown variant `iptables`",
+            ),
+            ("capture: {ports: ['90-80']}\n", "ends before it starts"),
+            (
+                "capture: {cidrs: [10.0.0.0/8]}\ncaptureCidrs: [10.0.0.0/8]\n",
+                "captureCidrs: is the old name of capture.cidrs",
+            ),
+            (
+                "capture: {dns: true}\nproxy: {dnsPort: 15001}\n",
+                "proxy.dnsPort: 15001 is the proxy's port",
             ),
             (
                 "rules: {owner: Bad-Name}\n",
@@ -395,6 +543,13 @@ mod tests {
         let c = FunctionConfig::parse(text).unwrap_or_else(|e| panic!("{path}: {e}"));
         assert_eq!(c.placement, Placement::Proxy);
         assert_eq!(c.proxy.port, Port(15001));
+    }
+
+    #[test]
+    fn the_old_capture_cidrs_key_still_reads() {
+        let c = FunctionConfig::parse("captureCidrs: [198.19.0.0/16]\n").unwrap();
+        let cidrs: Vec<String> = c.capture.cidrs.iter().map(|c| c.to_string()).collect();
+        assert_eq!(cidrs, ["198.19.0.0/16"]);
     }
 
     #[test]

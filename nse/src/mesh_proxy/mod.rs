@@ -1,30 +1,37 @@
 //! The mesh-proxy network function: puts a transparent proxy in the path of
 //! a connection's traffic, in one of two placements (policy here, the
-//! mechanism in `forwarder_plugin::rules`):
+//! mechanism in `forwarder_plugin::rules` and the forwarder):
 //!
 //! * **proxy** (default): the proxy runs beside the NSE, in the NSE's netns.
-//!   The client gets `src_routes` for the capture CIDRs via the endpoint's
-//!   address; in its own netns the NSE sends everything arriving on the
-//!   connection's interface to `proxy.port` (REDIRECT, or TPROXY), and
-//!   captures nothing outbound, so the proxy's upstream connections leave
-//!   directly. One table ([`own_rules`]) for all connections, whose
-//!   interface set holds their interfaces: a connection coming or going
-//!   changes one set member, never the rules.
+//!   The client's side sends what the proxy serves — TCP the client starts,
+//!   DNS when configured — to the endpoint ([`capture`]: by the forwarder's
+//!   rules, or by NSM policy routes), never its replies or its other
+//!   traffic; in its own netns the NSE sends everything arriving on the
+//!   connection's interface to `proxy.port` (REDIRECT, or TPROXY), refuses
+//!   what else arrives there for another host, and captures nothing
+//!   outbound, so the proxy's upstream connections leave directly. One
+//!   table ([`own_rules`]) for all connections, whose interface set holds
+//!   their interfaces: a connection coming or going changes one set
+//!   member, never the rules.
 //! * **sidecar**: the client runs its own proxy; the NSE returns a redirect
 //!   spec for the client's netns in `extra_context[`[`CLIENT_REDIRECT_KEY`]`]`,
 //!   which the forwarder applies there (istio-cni's job, per connection).
 //!
-//! A connection's labels may override the placement and add exclusions
-//! ([`labels`]). Apply is idempotent (a refresh verifies and repairs), undo
-//! removes the connection's interface from the set; the table stays while
-//! the NSE runs (empty, it captures nothing) and is removed at start-up and
-//! at exit when no connection is left.
+//! Client-side work in `extra_context` is asked only of a forwarder that
+//! announces it does it (`forwarder-plugin serve`); otherwise the function
+//! uses what NSM itself expresses, or refuses: never a connection whose
+//! traffic would silently miss the proxy. A connection's labels may
+//! override the placement and add exclusions ([`labels`]). Apply is
+//! idempotent (a refresh verifies and repairs), undo removes the
+//! connection's interface from the set; the table stays while the NSE runs
+//! (empty, it captures nothing) and is removed at start-up and at exit when
+//! no connection is left.
 
 pub mod capability;
+pub mod capture;
 pub mod config;
 pub mod labels;
 pub mod own_rules;
-pub mod routes;
 
 use std::sync::Arc;
 
@@ -35,10 +42,13 @@ use nsm_api::connection::Connection;
 use nsm_api::connectioncontext::IpContext;
 use nsm_api::mechanism::MechanismExt;
 
-pub use forwarder_plugin::hop::CLIENT_REDIRECT_KEY;
+pub use forwarder_plugin::hop::{CLIENT_CAPTURE_KEY, CLIENT_REDIRECT_KEY};
+use forwarder_plugin::hop::{
+    FEATURE_CLIENT_CAPTURE, FEATURE_CLIENT_REDIRECT, FORWARDER_FEATURES_KEY, has_feature,
+};
 
 use crate::chain::functions::{FunctionError, NetworkFunction};
-use config::{FunctionConfig, Placement};
+use config::{FunctionConfig, Method, Placement};
 use labels::Overrides;
 use own_rules::{Live, OwnRules};
 
@@ -146,6 +156,41 @@ fn ip_context(conn: &mut Connection) -> Result<&mut IpContext, FunctionError> {
         .ok_or_else(|| failed("connection.context.ip_context is missing after IPAM"))
 }
 
+/// The keys of the contract this function writes (each placement and
+/// method writes at most one, and removes the others).
+fn set_extra(conn: &mut Connection, key: Option<(&str, String)>) {
+    let extra = &mut conn.context.get_or_insert_default().extra_context;
+    extra.remove(CLIENT_REDIRECT_KEY);
+    extra.remove(CLIENT_CAPTURE_KEY);
+    // What the forwarder announced is for us, not to be echoed back.
+    extra.remove(FORWARDER_FEATURES_KEY);
+    if let Some((k, v)) = key {
+        extra.insert(k.to_owned(), v);
+    }
+}
+
+impl MeshProxy {
+    /// The capture method for `conn`: `auto` follows what its forwarder
+    /// announces; `rules` behind a forwarder that does not apply them would
+    /// leave the client's traffic beside the proxy, so it is refused.
+    fn method(&self, conn: &Connection) -> Result<Method, FunctionError> {
+        let ours = has_feature(conn, FEATURE_CLIENT_CAPTURE);
+        match self.config.capture.method {
+            Method::Auto if ours => Ok(Method::Rules),
+            Method::Auto => Ok(Method::Policies),
+            Method::Rules if !ours => Err(FunctionError::Precondition {
+                function: NAME.into(),
+                reason: format!(
+                    "capture.method rules needs a forwarder that applies {CLIENT_CAPTURE_KEY} \
+                     (forwarder-plugin serve); this connection's forwarder does not announce it \
+                     ({FORWARDER_FEATURES_KEY}): use method auto or policies"
+                ),
+            }),
+            m => Ok(m),
+        }
+    }
+}
+
 #[async_trait]
 impl NetworkFunction for MeshProxy {
     fn name(&self) -> &str {
@@ -159,8 +204,9 @@ impl NetworkFunction for MeshProxy {
             Placement::Proxy => {
                 if let Some(label) = o.sidecar_only().first() {
                     return Err(rejected(format!(
-                        "label {label:?} applies to placement sidecar only: in placement proxy the \
-                         client's traffic reaches the proxy by route, which cannot select ports"
+                        "label {label:?} applies to placement sidecar only: in placement proxy \
+                         exclude destinations with {} or the config's capture.excludeCidrs",
+                        labels::EXCLUDE_OUTBOUND_CIDRS
                     )));
                 }
                 if !self.net_admin {
@@ -173,6 +219,7 @@ impl NetworkFunction for MeshProxy {
                             .into(),
                     });
                 }
+                let method = self.method(conn)?;
                 let interface = conn
                     .mechanism
                     .as_ref()
@@ -182,33 +229,57 @@ impl NetworkFunction for MeshProxy {
                 let ip = ip_context(conn)?;
                 let entry = Live {
                     interface,
-                    ipv6: routes::has_ipv6(ip),
+                    ipv6: capture::has_ipv6(ip),
                 };
-                let capture = routes::capture_routes(
-                    ip,
-                    &self.config.capture_cidrs,
-                    &o.exclude_outbound_cidrs,
-                );
-                self.update(&conn.id, Some(entry)).await?;
-                routes::set_capture_routes(ip_context(conn)?, capture);
-                if let Some(ctx) = conn.context.as_mut() {
-                    ctx.extra_context.remove(CLIENT_REDIRECT_KEY);
+                let exclude = &o.exclude_outbound_cidrs;
+                if exclude.len() > forwarder_plugin::rules::capture::MAX_EXCLUDE_CIDRS {
+                    return Err(rejected(format!(
+                        "label {:?}: {} CIDRs, at most {}",
+                        labels::EXCLUDE_OUTBOUND_CIDRS,
+                        exclude.len(),
+                        forwarder_plugin::rules::capture::MAX_EXCLUDE_CIDRS
+                    )));
                 }
+                // Everything that can be refused is decided before the rules change.
+                let (policies, extra) = match method {
+                    Method::Policies => (
+                        capture::policies(ip, &self.config.capture, exclude).map_err(rejected)?,
+                        None,
+                    ),
+                    _ => {
+                        let spec = capture::spec(&self.config.capture, exclude);
+                        spec.validate().map_err(|e| rejected(e.to_string()))?;
+                        (Vec::new(), Some((CLIENT_CAPTURE_KEY, spec.to_json())))
+                    }
+                };
+                self.update(&conn.id, Some(entry)).await?;
+                ip_context(conn)?.policies = policies;
+                set_extra(conn, extra);
+                tracing::debug!(id = %conn.id, %placement, %method, "mesh-proxy applied");
             }
             Placement::Sidecar => {
+                if !has_feature(conn, FEATURE_CLIENT_REDIRECT) {
+                    return Err(FunctionError::Precondition {
+                        function: NAME.into(),
+                        reason: format!(
+                            "placement sidecar needs a forwarder that applies \
+                             {CLIENT_REDIRECT_KEY} in the client's namespace (forwarder-plugin \
+                             serve); this connection's forwarder does not announce it \
+                             ({FORWARDER_FEATURES_KEY}), so the client's traffic would miss \
+                             its proxy: use placement proxy"
+                        ),
+                    });
+                }
                 let spec = self.sidecar_spec(&o)?;
                 // Checked before the rules change, so nothing fails after it.
                 ip_context(conn)?;
                 // A connection that was in placement proxy until this refresh.
                 self.update(&conn.id, None).await?;
-                routes::set_capture_routes(ip_context(conn)?, Vec::new());
-                conn.context
-                    .get_or_insert_default()
-                    .extra_context
-                    .insert(CLIENT_REDIRECT_KEY.to_owned(), spec.to_json());
+                ip_context(conn)?.policies.clear();
+                set_extra(conn, Some((CLIENT_REDIRECT_KEY, spec.to_json())));
+                tracing::debug!(id = %conn.id, %placement, "mesh-proxy applied");
             }
         }
-        tracing::debug!(id = %conn.id, %placement, "mesh-proxy applied");
         Ok(())
     }
 

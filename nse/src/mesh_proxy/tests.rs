@@ -20,8 +20,16 @@ fn function(yaml: &str) -> MeshProxy {
     }
 }
 
-/// A connection as the function sees it: mechanism and IPAM done.
+/// A connection as the function sees it behind our forwarder (which
+/// announces its features): mechanism and IPAM done.
 fn conn(labels: &[(&str, &str)]) -> Connection {
+    let mut c = stock_conn(labels);
+    forwarder_plugin::hop::announce_features(&mut c);
+    c
+}
+
+/// The same behind a forwarder that announces nothing (NSM's own).
+fn stock_conn(labels: &[(&str, &str)]) -> Connection {
     let mut m = Mechanism {
         cls: "LOCAL".into(),
         r#type: "KERNEL".into(),
@@ -86,11 +94,57 @@ async fn sidecar_returns_the_clients_spec_and_only_the_p2p_route() {
         src_routes(&c),
         [("198.18.0.0/32".to_owned(), String::new())]
     );
-    // A refresh gives the same answer.
+    assert!(
+        !c.context
+            .as_ref()
+            .unwrap()
+            .extra_context
+            .contains_key(FORWARDER_FEATURES_KEY),
+        "the forwarder's announcement is not echoed"
+    );
+    // A refresh (which the forwarder announces again) gives the same answer.
     let before = c.clone();
+    forwarder_plugin::hop::announce_features(&mut c);
     f.apply(&mut c).await.unwrap();
     assert_eq!(c, before);
     assert!(f.captured_interfaces().is_empty());
+}
+
+#[tokio::test]
+async fn sidecar_behind_a_forwarder_that_cannot_apply_it_is_refused() {
+    let f = function("placement: sidecar\n");
+    let mut c = stock_conn(&[]);
+    let before = c.clone();
+    let e = f.apply(&mut c).await.unwrap_err();
+    assert!(matches!(e, FunctionError::Precondition { .. }), "{e}");
+    assert!(e.to_string().contains("use placement proxy"), "{e}");
+    assert_eq!(c, before);
+}
+
+#[test]
+fn the_capture_method_follows_the_forwarder() {
+    for (yaml, ours, want) in [
+        ("", true, Ok(Method::Rules)),
+        ("", false, Ok(Method::Policies)),
+        ("capture: {method: policies}", true, Ok(Method::Policies)),
+        ("capture: {method: rules}", true, Ok(Method::Rules)),
+        (
+            "capture: {method: rules}",
+            false,
+            Err("use method auto or policies"),
+        ),
+    ] {
+        let f = function(yaml);
+        let c = if ours { conn(&[]) } else { stock_conn(&[]) };
+        match (f.method(&c), want) {
+            (Ok(got), Ok(w)) => assert_eq!(got, w, "{yaml} {ours}"),
+            (Err(e), Err(w)) => {
+                assert!(matches!(e, FunctionError::Precondition { .. }));
+                assert!(e.to_string().contains(w), "{e}");
+            }
+            (got, w) => panic!("{yaml} {ours}: {got:?} vs {w:?}"),
+        }
+    }
 }
 
 #[tokio::test]

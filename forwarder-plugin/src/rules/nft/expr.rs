@@ -25,6 +25,12 @@ const NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 const CT_STATE_INVALID: u32 = 1;
 const CT_STATE_ESTABLISHED: u32 = 2;
 const CT_STATE_RELATED: u32 = 4;
+const CT_STATE_NEW: u32 = 8;
+/// `NFT_FIB_RESULT_ADDRTYPE` and `NFTA_FIB_F_DADDR` (linux/netfilter/nf_tables.h).
+const FIB_RESULT_ADDRTYPE: u32 = 3;
+const FIB_F_DADDR: u32 = 1 << 1;
+/// `RTN_UNICAST`: the address type of another host's unicast address.
+const RTN_UNICAST: u32 = 1;
 pub(crate) const IFNAMSIZ: usize = 16;
 /// The interface set's id within the transaction that creates it (rules
 /// added in that transaction find it by id as well as by name).
@@ -79,7 +85,10 @@ fn ct_set(key: i32) -> RawExpr {
 }
 
 fn cmp(eq: bool, data: &[u8]) -> RawExpr {
-    let op = if eq { NFT_CMP_EQ } else { NFT_CMP_NEQ };
+    cmp_op(if eq { NFT_CMP_EQ } else { NFT_CMP_NEQ }, data)
+}
+
+fn cmp_op(op: i32, data: &[u8]) -> RawExpr {
     e(
         c"cmp",
         vec![
@@ -252,6 +261,13 @@ pub(crate) fn rule_exprs(rule: &Rule) -> Vec<RawExpr> {
                 x.extend([meta_load(NFT_META_L4PROTO), cmp(true, &[l4_number(*l4)])])
             }
             Match::Dport(p) => x.extend(port_match(2, true, *p)),
+            // As nft encodes `dport lo-hi`: two comparisons of the
+            // big-endian field, which order like the numbers.
+            Match::DportRange(lo, hi) => x.extend([
+                payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
+                cmp_op(libc::NFT_CMP_GTE, &lo.to_be_bytes()),
+                cmp_op(libc::NFT_CMP_LTE, &hi.to_be_bytes()),
+            ]),
             Match::NotDports(ps) => {
                 for p in ps {
                     x.extend(port_match(2, false, *p));
@@ -275,6 +291,7 @@ pub(crate) fn rule_exprs(rule: &Rule) -> Vec<RawExpr> {
                 let bits = match state {
                     CtState::Invalid => CT_STATE_INVALID,
                     CtState::EstablishedRelated => CT_STATE_ESTABLISHED | CT_STATE_RELATED,
+                    CtState::New => CT_STATE_NEW,
                 };
                 x.extend([
                     ct_load(NFT_CT_STATE),
@@ -282,6 +299,17 @@ pub(crate) fn rule_exprs(rule: &Rule) -> Vec<RawExpr> {
                     cmp(false, &0u32.to_ne_bytes()),
                 ]);
             }
+            Match::ForeignUnicastDaddr => x.extend([
+                e(
+                    c"fib",
+                    vec![
+                        Attr::U32(sys::NFTNL_EXPR_FIB_DREG, reg1()),
+                        Attr::U32(sys::NFTNL_EXPR_FIB_RESULT, FIB_RESULT_ADDRTYPE),
+                        Attr::U32(sys::NFTNL_EXPR_FIB_FLAGS, FIB_F_DADDR),
+                    ],
+                ),
+                cmp(true, &RTN_UNICAST.to_ne_bytes()),
+            ]),
         }
     }
     match &rule.action {
@@ -326,6 +354,20 @@ pub(crate) fn rule_exprs(rule: &Rule) -> Vec<RawExpr> {
         Action::CtZone(z) => x.extend([immediate(&z.to_ne_bytes()), ct_set(NFT_CT_ZONE)]),
         Action::SaveMark => x.extend([meta_load(NFT_META_MARK), ct_set(NFT_CT_MARK)]),
         Action::RestoreMark => x.extend([ct_load(NFT_CT_MARK), meta_set(NFT_META_MARK)]),
+        Action::Masquerade => x.push(e(c"masq", vec![])),
+        Action::Reject => x.push(e(
+            c"reject",
+            vec![
+                Attr::U32(
+                    sys::NFTNL_EXPR_REJECT_TYPE,
+                    libc::NFT_REJECT_ICMPX_UNREACH as u32,
+                ),
+                Attr::U32(
+                    sys::NFTNL_EXPR_REJECT_CODE,
+                    libc::NFT_REJECT_ICMPX_ADMIN_PROHIBITED as u32,
+                ),
+            ],
+        )),
     }
     x
 }

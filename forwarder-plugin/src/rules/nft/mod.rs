@@ -266,6 +266,7 @@ impl NftBackend {
                     let num = match hook {
                         Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
                         Hook::Output => libc::NF_INET_LOCAL_OUT as u32,
+                        Hook::Postrouting => libc::NF_INET_POST_ROUTING as u32,
                     };
                     (ty.to_owned(), num, prio)
                 });
@@ -422,6 +423,7 @@ impl NftBackend {
                     match hook {
                         Hook::Prerouting => NfHook::PreRouting,
                         Hook::Output => NfHook::Out,
+                        Hook::Postrouting => NfHook::PostRouting,
                     },
                     prio,
                 );
