@@ -8,7 +8,12 @@
 //!                        serve (fds only)        proxy (uid 1337) :15001/:15006  :8080
 //!  nsm-1 ◀────── veth built by the forwarder ──▶ (NSE side)
 //!                                                to-server 198.19.100.1/24 ─veth─ to-nse 198.19.100.2/24
+//!                                                          fd00:100::1/64        fd00:100::2/64
 //!                                                                                routes back via .1
+//!  eth0 ─veth─ node ns (a pod's own network, [`Lab::attach_pod_network`])
+//!              bridge `pods` 198.19.200.1/24, fd00:200::1/64 (the node's address, kubelet's probes)
+//!              cluster DNS 198.19.53.53, fd00:53::53 (UDP 53, answers A queries with 198.19.54.1)
+//!              a cluster service 198.19.54.1:8080 (hello-server)
 //! ```
 //!
 //! Clients get their addresses from `NSM_CIDR_PREFIX` (198.18.0.0/24 by
@@ -20,8 +25,9 @@
 //! Nothing here touches the root namespace's links, routes or firewall: the
 //! forwarder runs there but only acts through the namespaces' fds.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::namespace::{Namespace, NamespaceError};
@@ -34,6 +40,33 @@ use crate::transparent_proxy::{find_in_log, parse_log_line};
 pub const NSE_UPLINK: Ipv4Addr = Ipv4Addr::new(198, 19, 100, 1);
 /// The server's address.
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 100, 2);
+/// The NSE's end of the link to the server, and the server, in IPv6.
+pub const NSE_UPLINK6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+pub const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2);
+/// Where IPv6 client addresses come from, for a dual-stack `NSM_CIDR_PREFIX`
+/// (`[198.18.0.0/24], [fd00:18::/120]`); the server routes it back.
+pub const CLIENT_CIDR6: &str = "fd00:18::/120";
+
+/// The pod network ([`Lab::attach_pod_network`]): the node's address on
+/// the pods' bridge (where kubelet's probes come from) and each pod's
+/// default gateway.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 1);
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+/// The cluster DNS service address (UDP 53, in the node namespace).
+pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(198, 19, 53, 53);
+pub const CLUSTER_DNS6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x53, 0, 0, 0, 0, 0, 0x53);
+/// What the cluster DNS answers to every A query.
+pub const CLUSTER_DNS_ANSWER: Ipv4Addr = Ipv4Addr::new(198, 19, 54, 1);
+/// A cluster service (hello-server :8080 in the node namespace) and the
+/// service CIDR it is in.
+pub const CLUSTER_SERVICE: Ipv4Addr = Ipv4Addr::new(198, 19, 54, 1);
+pub const CLUSTER_SERVICE_NET: &str = "198.19.54.0/24";
+/// A second port of the cluster service, in Linux's ephemeral range.
+pub const CLUSTER_HIGH_PORT: u16 = 40000;
+/// The pods' bridge in the node namespace.
+const POD_BRIDGE: &str = "pods";
+/// Most pods one lab attaches.
+const MAX_PODS: u32 = 200;
 pub const SERVER_PORT: u16 = 8080;
 /// The server's subnet (what clients need a route to).
 pub const SERVER_NET: &str = "198.19.100.0/24";
@@ -69,6 +102,16 @@ pub enum LabError {
         "{0} is not built: run `cargo build --workspace --bins` (tests/run.sh and examples/local-demo.sh do)"
     )]
     NotBuilt(String),
+    #[error("the lab has attached {MAX_PODS} pod networks already")]
+    TooManyPods,
+}
+
+/// A pod's own network ([`Lab::attach_pod_network`]): `eth0` with these
+/// addresses and default routes via the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodNetwork {
+    pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
 }
 
 /// What to start.
@@ -111,8 +154,12 @@ pub struct Lab {
     nse: Option<Process>,
     pub proxy: Process,
     pub server: Process,
+    /// The node's DNS and cluster service.
+    pub node: Process,
     pub nse_ns: Namespace,
     pub server_ns: Namespace,
+    pub node_ns: Namespace,
+    pods: AtomicU32,
     pub dir: WorkDir,
     pub config: LabConfig,
 }
@@ -164,16 +211,55 @@ impl Lab {
         for net in CLIENT_SIDE {
             server.ip(&format!("route add {net} via {NSE_UPLINK}"))?;
         }
+        nse.ip(&format!(
+            "-6 addr add {NSE_UPLINK6}/64 dev {NSE_TO_SERVER} nodad"
+        ))?;
+        server.ip(&format!(
+            "-6 addr add {SERVER_IP6}/64 dev {SERVER_TO_NSE} nodad"
+        ))?;
+        server.ip(&format!("-6 route add {CLIENT_CIDR6} via {NSE_UPLINK6}"))?;
         nse_ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        nse_ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
         say(&format!(
             "veth {NSE_TO_SERVER} {NSE_UPLINK}/24 ⇄ {SERVER_TO_NSE} {SERVER_IP}/24; server routes {} back via {NSE_UPLINK}",
             CLIENT_SIDE.join(" and ")
         ));
 
         let mut cmd = server_ns.command(process::bin("hello-server"));
-        cmd.args(["--listen", &format!("0.0.0.0:{SERVER_PORT}")]);
+        cmd.args(["--listen", &format!("0.0.0.0:{SERVER_PORT}")])
+            .args(["--listen", &format!("[{SERVER_IP6}]:{SERVER_PORT}")]);
         let mut server = Process::spawn("hello-server", &mut cmd, &dir.join("server.log"))?;
         proxy::wait_listening(&mut server, SERVER_PORT, READY_TIMEOUT)?;
+
+        let node_ns = Namespace::create("mp-node")?;
+        let node = &node_ns;
+        for cmd in [
+            format!("link add {POD_BRIDGE} type bridge"),
+            format!("link set {POD_BRIDGE} addrgenmode none"),
+            format!("addr add {NODE_IP}/24 dev {POD_BRIDGE}"),
+            format!("-6 addr add {NODE_IP6}/64 dev {POD_BRIDGE} nodad"),
+            format!("link set {POD_BRIDGE} up"),
+            format!("addr add {CLUSTER_DNS}/32 dev lo"),
+            format!("-6 addr add {CLUSTER_DNS6}/128 dev lo"),
+            format!("addr add {CLUSTER_SERVICE}/32 dev lo"),
+        ] {
+            node.ip(&cmd)?;
+        }
+        let mut cmd = node_ns.command(process::bin("hello-server"));
+        cmd.args(["--listen", &format!("{CLUSTER_SERVICE}:{SERVER_PORT}")])
+            .args([
+                "--listen",
+                &format!("{CLUSTER_SERVICE}:{CLUSTER_HIGH_PORT}"),
+            ])
+            .args(["--dns", &format!("{CLUSTER_DNS}:53")])
+            .args(["--dns", &format!("[{CLUSTER_DNS6}]:53")])
+            .args(["--dns-answer", &CLUSTER_DNS_ANSWER.to_string()]);
+        let mut node_proc = Process::spawn("node services", &mut cmd, &dir.join("node.log"))?;
+        proxy::wait_listening(&mut node_proc, SERVER_PORT, READY_TIMEOUT)?;
+        say(&format!(
+            "{} (a node): pods' bridge {NODE_IP}/24, cluster DNS {CLUSTER_DNS}:53, a cluster service {CLUSTER_SERVICE}:{SERVER_PORT}",
+            node_ns.name()
+        ));
         say(&format!(
             "hello-server listening on {} in {}",
             server_addr(),
@@ -191,8 +277,11 @@ impl Lab {
             nse: None,
             proxy,
             server,
+            node: node_proc,
             nse_ns,
             server_ns,
+            node_ns,
+            pods: AtomicU32::new(0),
             dir,
             config,
         })
@@ -332,6 +421,37 @@ impl Lab {
         Ok(())
     }
 
+    /// Gives `client` a pod's own network: `eth0` on the node's bridge with
+    /// the next free addresses of 198.19.200.0/24 and fd00:200::/64, and
+    /// default routes via the node. (What a cluster's CNI gives every pod
+    /// before NSM adds its interface.)
+    pub fn attach_pod_network(&self, client: &Namespace) -> Result<PodNetwork, LabError> {
+        let n = self.pods.fetch_add(1, Ordering::Relaxed);
+        if n >= MAX_PODS {
+            return Err(LabError::TooManyPods);
+        }
+        let host = u8::try_from(10 + n).map_err(|_| LabError::TooManyPods)?;
+        let pod = PodNetwork {
+            ip: Ipv4Addr::new(198, 19, 200, host),
+            ip6: Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, u16::from(host)),
+        };
+        let peer = format!("pod{n}");
+        client.ip(&format!(
+            "link add eth0 type veth peer name {peer} netns {}",
+            self.node_ns.name()
+        ))?;
+        client.ip("link set eth0 addrgenmode none")?;
+        self.node_ns.ip(&format!(
+            "link set {peer} addrgenmode none master {POD_BRIDGE} up"
+        ))?;
+        client.ip(&format!("addr add {}/24 dev eth0", pod.ip))?;
+        client.ip(&format!("-6 addr add {}/64 dev eth0 nodad", pod.ip6))?;
+        client.ip("link set eth0 up")?;
+        client.ip(&format!("route add default via {NODE_IP} dev eth0"))?;
+        client.ip(&format!("-6 route add default via {NODE_IP6} dev eth0"))?;
+        Ok(pod)
+    }
+
     /// nsc-init options for a client of this lab.
     pub fn nsc_options(&self, name: &str) -> NscOptions {
         NscOptions::new(&self.forwarder_url(), name)
@@ -359,6 +479,7 @@ impl Lab {
             self.nse.as_ref(),
             Some(&self.proxy),
             Some(&self.server),
+            Some(&self.node),
         ];
         for p in procs.into_iter().flatten() {
             out.push_str(&format!(

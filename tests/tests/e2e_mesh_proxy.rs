@@ -6,18 +6,24 @@
 //! server saw), what each namespace holds, and that Close leaves nothing.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use examples::dns;
 use examples::inspect::{self, NsState};
 use examples::lab::{
-    Lab, LabConfig, NSE_UPLINK, STATIC_CLIENT_IP, STATIC_CLIENT_LINK, server_addr,
+    CLIENT_CIDR6, CLUSTER_DNS, CLUSTER_DNS_ANSWER, CLUSTER_DNS6, CLUSTER_HIGH_PORT,
+    CLUSTER_SERVICE, CLUSTER_SERVICE_NET, Lab, LabConfig, NODE_IP, NODE_IP6, NSE_UPLINK,
+    NSE_UPLINK6, PodNetwork, SERVER_IP6, SERVER_PORT, STATIC_CLIENT_IP, STATIC_CLIENT_LINK,
+    server_addr,
 };
 use examples::namespace::Namespace;
 use examples::nsc::{self, NscOptions, Up, exit};
 use examples::process::Process;
 use examples::proxy::ProxyKind;
 use examples::traffic::http_get;
+use forwarder_plugin::netns::Netns;
+use nsm_tests::topology::{Client, IdentityServer, Reply, any};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const UP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -270,63 +276,300 @@ fn request_traffic_close_haproxy() {
     request_traffic_close(ProxyKind::Haproxy);
 }
 
-/// A pod has a default route of its own (via eth0). The capture routes
-/// (everything, as 0.0.0.0/1 and 128.0.0.0/1 via the endpoint) go in beside
-/// it without replacing it, win over it (longer prefixes), so traffic still
-/// goes through the proxy, and Close leaves the pod's route as it was.
+/// A pod with a network of its own, as a cluster gives it before NSM adds
+/// its interface: eth0 on the node's bridge, default routes via the node,
+/// the cluster DNS behind a service address, kubelet probes coming from the
+/// node, an app listening on 8081.
+struct Pod {
+    client: Namespace,
+    net: PodNetwork,
+    /// The app (v4 and v6), in the test process.
+    _app: [IdentityServer; 2],
+}
+
+const APP_PORT: u16 = 8081;
+
+fn pod(lab: &Lab) -> Pod {
+    let client = lab.client().unwrap();
+    let net = lab
+        .attach_pod_network(&client)
+        .unwrap_or_else(|e| panic!("pod network: {e}"));
+    let ns = netns(&client);
+    let app = [false, true].map(|v6| IdentityServer::tcp(&ns, any(v6, APP_PORT), "pod-app", false));
+    Pod {
+        client,
+        net,
+        _app: app,
+    }
+}
+
+fn netns(ns: &Namespace) -> Netns {
+    Netns::open(ns.name()).unwrap_or_else(|e| panic!("{}: {e}", ns.name()))
+}
+
+/// A kubelet probe: the node connects to the pod's app, from `src_port`
+/// (any when `None`); the app sees the node's address.
+fn probe(lab: &Lab, to: IpAddr, src_port: Option<u16>) -> std::io::Result<Reply> {
+    let who = Client {
+        src_port,
+        ..Default::default()
+    };
+    who.tcp(&netns(&lab.node_ns), SocketAddr::new(to, APP_PORT))
+        .map(|(r, _)| r)
+}
+
+#[track_caller]
+fn assert_probe_answered(lab: &Lab, to: IpAddr, node: IpAddr) {
+    let r = probe(lab, to, None)
+        .unwrap_or_else(|e| panic!("probe of {to} from the node: {e}{}", lab.logs()));
+    assert_eq!(r.label, "pod-app");
+    assert_eq!(r.from.ip(), node, "the app saw the node");
+}
+
+#[track_caller]
+fn assert_dns_answers(pod: &Pod, server: IpAddr, want: Ipv4Addr) {
+    let got = dns::resolve(
+        &pod.client,
+        SocketAddr::new(server, 53),
+        "kubernetes.default.svc.cluster.local",
+        IO_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got, want, "the answer of {server}");
+}
+
+/// A request the pod starts to `to` goes through the endpoint's proxy: the
+/// server sees the endpoint's address `via`, and the proxy logged the
+/// original destination for the connection — which left the pod from its
+/// eth0 address and reached the proxy from its NSM address, same port.
+#[track_caller]
+fn assert_pod_through_proxy(lab: &Lab, pod: &Pod, up: &Up, to: SocketAddr, via: IpAddr) {
+    let ex = http_get(&pod.client, to, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("request to {to}: {e}{}", lab.logs()));
+    assert_eq!(
+        ex.server_saw.ip(),
+        via,
+        "the server sees the endpoint{}",
+        lab.logs()
+    );
+    let nsm = up
+        .src
+        .iter()
+        .filter_map(|a| a.split('/').next()?.parse::<IpAddr>().ok())
+        .find(|a| a.is_ipv4() == to.is_ipv4())
+        .expect("an NSM address of the family");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let saw = loop {
+        match lab.proxy_saw(SocketAddr::new(nsm, ex.local.port())) {
+            Some(d) => break d,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => panic!(
+                "the proxy logged nothing for {nsm} port {}{}",
+                ex.local.port(),
+                lab.logs()
+            ),
+        }
+    };
+    assert_eq!(saw, to, "the proxy connected to the original destination");
+}
+
+/// Traffic the pod starts to `to` goes its own way: the server sees the
+/// pod's eth0 address.
+#[track_caller]
+fn assert_pod_direct(lab: &Lab, pod: &Pod, to: SocketAddr) {
+    let ex = http_get(&pod.client, to, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("request to {to}: {e}{}", lab.logs()));
+    assert_eq!(
+        ex.server_saw.ip(),
+        IpAddr::V4(pod.net.ip),
+        "it went via eth0"
+    );
+    assert_eq!(lab.proxy_saw(ex.local), None, "the proxy saw nothing of it");
+}
+
+fn dual_stack_lab(nse_config: Option<&str>) -> Lab {
+    let dir = examples::process::WorkDir::create().unwrap();
+    let mut config = LabConfig {
+        proxy: ProxyKind::Builtin,
+        cidr_prefix: format!("[{}], [{CLIENT_CIDR6}]", examples::lab::CLIENT_CIDR),
+        ..Default::default()
+    };
+    if let Some(yaml) = nse_config {
+        let path = dir.join("nse-config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        config
+            .nse_env
+            .push(("NSM_CONFIG".into(), path.display().to_string()));
+        // The file must outlive the lab.
+        std::mem::forget(dir);
+    }
+    Lab::start(config).unwrap_or_else(|e| panic!("lab: {e}"))
+}
+
+/// The default configuration in a pod with a network of its own (issue:
+/// the pod's DNS and probes must keep working): TCP the pod starts goes
+/// through the proxy (IPv4 and IPv6), UDP DNS to the cluster DNS is
+/// answered by the cluster DNS, kubelet probes from the node are answered
+/// (also from a low source port), a CIDR the pod excludes goes via eth0,
+/// and after Close the pod's routes, rules and firewall are as before.
 #[test]
-fn the_clients_default_route_stays_and_traffic_still_reaches_the_proxy() {
-    if !nsm_tests::require_root(
-        "the_clients_default_route_stays_and_traffic_still_reaches_the_proxy",
-    ) {
+fn in_a_pod_only_what_the_proxy_serves_is_captured() {
+    if !nsm_tests::require_root("in_a_pod_only_what_the_proxy_serves_is_captured") {
         return;
     }
-    let lab = start(ProxyKind::Builtin);
-    let client = lab.client().unwrap();
-    // The pod's own network: a default route via eth0, here one end of a
-    // veth pair whose other end stays in the pod too, so nothing routed
-    // that way could reach the server.
-    for cmd in [
-        "link add eth0 type veth peer name eth0-peer",
-        "link set eth0 addrgenmode none",
-        "link set eth0-peer addrgenmode none",
-        "addr add 198.19.3.2/24 dev eth0",
-        "link set eth0-peer up",
-        "link set eth0 up",
-        "route add default via 198.19.3.1 dev eth0",
-    ] {
-        client.ip(cmd).unwrap();
-    }
-    let before = snapshot(&client);
-    let pod_default = "default via 198.19.3.1 dev eth0";
-    assert!(before.routes.iter().any(|r| r == pod_default), "{before:?}");
-
-    let opts = lab.nsc_options("dflt");
-    let (mut nsc, up) = nsc::watch(&client, &opts, &lab.dir.join("nsc.log"), UP_TIMEOUT)
-        .unwrap_or_else(|e| panic!("nsc-init --watch: {e}{}", lab.logs()));
-    let routes = client.exec(&["ip", "-4", "route", "show"]).unwrap();
-    let main: Vec<&str> = routes.lines().map(str::trim).collect();
+    let lab = dual_stack_lab(None);
+    let pod = pod(&lab);
+    let before = snapshot(&pod.client);
     assert!(
-        main.contains(&pod_default),
-        "the pod's default route stays: {routes}"
+        before
+            .routes
+            .iter()
+            .any(|r| r.starts_with("default via 198.19.200.1 dev eth0")),
+        "{before:?}"
     );
-    for half in ["0.0.0.0/1", "128.0.0.0/1"] {
-        assert!(
-            main.iter()
-                .any(|r| r.starts_with(&format!("{half} via ")) && r.contains(&up.iface)),
-            "{half} via the endpoint on {}: {routes}",
-            up.iface
-        );
-    }
-    assert_through_proxy(&lab, &client, &up);
+    let mut opts = lab.nsc_options("pod");
+    opts.services =
+        format!("kernel://mesh-proxy/nsm-1?proxy-exclude-outbound-cidrs={CLUSTER_SERVICE_NET}");
+    let (mut nsc, up) = nsc::watch(&pod.client, &opts, &lab.dir.join("nsc.log"), UP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("nsc-init --watch: {e}{}", lab.logs()));
+    assert_eq!(up.src.len(), 2, "dual stack: {up:?}");
+    let main = pod.client.exec(&["ip", "-4", "route", "show"]).unwrap();
+    assert!(
+        main.lines()
+            .any(|l| l.trim() == "default via 198.19.200.1 dev eth0"),
+        "{main}"
+    );
+    assert!(
+        !main.contains("0.0.0.0/1") && !main.contains("128.0.0.0/1"),
+        "no capture by destination: {main}"
+    );
+
+    assert_pod_through_proxy(&lab, &pod, &up, server_addr(), IpAddr::V4(NSE_UPLINK));
+    assert_pod_through_proxy(
+        &lab,
+        &pod,
+        &up,
+        SocketAddr::new(IpAddr::V6(SERVER_IP6), SERVER_PORT),
+        IpAddr::V6(NSE_UPLINK6),
+    );
+    assert_dns_answers(&pod, IpAddr::V4(CLUSTER_DNS), CLUSTER_DNS_ANSWER);
+    assert_dns_answers(&pod, IpAddr::V6(CLUSTER_DNS6), CLUSTER_DNS_ANSWER);
+    assert_probe_answered(&lab, IpAddr::V4(pod.net.ip), IpAddr::V4(NODE_IP));
+    assert_probe_answered(&lab, IpAddr::V6(pod.net.ip6), IpAddr::V6(NODE_IP6));
+    let low = probe(&lab, IpAddr::V4(pod.net.ip), Some(1000))
+        .unwrap_or_else(|e| panic!("a probe from port 1000: {e}"));
+    assert_eq!(
+        low.from.port(),
+        1000,
+        "replies are never captured, whatever their port"
+    );
+    assert_pod_direct(
+        &lab,
+        &pod,
+        SocketAddr::new(IpAddr::V4(CLUSTER_SERVICE), SERVER_PORT),
+    );
 
     let status = nsc.terminate(CLOSE_TIMEOUT).unwrap();
     assert!(status.success(), "{status}: {}", nsc.tail());
     assert_eq!(
-        before.diff(&snapshot(&client)),
+        before.diff(&snapshot(&pod.client)),
         Vec::<String>::new(),
-        "Close left the pod's own routes as they were"
+        "Close left the pod's routes, rules and firewall as they were"
     );
+    assert_dns_answers(&pod, IpAddr::V4(CLUSTER_DNS), CLUSTER_DNS_ANSWER);
+}
+
+/// `capture.dns: true`: the pod's DNS goes to the endpoint's DNS proxy
+/// (here a DNS server on 15053 in the endpoint's namespace answering
+/// another address) instead of the cluster DNS; TCP and probes as before.
+#[test]
+fn dns_capture_sends_the_pods_dns_to_the_endpoint() {
+    if !nsm_tests::require_root("dns_capture_sends_the_pods_dns_to_the_endpoint") {
+        return;
+    }
+    let lab = dual_stack_lab(Some("version: 1\ncapture: {dns: true}\n"));
+    let proxied: Ipv4Addr = "198.19.55.55".parse().unwrap();
+    let mut cmd = lab.nse_ns.command(examples::process::bin("hello-server"));
+    // One dual-stack socket: IPv4 queries arrive on it too.
+    cmd.args(["--listen", "127.0.0.1:18080", "--dns", "[::]:15053"])
+        .args(["--dns-answer", &proxied.to_string()]);
+    let mut dns_proxy =
+        Process::spawn("dns proxy", &mut cmd, &lab.dir.join("dns-proxy.log")).unwrap();
+    examples::proxy::wait_listening(&mut dns_proxy, 18080, IO_TIMEOUT).unwrap();
+    let pod = pod(&lab);
+    let before = snapshot(&pod.client);
+    let (mut nsc, up) = nsc::watch(
+        &pod.client,
+        &lab.nsc_options("dns"),
+        &lab.dir.join("nsc.log"),
+        UP_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("nsc-init --watch: {e}{}", lab.logs()));
+    assert_dns_answers(&pod, IpAddr::V4(CLUSTER_DNS), proxied);
+    assert_dns_answers(&pod, IpAddr::V6(CLUSTER_DNS6), proxied);
+    assert_pod_through_proxy(&lab, &pod, &up, server_addr(), IpAddr::V4(NSE_UPLINK));
+    assert_probe_answered(&lab, IpAddr::V4(pod.net.ip), IpAddr::V4(NODE_IP));
+    let status = nsc.terminate(CLOSE_TIMEOUT).unwrap();
+    assert!(status.success(), "{status}: {}", nsc.tail());
+    assert_eq!(before.diff(&snapshot(&pod.client)), Vec::<String>::new());
+    assert_dns_answers(&pod, IpAddr::V4(CLUSTER_DNS), CLUSTER_DNS_ANSWER);
+}
+
+/// Capture method `policies`, what NSM's own forwarders can install (our
+/// forwarder installs NSM's policy routes the same way, and no rules of
+/// its own): outbound TCP goes through the proxy, DNS and probes keep
+/// working, and the documented limits hold — TCP to a port outside
+/// `capture.ports` (default 1-32767) is not captured, and a reply to a
+/// peer that connected from inside that range is (a rule cannot tell a
+/// reply from a request), so that peer gets no answer.
+#[test]
+fn nsm_policy_routes_capture_by_port_with_the_documented_limits() {
+    if !nsm_tests::require_root("nsm_policy_routes_capture_by_port_with_the_documented_limits") {
+        return;
+    }
+    let lab = dual_stack_lab(Some("version: 1\ncapture: {method: policies}\n"));
+    let pod = pod(&lab);
+    let before = snapshot(&pod.client);
+    let (mut nsc, up) = nsc::watch(
+        &pod.client,
+        &lab.nsc_options("pol"),
+        &lab.dir.join("nsc.log"),
+        UP_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("nsc-init --watch: {e}{}", lab.logs()));
+    let rules = pod.client.exec(&["ip", "-4", "rule"]).unwrap();
+    assert!(
+        rules.contains("ipproto tcp dport 1-32767 lookup"),
+        "{rules}"
+    );
+    assert!(
+        !snapshot(&pod.client).has_nft_tables(),
+        "no rules of ours in the pod"
+    );
+
+    assert_pod_through_proxy(&lab, &pod, &up, server_addr(), IpAddr::V4(NSE_UPLINK));
+    assert_dns_answers(&pod, IpAddr::V4(CLUSTER_DNS), CLUSTER_DNS_ANSWER);
+    assert_probe_answered(&lab, IpAddr::V4(pod.net.ip), IpAddr::V4(NODE_IP));
+    // Limit 1: outside the captured ports, TCP goes the pod's own way.
+    assert_pod_direct(
+        &lab,
+        &pod,
+        SocketAddr::new(IpAddr::V4(CLUSTER_SERVICE), CLUSTER_HIGH_PORT),
+    );
+    // Limit 2: a peer connecting from port 1000 gets its reply routed to
+    // the endpoint, which refuses it.
+    let e = probe(&lab, IpAddr::V4(pod.net.ip), Some(1000)).unwrap_err();
+    // connect() bounded by SO_SNDTIMEO ends with EINPROGRESS.
+    assert!(
+        e.kind() == std::io::ErrorKind::TimedOut
+            || e.raw_os_error() == Some(nix::libc::EINPROGRESS),
+        "{e}"
+    );
+
+    let status = nsc.terminate(CLOSE_TIMEOUT).unwrap();
+    assert!(status.success(), "{status}: {}", nsc.tail());
+    assert_eq!(before.diff(&snapshot(&pod.client)), Vec::<String>::new());
+    assert_probe_answered(&lab, IpAddr::V4(pod.net.ip), IpAddr::V4(NODE_IP));
 }
 
 /// With a 3s token lifetime, --watch refreshes about every second; after

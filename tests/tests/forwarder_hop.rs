@@ -842,6 +842,123 @@ async fn a_restarted_hop_adopts_what_it_plumbed_before() {
     assert_eq!(s.hop.state()["connections"], serde_json::json!({}));
 }
 
+/// An endpoint that asks for capture by intent and returns NSM policy
+/// routes: the Request it gets announces what the hop does and carries
+/// nothing of the contract the client made up; in the client's namespace
+/// the connection's slot gets its mark rules, ip rules and tables; what is
+/// captured reaches the endpoint from the client's interface address; a
+/// kill -9 and restart adopts it all from the state directory, and a Close
+/// then removes exactly it.
+#[tokio::test(flavor = "multi_thread")]
+async fn capture_and_policy_routes_are_the_connections_and_go_with_it() {
+    if !require_root("capture_and_policy_routes_are_the_connections_and_go_with_it") {
+        return;
+    }
+    let policy = nsm_api::connectioncontext::PolicyRoute {
+        proto: "17".into(),
+        dst_port: "53".into(),
+        routes: vec![nsm_api::connectioncontext::Route {
+            prefix: FAR_NET.into(),
+            next_hop: ENDPOINT_IP.into(),
+        }],
+        ..Default::default()
+    };
+    let mut s = setup(
+        Behaviour {
+            capture: Some(r#"{"version":1,"excludeCidrs":["198.19.0.0/16"]}"#.into()),
+            policies: vec![policy],
+            ..Default::default()
+        },
+        &[],
+        &[],
+    )
+    .await;
+    let pristine = s.snapshots();
+    let mut first = s.client.first();
+    let extra = &mut first.context.get_or_insert_default().extra_context;
+    extra.insert(
+        "mesh-proxy.v1/forwarder-features".into(),
+        "client-made-up".into(),
+    );
+    extra.insert("mesh-proxy.v1/client-capture".into(), "{}".into());
+    let conn = s
+        .request(first)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+    let (req, _) = s.nse.requests().pop().unwrap();
+    let extra = &req.connection.unwrap().context.unwrap().extra_context;
+    assert_eq!(
+        extra
+            .get("mesh-proxy.v1/forwarder-features")
+            .map(String::as_str),
+        Some("client-redirect,client-capture")
+    );
+    assert!(
+        !extra.contains_key("mesh-proxy.v1/client-capture"),
+        "{extra:?}"
+    );
+
+    // Slot 1: mark and table 0x6d700010, policy table 0x6d700011.
+    let rules = s.client_ns.exec_ok(&["ip", "-4", "rule"]);
+    assert!(
+        rules.contains("32000:\tfrom all fwmark 0x6d700010 lookup 1836056592 proto 158"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("32000:\tfrom all ipproto udp dport 53 lookup 1836056593 proto 158"),
+        "{rules}"
+    );
+    let table = s
+        .client_ns
+        .exec_ok(&["ip", "route", "show", "table", "1836056592"]);
+    assert!(
+        table.contains("default via 198.18.0.2 dev nsm-1"),
+        "{table}"
+    );
+    let policy_table = s
+        .client_ns
+        .exec_ok(&["ip", "route", "show", "table", "1836056593"]);
+    assert!(
+        policy_table.contains("198.18.10.0/24 via 198.18.0.2 dev nsm-1"),
+        "{policy_table}"
+    );
+    let ruleset = s.client_ns.exec_ok(&["nft", "list", "ruleset"]);
+    assert!(
+        ruleset.contains("ip daddr 198.19.0.0/16 return"),
+        "{ruleset}"
+    );
+    assert!(ruleset.contains("masquerade"), "{ruleset}");
+    assert_eq!(s.hop.state()["connections"].as_object().unwrap().len(), 1);
+
+    // TCP the client starts to a captured address reaches the endpoint
+    // from the client's address, though nothing else routes it there.
+    s.endpoint_ns
+        .exec_ok(&["ip", "addr", "add", "198.18.250.5/32", "dev", "lo"]);
+    let far = listen_in(&s.endpoint_ns, "198.18.250.5:8080");
+    let (_, peer) = echo(&far, &s.client_ns, "198.18.250.5:8080", b"captured");
+    assert_eq!(
+        peer.ip().to_string(),
+        CLIENT_IP,
+        "masqueraded to nsm-1's address"
+    );
+    drop(far);
+    s.endpoint_ns
+        .exec_ok(&["ip", "addr", "del", "198.18.250.5/32", "dev", "lo"]);
+    let plumbed = s.snapshots();
+
+    s.hop.kill9();
+    s.hop = Hop::start(s.dir.path(), &s.nse.url(), &[], &[]);
+    let conn = s
+        .request(conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+    s.assert_pristine(&plumbed, "the adopting refresh keeps the slot");
+    s.hop.kill9();
+    s.hop = Hop::start(s.dir.path(), &s.nse.url(), &[], &[]);
+    s.client.close(conn).await.unwrap();
+    s.assert_pristine(&pristine, "Close after a restart");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cleanup_on_exit_undoes_every_connection() {
     if !require_root("cleanup_on_exit_undoes_every_connection") {

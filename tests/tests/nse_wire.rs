@@ -268,12 +268,26 @@ async fn tcp_listener_serves_the_same_api_without_fd_passing() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    // The test's own namespace (TCP must reach it): placement sidecar, so
-    // no rules are ever installed here.
+    // The test's own namespace (TCP must reach it): placement sidecar, and
+    // as root without CAP_NET_ADMIN (setpriv), so the NSE cannot touch this
+    // namespace's firewall, not even to clean up at start.
     let dir = TempDir::new();
     let config = dir.path().join("sidecar.yaml");
     std::fs::write(&config, "placement: sidecar\n").unwrap();
-    let mut cmd = std::process::Command::new(nsm_tests::process::bin("mesh-proxy-nse"));
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let program = nsm_tests::process::bin("mesh-proxy-nse");
+    let mut cmd = if is_root() {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&program);
+        c
+    } else {
+        std::process::Command::new(&program)
+    };
     cmd.env_clear()
         .env("NSM_INSECURE", "true")
         .env("NSM_CONFIG", &config)
@@ -297,8 +311,11 @@ async fn tcp_listener_serves_the_same_api_without_fd_passing() {
     };
     let mut client =
         nsm_api::networkservice::network_service_client::NetworkServiceClient::new(channel);
+    // Placement sidecar asks for a forwarder that applies client rules.
+    let mut req = req_p();
+    forwarder_plugin::hop::announce_features(conn_mut(&mut req));
     let conn = client
-        .request(Metadata::forwarder().wrap(req_p()))
+        .request(Metadata::forwarder().wrap(req))
         .await
         .expect("Request over TCP")
         .into_inner();

@@ -1,8 +1,10 @@
-//! local-demo: the whole path on one machine. A client namespace asks for
-//! the `mesh-proxy` network service with nsc-init; `forwarder-plugin serve`
-//! plumbs it to `mesh-proxy-nse`, whose namespace holds the mesh proxy and
-//! the link to a server; the client's requests reach the server through the
-//! proxy; Close takes everything away again. Run as root (see
+//! local-demo: the whole path on one machine. A client namespace with a
+//! pod's own network (eth0, a default route via a "node", the cluster DNS)
+//! asks for the `mesh-proxy` network service with nsc-init;
+//! `forwarder-plugin serve` plumbs it to `mesh-proxy-nse`, whose namespace
+//! holds the mesh proxy and the link to a server; the TCP the client starts
+//! reaches the server through the proxy while its DNS and the node's probes
+//! keep their own way; Close takes everything away again. Run as root (see
 //! examples/README.md); exits 0 after a final `demo: OK` line.
 
 #![forbid(unsafe_code)]
@@ -13,11 +15,15 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use examples::cancel;
+use examples::dns::{self, DnsError};
 use examples::inspect::{self, InspectError, NsState};
-use examples::lab::{Lab, LabConfig, LabError, NSE_UPLINK, SERVER_TO_NSE, server_addr};
+use examples::lab::{
+    CLUSTER_DNS, CLUSTER_DNS_ANSWER, Lab, LabConfig, LabError, NODE_IP, NSE_UPLINK, PodNetwork,
+    SERVER_TO_NSE, server_addr,
+};
 use examples::namespace::Namespace;
 use examples::nsc::NscError;
-use examples::process::ProcessError;
+use examples::process::{self, Process, ProcessError};
 use examples::proxy::ProxyKind;
 use examples::traffic::{TrafficError, http_get};
 
@@ -72,6 +78,8 @@ enum DemoError {
     Traffic(#[from] TrafficError),
     #[error(transparent)]
     Inspect(#[from] InspectError),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
     #[error(transparent)]
     Namespace(#[from] examples::namespace::NamespaceError),
     #[error("{0}")]
@@ -130,7 +138,49 @@ fn proxy_line(lab: &Lab, client: SocketAddr) -> Result<SocketAddr, DemoError> {
     }
 }
 
+/// The app of the client pod, on this port: what the node's probes reach.
+const APP_PORT: u16 = 8081;
+
+/// The pod's own network at work: its DNS answered by the cluster DNS, and
+/// a probe from the node answered by its app. What capture by intent must
+/// never take away.
+fn pod_network_works(lab: &Lab, client: &Namespace, pod: &PodNetwork) -> Result<(), DemoError> {
+    let name = "kubernetes.default.svc.cluster.local";
+    let got = dns::resolve(
+        client,
+        SocketAddr::new(IpAddr::V4(CLUSTER_DNS), 53),
+        name,
+        Duration::from_secs(5),
+    )?;
+    println!("DNS: {name} -> {got} (asked {CLUSTER_DNS}:53 over UDP from the client)");
+    check(got == CLUSTER_DNS_ANSWER, || {
+        format!("the cluster DNS answers {CLUSTER_DNS_ANSWER}, the client got {got}")
+    })?;
+    let to = SocketAddr::new(IpAddr::V4(pod.ip), APP_PORT);
+    let probe = http_get(&lab.node_ns, to, Duration::from_secs(5))?;
+    println!(
+        "probe: the node ({}) -> the client's app {to}: answered \"{}\"",
+        lab.node_ns.name(),
+        examples::hello_server::greeting(probe.server_saw)
+    );
+    check(probe.server_saw.ip() == IpAddr::V4(NODE_IP), || {
+        format!("the app saw {}, not the node {NODE_IP}", probe.server_saw)
+    })
+}
+
 fn demo(args: &Args, lab: &mut Lab, client: &Namespace) -> Result<(), DemoError> {
+    let pod = lab.attach_pod_network(client)?;
+    let mut cmd = client.command(process::bin("hello-server"));
+    cmd.args(["--listen", &format!("0.0.0.0:{APP_PORT}")]);
+    let mut app = Process::spawn("client app", &mut cmd, &lab.dir.join("app.log"))?;
+    examples::proxy::wait_listening(&mut app, APP_PORT, Duration::from_secs(10))?;
+    println!(
+        "client {}: eth0 {}/24 on the node's bridge, default route via the node {NODE_IP}, \
+         an app on :{APP_PORT}",
+        client.name(),
+        pod.ip
+    );
+    pod_network_works(lab, client, &pod)?;
     show_links("client", client)?;
     show_links("endpoint", &lab.nse_ns)?;
     let client_before = inspect::snapshot(client)?;
@@ -195,22 +245,19 @@ fn demo(args: &Args, lab: &mut Lab, client: &Namespace) -> Result<(), DemoError>
     step("3. requests from the client to the server");
     for i in 1..=args.requests {
         let ex = http_get(client, server_addr(), Duration::from_secs(5))?;
-        let dst = proxy_line(lab, ex.local)?;
+        // The pod's own route picked eth0's address; the forwarder's rules
+        // send the connection out of nsm-1 with that interface's address.
+        let seen_as = SocketAddr::new(client_ip, ex.local.port());
+        let dst = proxy_line(lab, seen_as)?;
         println!(
             "request {i}: client {} -> {}; proxy ({}) saw \"{} -> {}\"; server answered \"{}\"",
             ex.local,
             server_addr(),
             lab.config.proxy.name(),
-            ex.local,
+            seen_as,
             dst,
             examples::hello_server::greeting(ex.server_saw)
         );
-        check(ex.local.ip() == client_ip, || {
-            format!(
-                "the request left from {}, not from the client's {} address {client_ip}",
-                ex.local, up.iface
-            )
-        })?;
         check(dst == server_addr(), || {
             format!(
                 "the proxy connected to {dst}, not to the original destination {}",
@@ -225,9 +272,13 @@ fn demo(args: &Args, lab: &mut Lab, client: &Namespace) -> Result<(), DemoError>
         })?;
     }
     println!(
-        "so: every request left the client from {client_ip}, went through the proxy in {}, and the server saw {NSE_UPLINK}, never the client",
-        lab.nse_ns.name()
+        "so: every request the client started went through the proxy in {} (from {client_ip}, \
+         its {} address), and the server saw {NSE_UPLINK}, never the client",
+        lab.nse_ns.name(),
+        up.iface
     );
+    println!("meanwhile the client's own network works as before:");
+    pod_network_works(lab, client, &pod)?;
 
     if args.hold {
         hold(client)?;
@@ -281,6 +332,8 @@ fn demo(args: &Args, lab: &mut Lab, client: &Namespace) -> Result<(), DemoError>
          the NSE keeps its own table, with no interface in its set, for the next connection",
         up.iface
     );
+    pod_network_works(lab, client, &pod)?;
+    drop(app);
     Ok(())
 }
 
@@ -293,11 +346,11 @@ fn run(args: &Args) -> Result<(), DemoError> {
     };
     let mut lab = Lab::start(config)?;
     let client = lab.client()?;
-    println!("client namespace {}: only lo", client.name());
     let names = [
         client.name().to_owned(),
         lab.nse_ns.name().to_owned(),
         lab.server_ns.name().to_owned(),
+        lab.node_ns.name().to_owned(),
     ];
     let res = demo(args, &mut lab, &client);
     if res.is_err() {

@@ -93,6 +93,10 @@ impl Drop for TempDir {
 pub struct Behaviour {
     /// `extra_context["mesh-proxy.v1/client-redirect"]`.
     pub redirect: Option<String>,
+    /// `extra_context["mesh-proxy.v1/client-capture"]`.
+    pub capture: Option<String>,
+    /// `ip_context.policies`.
+    pub policies: Vec<nsm_api::connectioncontext::PolicyRoute>,
     /// Answer without src/dst addresses.
     pub no_addresses: bool,
     /// Wait this long before answering a Request.
@@ -193,10 +197,18 @@ impl NetworkService for FakeService {
                     route(&format!("{}/32", a.client_ip), ""),
                     route(&a.near_net, &a.client_ip),
                 ],
+                policies: b.policies.clone(),
                 ..Default::default()
             }
         });
         ctx.mtu = b.mtu;
+        // What the caller's forwarder announced is for us, not to echo back.
+        ctx.extra_context
+            .retain(|k, _| !k.starts_with("mesh-proxy."));
+        if let Some(c) = &b.capture {
+            ctx.extra_context
+                .insert("mesh-proxy.v1/client-capture".into(), c.clone());
+        }
         if let Some(r) = &b.redirect {
             ctx.extra_context
                 .insert("mesh-proxy.v1/client-redirect".into(), r.clone());

@@ -218,11 +218,19 @@ impl Nse {
         self.request_with(req, &Metadata::forwarder()).await
     }
 
+    /// Without root the NSE runs in placement sidecar, which it serves only
+    /// to a forwarder that announces it applies client redirect rules: the
+    /// requests announce it then (as `forwarder-plugin serve` does).
     pub async fn request_with(
         &self,
-        req: NetworkServiceRequest,
+        mut req: NetworkServiceRequest,
         md: &Metadata,
     ) -> Result<(Connection, FdChannel), tonic::Status> {
+        if self.netns.is_none()
+            && let Some(c) = req.connection.as_mut()
+        {
+            forwarder_plugin::hop::announce_features(c);
+        }
         let (mut client, fds) = self.dial().await;
         let conn = client.request(md.wrap(req)).await?.into_inner();
         Ok((conn, fds))
