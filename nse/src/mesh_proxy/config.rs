@@ -125,16 +125,15 @@ pub struct CaptureConfig {
 pub const POLICY_DEFAULT_PORTS: PortRange = PortRange { lo: 1, hi: 32767 };
 
 impl Default for CaptureConfig {
+    /// What the capture spec defaults to: everything of each family, all ports.
     fn default() -> Self {
+        let spec = forwarder_plugin::rules::CaptureSpec::default();
         CaptureConfig {
             method: Method::Auto,
-            cidrs: vec![
-                "0.0.0.0/0".parse().expect("literal"),
-                "::/0".parse().expect("literal"),
-            ],
-            exclude_cidrs: Vec::new(),
-            ports: Vec::new(),
-            dns: false,
+            cidrs: spec.cidrs,
+            exclude_cidrs: spec.exclude_cidrs,
+            ports: spec.ports,
+            dns: spec.dns,
         }
     }
 }
