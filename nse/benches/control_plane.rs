@@ -173,6 +173,12 @@ fn request(n: u64) -> tonic::Request<NetworkServiceRequest> {
         }),
         mechanism_preferences: vec![mech("MEMIF"), mech("KERNEL")],
     };
+    let mut msg = msg;
+    // As `forwarder-plugin serve` asks: placement sidecar is served only to
+    // a forwarder that applies client rules.
+    if let Some(c) = msg.connection.as_mut() {
+        forwarder_plugin::hop::announce_features(c);
+    }
     with_metadata(msg)
 }
 
