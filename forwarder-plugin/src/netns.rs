@@ -67,6 +67,12 @@ pub enum NetnsError {
     },
     #[error("namespace worker thread failed: {0}")]
     Thread(String),
+    #[error("cannot read the cookie of network namespace {id}: {source}")]
+    Cookie {
+        id: NetnsId,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("network namespace {name:?} already exists")]
     Exists { name: String },
     #[error("cannot {op} network namespace {name:?}: {source}")]
@@ -224,6 +230,28 @@ impl Netns {
         })
     }
 
+    /// The namespace's cookie: a number the kernel gives each network
+    /// namespace once and never again (unlike its inode number, which a
+    /// later namespace may get), read with `SO_NETNS_COOKIE` from a socket
+    /// made inside it. What proves, after a restart, that the namespace
+    /// found by inode is the one recorded.
+    pub fn cookie(&self) -> Result<u64, NetnsError> {
+        self.run(|| {
+            let sock = nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::Datagram,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(std::io::Error::from)?;
+            netns_cookie(sock.as_fd())
+        })?
+        .map_err(|source| NetnsError::Cookie {
+            id: self.id,
+            source,
+        })
+    }
+
     /// Runs `f` on a fresh OS thread that has entered this namespace; the
     /// thread exits afterwards, so no other code ever runs in the wrong netns.
     /// Sockets created by `f` stay bound to this namespace.
@@ -366,6 +394,35 @@ impl Netns {
             });
         }
     }
+}
+
+/// `SO_NETNS_COOKIE` (asm-generic/socket.h; Linux 5.14): the cookie of
+/// the network namespace socket `fd` was made in. nix has no wrapper.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+fn netns_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a live
+    // u64 whose size `len` states, and stores the written length in `len`;
+    // `fd` is a valid socket borrowed for this call.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of::<u64>() {
+        return Err(std::io::Error::other("short SO_NETNS_COOKIE"));
+    }
+    Ok(cookie)
 }
 
 /// Whether `fd` is a network namespace. The file must be on nsfs (checked

@@ -8,7 +8,7 @@
 
 mod hop_support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hop_support::*;
 use nsm_api::inode::InodeUrl;
@@ -613,36 +613,59 @@ async fn refusals_leave_both_namespaces_pristine() {
     let s = setup(Behaviour::default(), &[], &[]).await;
     let pristine = s.snapshots();
 
-    // A client namespace that does not exist, named by inode only. Not a
-    // deleted one's number: the kernel hands freed namespace inodes out
-    // again at once (lowest first, from 0xF0000000), so with tests running
-    // side by side it may name another test's namespace; the highest
-    // number is never reached.
-    let gone_url: InodeUrl = {
+    // Another namespace, named by its inode but without its fd: refused,
+    // that namespace untouched (the fd is the authority; nothing is ever
+    // looked up by inode).
+    let victim = TestNetns::new("hv");
+    let victim_before = snapshot(&victim);
+    let victim_url: InodeUrl = {
         use std::os::unix::fs::MetadataExt;
-        let st = std::fs::metadata(s.client_ns.path()).unwrap();
-        InodeUrl::new(st.dev(), u64::from(u32::MAX))
+        let st = std::fs::metadata(victim.path()).unwrap();
+        InodeUrl::new(st.dev(), st.ino())
     };
     let e = s
         .client
         .request(
             s.client.first(),
             "nsm-1",
-            ClientNetns::InodeOnly(gone_url),
+            ClientNetns::InodeOnly(victim_url),
             TTL,
             WAIT,
         )
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(
-        e.message().contains("client's network namespace") && e.message().contains("not found"),
+        e.message()
+            .contains("no fd for the client's network namespace"),
         "{e:?}"
+    );
+    assert_same(
+        &victim_before,
+        &snapshot(&victim),
+        "the named namespace changed",
     );
     assert!(
         s.nse.requests().is_empty(),
         "refused before going downstream"
     );
+
+    // The forwarder's own namespace (the node's), fd and all: refused.
+    let own = std::path::PathBuf::from("/proc/self/ns/net");
+    let e = s
+        .client
+        .request(
+            s.client.first(),
+            "nsm-1",
+            ClientNetns::FileFd(&own),
+            TTL,
+            WAIT,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("this forwarder's own"), "{e:?}");
+    assert!(s.nse.requests().is_empty());
 
     // An fd that is not a network namespace.
     let file = s.dir.path().join("not-a-netns");
@@ -704,6 +727,29 @@ async fn refusals_leave_both_namespaces_pristine() {
     s.assert_pristine(&pristine, "a bad redirect spec");
     s.nse.set(|b| b.redirect = None);
 
+    // An endpoint that hands over the forwarder's own namespace, or the
+    // client's: refused, and Closed at the endpoint.
+    for (file, code, why) in [
+        (
+            std::path::PathBuf::from("/proc/self/ns/net"),
+            Code::PermissionDenied,
+            "this forwarder's own",
+        ),
+        (
+            std::path::PathBuf::from(s.client_ns.path()),
+            Code::FailedPrecondition,
+            "are the same",
+        ),
+    ] {
+        s.nse.set(|b| b.netns_file = Some(file.clone()));
+        let e = s.request(s.client.first()).await.unwrap_err();
+        assert_eq!(e.code(), code, "{file:?}: {e:?}");
+        assert!(e.message().contains(why), "{e:?}");
+        s.assert_pristine(&pristine, "an endpoint naming a namespace not its own");
+    }
+    assert_eq!(s.nse.closes().len(), 4);
+    s.nse.set(|b| b.netns_file = None);
+
     // The interface name is taken in the client namespace.
     s.client_ns.exec_ok(&[
         "ip", "link", "add", "nsm-1", "type", "veth", "peer", "name", "other-1",
@@ -712,7 +758,7 @@ async fn refusals_leave_both_namespaces_pristine() {
     let e = s.request(s.client.first()).await.unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     assert!(e.message().contains("nsm-1"), "{e:?}");
-    assert_eq!(s.nse.closes().len(), 3);
+    assert_eq!(s.nse.closes().len(), 5);
     s.assert_pristine(&taken, "a name collision");
     s.client_ns.exec_ok(&["ip", "link", "del", "nsm-1"]);
 
@@ -957,6 +1003,64 @@ async fn capture_and_policy_routes_are_the_connections_and_go_with_it() {
     s.hop = Hop::start(s.dir.path(), &s.nse.url(), &[], &[]);
     s.client.close(conn).await.unwrap();
     s.assert_pristine(&pristine, "Close after a restart");
+}
+
+/// After a restart a recorded namespace is found by inode, and taken for
+/// the recorded one only if it provably is (its cookie): the kernel hands a
+/// deleted namespace's inode number to the next new one, which is someone
+/// else's and is left alone — here a namespace with a decoy `nsm-1`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namespace_that_reuses_a_recorded_inode_is_not_taken_for_it() {
+    if !require_root("a_namespace_that_reuses_a_recorded_inode_is_not_taken_for_it") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let mut s = setup(Behaviour::default(), &[], &[]).await;
+    let endpoint_pristine = snapshot(&s.endpoint_ns);
+    let conn = s.request(s.client.first()).await.unwrap();
+    s.hop.kill9();
+    let inode = std::fs::metadata(s.client_ns.path()).unwrap().ino();
+    // The client goes (and its veth with it) while no hop runs.
+    drop(std::mem::replace(&mut s.client_ns, TestNetns::new("hc")));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut tries = Vec::new();
+    let decoy = loop {
+        let ns = TestNetns::new("hd");
+        if std::fs::metadata(ns.path()).unwrap().ino() == inode {
+            break ns;
+        }
+        tries.push(ns);
+        assert!(
+            Instant::now() < deadline,
+            "no new namespace got the freed inode {inode} in 20s ({} tried)",
+            tries.len()
+        );
+        if tries.len() > 8 {
+            // Let the freed numbers come back in order.
+            tries.clear();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    drop(tries);
+    decoy.exec_ok(&[
+        "ip", "link", "add", "nsm-1", "type", "veth", "peer", "name", "decoy-peer",
+    ]);
+    let decoy_before = snapshot(&decoy);
+
+    s.hop = Hop::start(s.dir.path(), &s.nse.url(), &[], &[]);
+    s.client.close(conn).await.unwrap();
+    assert_same(
+        &decoy_before,
+        &snapshot(&decoy),
+        "the decoy namespace was touched",
+    );
+    assert_eq!(s.hop.state()["connections"], serde_json::json!({}));
+    assert_eq!(s.nse.closes().len(), 1, "the endpoint got the Close");
+    assert_same(
+        &endpoint_pristine,
+        &snapshot(&s.endpoint_ns),
+        "the endpoint's side went with the client's namespace",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

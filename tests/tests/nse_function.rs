@@ -173,6 +173,8 @@ impl PlumbedClient {
             owner: owner_for(&conn.id).as_str().to_owned(),
             client_netns: netns.id().to_string(),
             endpoint_netns: endpoint.id().to_string(),
+            client_cookie: None,
+            endpoint_cookie: None,
             session: Session::default(),
         };
         let (a, b) = (

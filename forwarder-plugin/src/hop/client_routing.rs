@@ -327,6 +327,8 @@ mod tests {
             owner: "fp_0123456789abc".into(),
             client_netns: "inode://4/1".into(),
             endpoint_netns: "inode://4/2".into(),
+            client_cookie: None,
+            endpoint_cookie: None,
             session: Session::default(),
         }
     }

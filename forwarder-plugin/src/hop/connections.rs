@@ -26,7 +26,7 @@ use super::registry::{Held, Registry, tproxy};
 use super::state::StateDir;
 use super::veth_plan::{Ends, veth_plan};
 use crate::link::Links;
-use crate::netns::Netns;
+use crate::netns::{Netns, NetnsId};
 
 #[derive(Debug, Clone)]
 pub struct HopOptions {
@@ -68,6 +68,8 @@ pub struct PlumbOutcome {
 
 #[derive(Debug)]
 pub struct Hop {
+    /// The namespace the hop runs in (the node's): never plumbed into.
+    own_netns: NetnsId,
     backend: BackendName,
     state: StateDir,
     registry: Mutex<Registry>,
@@ -90,6 +92,7 @@ impl Hop {
             registry.set(&id, rec);
         }
         Ok(Hop {
+            own_netns: Netns::current()?.id(),
             backend: opts.backend,
             state,
             registry: Mutex::new(registry),
@@ -97,6 +100,11 @@ impl Hop {
             namespaces: KeyedLocks::default(),
             links: LinksCache::default(),
         })
+    }
+
+    /// The namespace the hop runs in: never plumbed into.
+    pub fn own_netns(&self) -> NetnsId {
+        self.own_netns
     }
 
     /// The state directory.
@@ -176,6 +184,25 @@ impl Hop {
     /// replaces the old plumbing. A new connection that fails leaves nothing
     /// behind, in either namespace or the state directory.
     pub async fn plumb(&self, req: PlumbRequest<'_>) -> Result<PlumbOutcome> {
+        for (end, ns) in [("client", &req.client), ("endpoint", &req.endpoint)] {
+            if ns.id() == self.own_netns {
+                return Err(HopError::OwnNetns {
+                    end,
+                    netns: ns.id().to_string(),
+                });
+            }
+        }
+        if req.client.id() == req.endpoint.id() {
+            return Err(HopError::SameNetns {
+                netns: req.client.id().to_string(),
+            });
+        }
+        let cookies = {
+            let (c, e) = (dup(&req.client)?, dup(&req.endpoint)?);
+            tokio::task::spawn_blocking(move || Ok::<_, HopError>((c.cookie()?, e.cookie()?)))
+                .await
+                .map_err(|e| HopError::Task(format!("namespace cookie task failed: {e}")))??
+        };
         let ends = Ends {
             client_netns: req.client.id(),
             endpoint_netns: req.endpoint.id(),
@@ -201,6 +228,8 @@ impl Hop {
             owner: owner_for(req.id).as_str().to_owned(),
             client_netns: req.client.id().to_string(),
             endpoint_netns: req.endpoint.id().to_string(),
+            client_cookie: Some(cookies.0),
+            endpoint_cookie: Some(cookies.1),
             session: req.session,
         };
         let id = req.id;
@@ -402,4 +431,9 @@ impl Hop {
             }
         }
     }
+}
+
+fn dup(ns: &Netns) -> Result<Netns> {
+    ns.try_clone()
+        .map_err(|e| HopError::Task(format!("cannot duplicate a namespace descriptor: {e}")))
 }

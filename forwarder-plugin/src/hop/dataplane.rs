@@ -88,12 +88,12 @@ pub async fn apply(
 /// part with it. Every step runs even if an earlier one fails; the errors
 /// are reported together.
 pub async fn undo(rec: &HopRecord, client: Option<&Netns>, endpoint: Option<&Netns>) -> Result<()> {
-    let client = held_or_found(client, &rec.client_netns)?;
+    let client = held_or_found(client, &rec.client_netns, rec.client_cookie)?;
     let Some(client) = client else {
         // The kernel destroys a veth with either of its namespaces.
         return Ok(());
     };
-    let endpoint = held_or_found(endpoint, &rec.endpoint_netns)?;
+    let endpoint = held_or_found(endpoint, &rec.endpoint_netns, rec.endpoint_cookie)?;
     let mut errors = Vec::new();
     if has_firewall(rec)
         && let Err(e) = rules_cleanup(rec, &client).await
@@ -145,7 +145,7 @@ async fn remove_routing(routing: &ClientRouting, client: &Links) -> Result<()> {
 /// Applies `rec`'s firewall rules again (e.g. TPROXY policy routes that a
 /// neighbour's cleanup removed from the shared namespace).
 pub async fn reapply_rules(rec: &HopRecord, client: Option<&Netns>) -> Result<()> {
-    let Some(client) = held_or_found(client, &rec.client_netns)? else {
+    let Some(client) = held_or_found(client, &rec.client_netns, rec.client_cookie)? else {
         return Ok(());
     };
     let routing = rec.client_routing()?;
@@ -169,17 +169,37 @@ fn firewall_plan(rec: &HopRecord, routing: &ClientRouting) -> Result<Option<Plan
     Ok(routing.capture.clone())
 }
 
-fn held_or_found(held: Option<&Netns>, url: &str) -> Result<Option<Netns>> {
+/// The namespace `held` (this process plumbed it), or the one found by
+/// inode `url` after a restart — only if its cookie is the recorded one: an
+/// inode number may name a newer namespace once the recorded one is gone.
+/// `None`: gone.
+fn held_or_found(held: Option<&Netns>, url: &str, cookie: Option<u64>) -> Result<Option<Netns>> {
     if let Some(ns) = held {
         return ns
             .try_clone()
             .map(Some)
             .map_err(|e| HopError::Task(format!("cannot duplicate a namespace descriptor: {e}")));
     }
-    match Netns::open(url) {
-        Ok(ns) => Ok(Some(ns)),
-        Err(NetnsError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
+    let ns = match Netns::open(url) {
+        Ok(ns) => ns,
+        Err(NetnsError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    match cookie {
+        Some(want) => {
+            let have = ns.cookie()?;
+            if have == want {
+                Ok(Some(ns))
+            } else {
+                tracing::warn!(
+                    netns = url,
+                    "the namespace with the recorded inode is another one (its cookie differs): the recorded one is gone"
+                );
+                Ok(None)
+            }
+        }
+        // Recorded before cookies were: the inode is all there is.
+        None => Ok(Some(ns)),
     }
 }
 

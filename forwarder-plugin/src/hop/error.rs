@@ -42,6 +42,14 @@ pub enum HopError {
         "the endpoint's connection asks for both {a:?} and {b:?}: at most one applies to a connection"
     )]
     Ambiguous { a: &'static str, b: &'static str },
+    /// A namespace the hop must never plumb into: its own (the node's).
+    #[error(
+        "the {end}'s network namespace {netns} is this forwarder's own: it is never plumbed into"
+    )]
+    OwnNetns { end: &'static str, netns: String },
+    /// The client's and the endpoint's namespace are one.
+    #[error("the client's and the endpoint's network namespace are the same ({netns})")]
+    SameNetns { netns: String },
     /// Every slot of the client namespace is taken.
     #[error(
         "network namespace {netns} already has {max} connections with client-side routing at this hop"

@@ -35,12 +35,20 @@ pub struct HopRecord {
     pub client_netns: String,
     /// `inode://dev/ino` of the endpoint's network namespace.
     pub endpoint_netns: String,
+    /// The namespaces' cookies (`SO_NETNS_COOKIE`, never reused, unlike
+    /// inode numbers): after a restart a namespace found by inode is taken
+    /// for the recorded one only if its cookie matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cookie: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_cookie: Option<u64>,
     #[serde(default)]
     pub session: Session,
 }
 
 impl HopRecord {
-    /// Whether `other` asks for the same kernel state (sessions may differ).
+    /// Whether `other` asks for the same kernel state (sessions and the
+    /// namespaces' cookies, which only identify, may differ).
     pub fn same_dataplane(&self, other: &HopRecord) -> bool {
         self.plan == other.plan
             && self.rules == other.rules

@@ -223,6 +223,8 @@ mod tests {
             owner: "fp_0123456789abc".into(),
             client_netns: client_ns.into(),
             endpoint_netns: "inode://4/2".into(),
+            client_cookie: None,
+            endpoint_cookie: None,
             session: Session {
                 caller_id: Some(caller.into()),
                 ..Default::default()

@@ -380,6 +380,8 @@ mod tests {
             owner: "fp_0123456789abc".into(),
             client_netns: "inode://4/1".into(),
             endpoint_netns: "inode://4/2".into(),
+            client_cookie: None,
+            endpoint_cookie: None,
             session: Session {
                 expires_unix: Some(1_900_000_000),
                 caller_id: Some("client-0".into()),

@@ -1,6 +1,6 @@
 //! The client's side of a Request: its LOCAL/KERNEL mechanism (`name`,
 //! `inodeURL`) and its network namespace, from the fd it sent on this unix
-//! connection or, without one, found by inode.
+//! connection — never looked up by inode, which anyone can name.
 
 use nsm_api::connection::{Connection, Mechanism};
 use nsm_api::grpcfd::FdChannel;
@@ -25,10 +25,11 @@ pub enum ClientError {
     #[error("the KERNEL mechanism's parameter inodeURL (the client's netns): {0}")]
     Inode(#[source] mech::MechanismError),
     #[error(
-        "the client's network namespace {inode} is not found: no fd for it came with the Request, \
-         and no /run/netns entry or process has it (is the client gone?)"
+        "no fd for the client's network namespace {inode} came with the Request: send it beside \
+         the message on the same unix connection (grpcfd), as NSM's clients do; a namespace is \
+         plumbed only through its fd"
     )]
-    NetnsGone { inode: InodeUrl },
+    NoFd { inode: InodeUrl },
     #[error("the client's network namespace {inode}: {source}")]
     Netns {
         inode: InodeUrl,
@@ -80,23 +81,17 @@ pub fn client_mechanism(
 }
 
 /// The client's netns: the fd named by `inodeURL` on the caller's unix
-/// connection, else the namespace found by inode.
+/// connection, checked to be a network namespace.
 pub async fn client_netns(fds: Option<&FdChannel>, m: &Mechanism) -> Result<Netns, ClientError> {
     let inode = m.inode_url().map_err(ClientError::Inode)?;
-    let res = match fds {
-        Some(fds) => receive_netns(fds, inode, "the client's netns fd").await,
-        None => {
-            let id = inode.into();
-            tokio::task::spawn_blocking(move || Netns::find(id))
-                .await
-                .map_err(|e| NetnsError::Thread(e.to_string()))
-                .and_then(|r| r)
-        }
+    let Some(fds) = fds else {
+        return Err(ClientError::NoFd { inode });
     };
-    res.map_err(|source| match source {
-        NetnsError::NotFound { .. } => ClientError::NetnsGone { inode },
-        source => ClientError::Netns { inode, source },
-    })
+    match receive_netns(fds, inode, "the client's netns fd").await {
+        Ok(Some(ns)) => Ok(ns),
+        Ok(None) => Err(ClientError::NoFd { inode }),
+        Err(source) => Err(ClientError::Netns { inode, source }),
+    }
 }
 
 #[cfg(test)]

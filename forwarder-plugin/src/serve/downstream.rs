@@ -166,7 +166,7 @@ impl NextHop {
     }
 
     /// The endpoint's KERNEL mechanism (`name`, `inodeURL`) and its netns:
-    /// the fd that came with the answer, else the namespace found by inode.
+    /// the fd that came with the answer (none: refused).
     pub async fn endpoint_netns(
         &self,
         acc: &Accepted,
@@ -194,32 +194,36 @@ impl NextHop {
         let inode = m
             .inode_url()
             .map_err(|e| bad(format!("KERNEL mechanism inodeURL: {e}")))?;
-        let ns = receive_netns(&acc.fds, inode, "the endpoint's netns fd").await;
-        let ns = ns.map_err(|source| DownstreamError::EndpointNetns { inode, source })?;
+        let ns = receive_netns(&acc.fds, inode, "the endpoint's netns fd")
+            .await
+            .map_err(|source| DownstreamError::EndpointNetns { inode, source })?
+            .ok_or_else(|| {
+                bad(format!(
+                    "no fd for its network namespace {inode} came with the answer (grpcfd): \
+                     a namespace is plumbed only through its fd"
+                ))
+            })?;
         Ok((m, ns))
     }
 }
 
-/// The netns fd named `inode` on `fds`, checked to be a netns; without one,
-/// the namespace found by inode (NSM's fallback when no fd travels).
+/// The netns fd named `inode` on `fds`, checked to be a network namespace;
+/// `None` when the peer sent none (within a short grace). The fd is the
+/// authority: a namespace is never looked up by its inode number, which
+/// anyone can name.
 pub async fn receive_netns(
     fds: &FdChannel,
     inode: InodeUrl,
     what: &str,
-) -> Result<Netns, NetnsError> {
+) -> Result<Option<Netns>, NetnsError> {
     let fd = match fds.try_recv_fd(&inode) {
         Ok(Some(fd)) => Some(fd),
         _ => fds.recv_fd(&inode, FD_GRACE).await.ok(),
     };
-    if let Some(fd) = fd {
-        // The inode the peer named, so a mismatch is impossible here;
-        // whether it is a network namespace is not.
-        return Netns::from_fd(fd, &format!("{what} {inode}"));
-    }
-    let id = inode.into();
-    tokio::task::spawn_blocking(move || Netns::find(id))
-        .await
-        .map_err(|e| NetnsError::Thread(e.to_string()))?
+    // The fd is indexed by the inode the peer named, so it is that file;
+    // whether it is a network namespace is checked here.
+    fd.map(|fd| Netns::from_fd(fd, &format!("{what} {inode}")))
+        .transpose()
 }
 
 fn with_token<T>(msg: T, token: &CallToken, timeout: Duration) -> tonic::Request<T> {

@@ -36,7 +36,7 @@ impl ForwardError {
         match self {
             ForwardError::Chain(e) => e.code(),
             ForwardError::Invalid(_) => Code::InvalidArgument,
-            ForwardError::Client(ClientError::NetnsGone { .. }) => Code::FailedPrecondition,
+            ForwardError::Client(ClientError::NoFd { .. }) => Code::InvalidArgument,
             ForwardError::Client(ClientError::Netns { source, .. }) => netns_code(source),
             ForwardError::Client(_) => Code::InvalidArgument,
             ForwardError::Downstream(e) => match e {
@@ -69,6 +69,8 @@ fn hop_code(e: &HopError) -> Code {
         | HopError::Capture { .. }
         | HopError::Ambiguous { .. } => Code::InvalidArgument,
         HopError::SlotsExhausted { .. } => Code::ResourceExhausted,
+        HopError::OwnNetns { .. } => Code::PermissionDenied,
+        HopError::SameNetns { .. } => Code::FailedPrecondition,
         HopError::InUse { .. } => Code::AlreadyExists,
         HopError::Netns(e) => netns_code(e),
         HopError::Link(e) => match e {

@@ -72,6 +72,14 @@ impl Forwarder {
         let id = conn.id.clone();
         let client_mech = client_mechanism(&conn, preferences)?;
         let client = client_netns(fds, &client_mech).await?;
+        if client.id() == self.hop.own_netns() {
+            // Refused before anything goes downstream (Hop::plumb checks too).
+            return Err(crate::hop::HopError::OwnNetns {
+                end: "client",
+                netns: client.id().to_string(),
+            }
+            .into());
+        }
         let known = self.hop.record(&id);
         let token = own_token(&conn)?;
         let expires = prev_expires(&conn);

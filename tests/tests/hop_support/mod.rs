@@ -97,6 +97,8 @@ pub struct Behaviour {
     pub capture: Option<String>,
     /// `ip_context.policies`.
     pub policies: Vec<nsm_api::connectioncontext::PolicyRoute>,
+    /// Send the fd of this namespace file instead of the endpoint's own.
+    pub netns_file: Option<PathBuf>,
     /// Answer without src/dst addresses.
     pub no_addresses: bool,
     /// Wait this long before answering a Request.
@@ -159,9 +161,15 @@ impl NetworkService for FakeService {
         let seg = &mut path.path_segments[i + 1];
         seg.token = "nse-token".into();
         seg.expires = Some(to_timestamp(SystemTime::now() + Duration::from_secs(600)));
+        let other = b
+            .netns_file
+            .as_ref()
+            .map(File::open)
+            .transpose()
+            .map_err(|e| Status::internal(e.to_string()))?;
         let url = fds
             .ok_or_else(|| Status::failed_precondition("no fd channel"))?
-            .send_fd(self.netns.as_fd())
+            .send_fd(other.as_ref().map_or(self.netns.as_fd(), |f| f.as_fd()))
             .map_err(|e| Status::internal(e.to_string()))?;
         let n = {
             let mut numbers = self.numbers.lock().unwrap();
