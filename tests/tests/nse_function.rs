@@ -354,6 +354,47 @@ async fn behind_nsm_forwarders_capture_is_policy_routes() {
     nse.close(conn).await.unwrap();
 }
 
+/// What lands in the endpoint's namespace is the endpoint's to decide: a
+/// client's `dst_routes` (both halves of everything, via its own address:
+/// every other client's proxied traffic would follow) and extra
+/// `dst_ip_addrs` are not in the reply, so no forwarder installs them.
+#[tokio::test]
+async fn a_clients_dst_routes_never_reach_the_endpoints_namespace() {
+    if !root("a_clients_dst_routes_never_reach_the_endpoints_namespace") {
+        return;
+    }
+    let nse = Nse::start(&[("NSM_CIDR_PREFIX", "198.18.21.0/31")]).await;
+    let mut req = req_ours();
+    let ctx = conn_mut(&mut req).context.get_or_insert_default();
+    ctx.ip_context = Some(nsm_api::connectioncontext::IpContext {
+        dst_ip_addrs: vec!["198.19.66.1/32".into()],
+        dst_routes: ["0.0.0.0/1", "128.0.0.0/1"]
+            .map(|p| nsm_api::connectioncontext::Route {
+                prefix: p.into(),
+                next_hop: "198.18.21.1".into(),
+            })
+            .to_vec(),
+        ..Default::default()
+    });
+    let (conn, _) = nse.request(req).await.expect("Request");
+    assert_eq!(ip(&conn).dst_ip_addrs, ["198.18.21.0/32"]);
+    let dst: Vec<(&str, &str)> = ip(&conn)
+        .dst_routes
+        .iter()
+        .map(|r| (r.prefix.as_str(), r.next_hop.as_str()))
+        .collect();
+    assert_eq!(dst, [("198.18.21.1/32", "")]);
+    let _client = PlumbedClient::plumb(&nse, &conn).await;
+    let routes = nse_netns(&nse).exec_ok(&["ip", "-4", "route", "show", "table", "all"]);
+    assert!(
+        !routes.contains("0.0.0.0/1") && !routes.contains("128.0.0.0/1"),
+        "{routes}"
+    );
+    let addrs = nse_netns(&nse).exec_ok(&["ip", "-4", "addr"]);
+    assert!(!addrs.contains("198.19.66.1"), "{addrs}");
+    nse.close(conn).await.unwrap();
+}
+
 #[tokio::test]
 async fn connections_share_one_table_and_leave_it_one_by_one() {
     if !root("connections_share_one_table_and_leave_it_one_by_one") {

@@ -152,6 +152,7 @@ impl P2pIpam {
             add_pair(ip, &pair);
             pending.pairs.push(pair);
         }
+        own_side(id, ip, &pending.pairs);
         Ok(pending)
     }
 
@@ -244,6 +245,32 @@ fn give_back(groups: &mut [Vec<Pool>], pairs: &[(usize, Pair)]) {
         pool.release(p.src);
         pool.release(p.dst);
     }
+}
+
+/// The endpoint's side lands in the endpoint's own namespace, which all its
+/// connections share: its addresses and routes are the pairs' alone, never
+/// what a client put there (a client's `dst_routes` would take every other
+/// client's traffic through its interface). The client's side may keep what
+/// the client asked for: it only touches the client.
+fn own_side(id: &str, ip: &mut IpContext, pairs: &[Pair]) {
+    let addrs: Vec<String> = pairs.iter().map(|p| p.dst.host_prefix()).collect();
+    let routes: Vec<Route> = pairs
+        .iter()
+        .map(|p| Route {
+            prefix: p.src.host_prefix(),
+            next_hop: String::new(),
+        })
+        .collect();
+    if ip.dst_ip_addrs != addrs || ip.dst_routes != routes {
+        tracing::debug!(
+            id = ?id,
+            dst_ip_addrs = ?ip.dst_ip_addrs,
+            dst_routes = ?ip.dst_routes.iter().map(|r| (&r.prefix, &r.next_hop)).collect::<Vec<_>>(),
+            "dropping what the request put on the endpoint's side"
+        );
+    }
+    ip.dst_ip_addrs = addrs;
+    ip.dst_routes = routes;
 }
 
 fn add_pair(ip: &mut IpContext, p: &Pair) {
@@ -433,8 +460,10 @@ mod tests {
         let polite = ipam("198.18.0.0/24", Policy::Polite);
         let mut ip = foreign();
         request(&polite, "a", &mut ip).unwrap();
+        // Polite keeps the client's side; the endpoint's side is ours alone.
         assert_eq!(ip.src_ip_addrs, ["198.19.0.1/32", "198.18.0.1/32"]);
-        assert_eq!(ip.dst_ip_addrs, ["198.19.0.0/32", "198.18.0.0/32"]);
+        assert_eq!(ip.dst_ip_addrs, ["198.18.0.0/32"]);
+        assert_eq!(routes(&ip.dst_routes), ["198.18.0.1/32"]);
 
         let strict = ipam("198.18.0.0/24", Policy::Strict);
         let mut ip = foreign();
@@ -443,6 +472,36 @@ mod tests {
         assert_eq!(ip.dst_ip_addrs, ["198.18.0.0/32"]);
         assert_eq!(routes(&ip.src_routes), ["198.18.0.0/32"]);
         assert_eq!(routes(&ip.dst_routes), ["198.18.0.1/32"]);
+    }
+
+    /// A client cannot route anything through the endpoint's namespace: its
+    /// `dst_routes` (here both halves of everything) and extra `dst_ip_addrs`
+    /// are dropped under either policy.
+    #[test]
+    fn the_endpoints_side_is_never_the_clients_to_choose() {
+        for policy in [Policy::Polite, Policy::Strict] {
+            let ipam = ipam("198.18.0.0/24", policy);
+            let mut ip = IpContext {
+                dst_ip_addrs: vec!["10.9.9.9/32".into()],
+                dst_routes: ["0.0.0.0/1", "128.0.0.0/1"]
+                    .map(|p| Route {
+                        prefix: p.into(),
+                        next_hop: "198.18.0.1".into(),
+                    })
+                    .to_vec(),
+                src_routes: vec![Route {
+                    prefix: "198.19.0.0/16".into(),
+                    next_hop: String::new(),
+                }],
+                ..Default::default()
+            };
+            request(&ipam, "a", &mut ip).unwrap();
+            assert_eq!(ip.dst_ip_addrs, ["198.18.0.0/32"], "{policy:?}");
+            assert_eq!(routes(&ip.dst_routes), ["198.18.0.1/32"], "{policy:?}");
+            assert!(ip.dst_routes.iter().all(|r| r.next_hop.is_empty()));
+            // The client's own side keeps what it asked for.
+            assert!(routes(&ip.src_routes).contains(&"198.19.0.0/16"));
+        }
     }
 
     #[test]
