@@ -117,6 +117,15 @@ pub struct Args {
     #[arg(long, env = "NSM_CONFIG", value_name = "FILE", default_value = "")]
     pub config: String,
 
+    /// Group (name or number) of the unix socket, which is 0660 in a directory others cannot write to; empty: the process's group.
+    #[arg(
+        long,
+        env = "NSM_SOCKET_GROUP",
+        value_name = "GROUP",
+        default_value = ""
+    )]
+    pub socket_group: String,
+
     /// Serve without TLS/SPIFFE (required for now: TLS is not implemented yet); tokens are signed with an ephemeral ES256 key and incoming tokens are not verified.
     #[arg(
         long,
@@ -162,6 +171,8 @@ pub struct Config {
     pub insecure: bool,
     /// The mesh-proxy function (`NSM_CONFIG`), defaults without a file.
     pub function: FunctionConfig,
+    /// Group of the unix socket (`NSM_SOCKET_GROUP`); `None`: the process's.
+    pub socket_group: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -327,6 +338,13 @@ impl TryFrom<Args> for Config {
             name: parse_name(&a.name).map_err(|r| invalid("NSM_NAME", "name", r))?,
             listen_on: parse_listen_on(&a.listen_on)
                 .map_err(|r| invalid("NSM_LISTEN_ON", "listen-on", r))?,
+            socket_group: match a.socket_group.trim() {
+                "" => None,
+                g => Some(
+                    nsm_api::listen::parse_group(g)
+                        .map_err(|r| invalid("NSM_SOCKET_GROUP", "socket-group", r))?,
+                ),
+            },
             connect_to: parse_connect_to(&a.connect_to)
                 .map_err(|r| invalid("NSM_CONNECT_TO", "connect-to", r))?,
             service_names: parse_service_names(&a.service_names)

@@ -49,15 +49,22 @@ pub enum ServeError {
 /// `networkservice.NetworkService` over the endpoint.
 pub struct NetworkServiceHandler {
     endpoint: Arc<Endpoint>,
+    /// At most `limits::MAX_CONCURRENT_CALLS` calls at once.
+    admission: nsm_api::limits::Admission,
 }
 
 impl NetworkServiceHandler {
     pub fn new(endpoint: Arc<Endpoint>) -> Self {
-        NetworkServiceHandler { endpoint }
+        NetworkServiceHandler {
+            endpoint,
+            admission: nsm_api::limits::Admission::default(),
+        }
     }
 }
 
+/// `id` is the caller's: escaped and cut ([`nsm_api::limits::loggable`]).
 fn log_outcome<T>(what: &str, id: &str, res: &Result<T, NseError>) {
+    let id = nsm_api::limits::loggable(id);
     match res {
         Ok(_) => tracing::debug!(%id, "{what} done"),
         Err(e) => tracing::info!(%id, code = ?e.code(), error = %e, "{what} refused"),
@@ -76,6 +83,7 @@ impl NetworkService for NetworkServiceHandler {
             .as_ref()
             .map(|c| c.id.clone())
             .unwrap_or_default();
+        let _slot = self.admission.enter("Request")?;
         let res = async {
             let ctx = Ctx::from_request(&request)?;
             let req = validate::request(request.into_inner())?;
@@ -88,6 +96,7 @@ impl NetworkService for NetworkServiceHandler {
 
     async fn close(&self, request: Request<Connection>) -> Result<Response<()>, Status> {
         let id = request.get_ref().id.clone();
+        let _slot = self.admission.enter("Close")?;
         let res = async {
             let ctx = Ctx::from_request(&request)?;
             let conn = request.into_inner();
@@ -105,6 +114,7 @@ impl NetworkService for NetworkServiceHandler {
 /// (monitor streams end, in-flight calls get [`SHUTDOWN_GRACE`]) and removes the socket.
 pub async fn serve(
     listen_on: &ListenOn,
+    socket_group: Option<u32>,
     endpoint: Arc<Endpoint>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -135,9 +145,12 @@ pub async fn serve(
     let mut socket_file = None;
     let mut server = match listen_on {
         ListenOn::Unix(path) => {
-            let (listener, file) = nsm_api::listen::bind_unix(path)?;
+            let (listener, file) = nsm_api::listen::bind_unix(path, socket_group)?;
             socket_file = Some(file);
-            tokio::spawn(router.serve_with_incoming_shutdown(grpcfd::incoming(listener), stopped))
+            tokio::spawn(router.serve_with_incoming_shutdown(
+                grpcfd::incoming_limited(listener, nsm_api::limits::MAX_CONNECTIONS),
+                stopped,
+            ))
         }
         ListenOn::Tcp(addr) => {
             let listener = TcpListener::bind(addr)
@@ -219,7 +232,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         );
     }
     let shutdown = nsm_api::listen::termination()?;
-    let served = serve(&config.listen_on, endpoint, shutdown).await;
+    let served = serve(&config.listen_on, config.socket_group, endpoint, shutdown).await;
     let release = tokio::task::spawn_blocking(move || mesh_proxy.release());
     if let Err(e) = release.await {
         tracing::warn!(error = %e, "releasing the mesh-proxy rules failed");

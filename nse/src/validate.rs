@@ -1,12 +1,12 @@
 //! Checks every request before the chain sees it: present and non-empty
-//! ids, and no control characters in the strings an endpoint stores, logs or
-//! hands to the kernel side (labels, mechanism parameters, names, path).
-//! Paths, addresses and prefixes are checked by the elements that own them.
-
-use std::collections::HashMap;
+//! ids, then the limits every hop applies (`nsm_api::limits`: sizes, and no
+//! control characters in the strings an endpoint stores, logs or hands to
+//! the kernel side). Paths, addresses and prefixes are checked by the
+//! elements that own them.
 
 use nsm_api::chain::Req;
-use nsm_api::connection::{Connection, Mechanism, MonitorScopeSelector, PathSegment};
+use nsm_api::connection::{Connection, MonitorScopeSelector};
+use nsm_api::limits::{self, LimitError};
 use nsm_api::networkservice::NetworkServiceRequest;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -15,42 +15,8 @@ pub enum ValidateError {
     NoConnection,
     #[error("connection.id is empty")]
     EmptyId,
-    #[error("{field} contains control character U+{code:04X}")]
-    ControlChar { field: String, code: u32 },
-}
-
-fn check(field: impl FnOnce() -> String, value: &str) -> Result<(), ValidateError> {
-    match value.chars().find(|c| c.is_control()) {
-        None => Ok(()),
-        Some(c) => Err(ValidateError::ControlChar {
-            field: field(),
-            code: c as u32,
-        }),
-    }
-}
-
-fn check_map(field: &str, map: &HashMap<String, String>) -> Result<(), ValidateError> {
-    for (k, v) in map {
-        check(|| format!("{field} key {k:?}"), k)?;
-        check(|| format!("{field}[{k:?}]"), v)?;
-    }
-    Ok(())
-}
-
-fn check_mechanism(field: &str, m: &Mechanism) -> Result<(), ValidateError> {
-    check(|| format!("{field}.cls"), &m.cls)?;
-    check(|| format!("{field}.type"), &m.r#type)?;
-    check_map(&format!("{field}.parameters"), &m.parameters)
-}
-
-fn check_segments(field: &str, segs: &[PathSegment]) -> Result<(), ValidateError> {
-    for (i, s) in segs.iter().enumerate() {
-        check(|| format!("{field}[{i}].name"), &s.name)?;
-        check(|| format!("{field}[{i}].id"), &s.id)?;
-        check(|| format!("{field}[{i}].token"), &s.token)?;
-        check_map(&format!("{field}[{i}].metrics"), &s.metrics)?;
-    }
-    Ok(())
+    #[error(transparent)]
+    Limit(#[from] LimitError),
 }
 
 /// A connection as Request or Close carries it.
@@ -58,32 +24,15 @@ pub fn connection(c: &Connection) -> Result<(), ValidateError> {
     if c.id.is_empty() {
         return Err(ValidateError::EmptyId);
     }
-    check(|| "connection.id".into(), &c.id)?;
-    check(|| "connection.network_service".into(), &c.network_service)?;
-    check(
-        || "connection.network_service_endpoint_name".into(),
-        &c.network_service_endpoint_name,
-    )?;
-    check(|| "connection.payload".into(), &c.payload)?;
-    check_map("connection.labels", &c.labels)?;
-    if let Some(m) = &c.mechanism {
-        check_mechanism("connection.mechanism", m)?;
-    }
-    if let Some(p) = &c.path {
-        check_segments("connection.path.path_segments", &p.path_segments)?;
-    }
-    if let Some(ctx) = &c.context {
-        check_map("connection.context.extra_context", &ctx.extra_context)?;
-    }
-    Ok(())
+    Ok(limits::check_connection(c)?)
 }
 
 /// A NetworkServiceRequest, turned into the chain's [`Req`].
 pub fn request(r: NetworkServiceRequest) -> Result<Req, ValidateError> {
+    limits::check_request(&r)?;
     let conn = r.connection.ok_or(ValidateError::NoConnection)?;
-    connection(&conn)?;
-    for (i, m) in r.mechanism_preferences.iter().enumerate() {
-        check_mechanism(&format!("mechanism_preferences[{i}]"), m)?;
+    if conn.id.is_empty() {
+        return Err(ValidateError::EmptyId);
     }
     Ok(Req {
         conn,
@@ -93,16 +42,13 @@ pub fn request(r: NetworkServiceRequest) -> Result<Req, ValidateError> {
 
 /// A MonitorConnections selector.
 pub fn selector(s: &MonitorScopeSelector) -> Result<(), ValidateError> {
-    check_segments("selector.path_segments", &s.path_segments)?;
-    for (i, n) in s.network_services.iter().enumerate() {
-        check(|| format!("selector.network_services[{i}]"), n)?;
-    }
-    Ok(())
+    Ok(limits::check_selector(s)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nsm_api::connection::Mechanism;
 
     fn ok_conn() -> Connection {
         Connection {

@@ -6,8 +6,9 @@
 //! It also holds what every NSM hop (endpoint, forwarder) and client shares:
 //! the generic server [`chain`] (updatepath, begin, updatetoken, timeout,
 //! monitor, trimpath), per-RPC [`token`]s, their [`metadata`], the
-//! [`monitor`] hub behind `connection.MonitorConnection`, and Go
-//! [`duration`]s as NSM configures them.
+//! [`monitor`] hub behind `connection.MonitorConnection`, the [`limits`] on
+//! what one caller may send and hold, and Go [`duration`]s as NSM
+//! configures them.
 
 // `deny`, not `forbid`: grpcfd adopts fds received via SCM_RIGHTS (one audited `unsafe`).
 #![deny(unsafe_code)]
@@ -34,6 +35,7 @@ pub mod duration;
 pub mod env;
 pub mod grpcfd;
 pub mod inode;
+pub mod limits;
 pub mod listen;
 pub mod mechanism;
 pub mod metadata;

@@ -167,8 +167,16 @@ impl MonitorConnection for MonitorHub {
         request: Request<MonitorScopeSelector>,
     ) -> Result<Response<Self::MonitorConnectionsStream>, Status> {
         let selector = request.into_inner();
+        crate::limits::check_selector(&selector)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Some(check) = &self.check {
             check(&selector)?;
+        }
+        if self.subscribers() >= crate::limits::MAX_MONITOR_SUBSCRIBERS {
+            return Err(Status::resource_exhausted(format!(
+                "{} MonitorConnections streams are open already, the most this server keeps",
+                crate::limits::MAX_MONITOR_SUBSCRIBERS
+            )));
         }
         let rx = self.subscribe(selector);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -162,6 +162,20 @@ impl FromStr for NsUrl {
     }
 }
 
+/// `s` with everything but URL-unreserved characters percent-encoded, so
+/// that what [`NsUrl`]'s `Display` writes parses back to the same parts.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 impl fmt::Display for NsUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -171,11 +185,11 @@ impl fmt::Display for NsUrl {
             self.network_service
         )?;
         if let Some(i) = &self.interface {
-            write!(f, "/{i}")?;
+            write!(f, "/{}", percent_encode(i))?;
         }
         let mut sep = '?';
         for (k, v) in &self.labels {
-            write!(f, "{sep}{k}={v}")?;
+            write!(f, "{sep}{}={}", percent_encode(k), percent_encode(v))?;
             sep = '&';
         }
         Ok(())

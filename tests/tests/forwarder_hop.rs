@@ -1043,7 +1043,15 @@ async fn a_namespace_that_reuses_a_recorded_inode_is_not_taken_for_it() {
     };
     drop(tries);
     decoy.exec_ok(&[
-        "ip", "link", "add", "nsm-1", "type", "veth", "peer", "name", "decoy-peer",
+        "ip",
+        "link",
+        "add",
+        "nsm-1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "decoy-peer",
     ]);
     let decoy_before = snapshot(&decoy);
 
@@ -1061,6 +1069,78 @@ async fn a_namespace_that_reuses_a_recorded_inode_is_not_taken_for_it() {
         &snapshot(&s.endpoint_ns),
         "the endpoint's side went with the client's namespace",
     );
+}
+
+/// A Close that cannot undo everything (here: someone replaced the
+/// client's `nsm-1` with a link of their own, which the hop leaves alone)
+/// reports it, keeps the record marked for undoing, and the next start of
+/// the hop finishes the job once it can.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_teardown_that_fails_is_kept_and_finished_by_the_next_start() {
+    if !require_root("a_teardown_that_fails_is_kept_and_finished_by_the_next_start") {
+        return;
+    }
+    let mut s = setup(Behaviour::default(), &[], &[]).await;
+    let pristine = s.snapshots();
+    let conn = s.request(s.client.first()).await.unwrap();
+    s.client_ns.exec_ok(&["ip", "link", "del", "nsm-1"]);
+    s.client_ns.exec_ok(&[
+        "ip", "link", "add", "nsm-1", "type", "veth", "peer", "name", "impostor",
+    ]);
+    let e = s.client.close(conn).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("nsm-1"), "{e:?}");
+    let state = s.hop.state();
+    let recs = state["connections"].as_object().unwrap();
+    assert_eq!(recs.len(), 1, "the record stays: {state}");
+    let rec = recs.values().next().unwrap();
+    assert_eq!(rec["session"]["closing"], true, "{rec}");
+    assert!(
+        link(&s.client_ns, "nsm-1").is_some(),
+        "the impostor is left alone"
+    );
+
+    assert!(s.hop.child.terminate(WAIT).is_some_and(|st| st.success()));
+    s.client_ns.exec_ok(&["ip", "link", "del", "nsm-1"]);
+    s.hop = Hop::start(s.dir.path(), &s.nse.url(), &[], &[]);
+    eventually("the next start finishes the Close", || {
+        s.hop.state()["connections"] == serde_json::json!({})
+    });
+    s.assert_pristine(&pristine, "after the next start");
+}
+
+/// A connection file the hop cannot read (garbage, a newer format) does
+/// not keep it from starting: it is set aside beside the others, kept as
+/// it was, and the hop serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_state_file_does_not_stop_the_hop() {
+    if !require_root("an_unreadable_state_file_does_not_stop_the_hop") {
+        return;
+    }
+    let mut s = setup(Behaviour::default(), &[], &[]).await;
+    assert!(s.hop.child.terminate(WAIT).is_some_and(|st| st.success()));
+    let conns = s.dir.path().join("state/connections");
+    std::fs::write(conns.join("0123456789abcdef.json"), "{not json").unwrap();
+    s.hop = Hop::start(s.dir.path(), &s.nse.url(), &[], &[]);
+    let conn = s
+        .request(s.client.first())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", s.hop.log()));
+    let names: Vec<String> = std::fs::read_dir(&conns)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let aside: Vec<&String> = names
+        .iter()
+        .filter(|n| n.starts_with("0123456789abcdef.json.unreadable-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{names:?}");
+    assert_eq!(
+        std::fs::read_to_string(conns.join(aside[0])).unwrap(),
+        "{not json"
+    );
+    assert!(s.hop.log().contains("set aside"), "{}", s.hop.log());
+    s.client.close(conn).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -238,3 +238,75 @@ async fn bad_closes_and_selectors_are_refused() {
         e.message()
     );
 }
+
+fn excluding(n: u32) -> NetworkServiceRequest {
+    let list: Vec<String> = (0..n)
+        .map(|i| {
+            // Far apart, so subtracting them leaves many routes.
+            let a = 0xc613_0000u32.wrapping_add(i << 12);
+            std::net::Ipv4Addr::from(a).to_string()
+        })
+        .collect();
+    let mut req = req_p();
+    conn_mut(&mut req)
+        .labels
+        .insert("proxy-exclude-outbound-cidrs".into(), list.join(","));
+    req
+}
+
+/// Work a caller can ask for is bounded: 20,000 excluded addresses (a
+/// label of 300 KB) and 2,000 (over the 1,024 exclusions a connection may
+/// have) are refused at once, naming the limit, and health answers while
+/// they are handled; 1,000 are fine behind our forwarder (rules) and
+/// refused behind NSM's (policies: too many routes), quickly either way.
+/// The calls carry a 5 s deadline: an answer after it would fail the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_exclusion_lists_are_answered_at_once() {
+    if !is_root() {
+        // Without root the NSE runs in placement sidecar, where exclusions
+        // are not subtracted at all.
+        if nsm_tests::require_root("large_exclusion_lists_are_answered_at_once") {
+            unreachable!();
+        }
+        return;
+    }
+    let nse = std::sync::Arc::new(Nse::start(&[("NSM_CIDR_PREFIX", "198.18.2.0/30")]).await);
+    let deadline = |mut r: tonic::Request<NetworkServiceRequest>| {
+        r.set_timeout(std::time::Duration::from_secs(5));
+        r
+    };
+    for (n, want) in [
+        (20_000, "bytes, at most 65536"),
+        (2_000, "2000 CIDRs, at most 1024"),
+        (1_000, "use method rules"),
+    ] {
+        let health = {
+            let nse = nse.clone();
+            tokio::spawn(async move { nse.health("networkservice.NetworkService").await })
+        };
+        let (mut client, _) = nse.dial().await;
+        let e = match client
+            .request(deadline(Metadata::forwarder().wrap(excluding(n))))
+            .await
+        {
+            Ok(_) => panic!("{n} exclusions were accepted"),
+            Err(e) => e,
+        };
+        assert_eq!(e.code(), Code::InvalidArgument, "{n}: {e:?}");
+        assert!(e.message().contains(want), "{n}: {}", e.message());
+        assert_eq!(health.await.unwrap().unwrap(), ServingStatus::Serving);
+    }
+    // Behind our forwarder the same 1,000 go into the client's rules.
+    let mut req = excluding(1_000);
+    forwarder_plugin::hop::announce_features(conn_mut(&mut req));
+    let (mut client, _) = nse.dial().await;
+    let conn = client
+        .request(deadline(Metadata::forwarder().wrap(req)))
+        .await
+        .expect("1,000 exclusions in method rules")
+        .into_inner();
+    let spec = forwarder_plugin::hop::client_capture(&conn)
+        .unwrap()
+        .unwrap();
+    assert_eq!(spec.exclude_cidrs.len(), 1_000);
+}

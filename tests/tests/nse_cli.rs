@@ -65,6 +65,7 @@ fn help_documents_every_option() {
         ("--log-level", "NSM_LOG_LEVEL"),
         ("--insecure", "NSM_INSECURE"),
         ("--config", "NSM_CONFIG"),
+        ("--socket-group", "NSM_SOCKET_GROUP"),
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
         assert!(
@@ -94,7 +95,12 @@ struct BadConfig {
     want: &'static str,
 }
 
-const BAD_CONFIGS: [BadConfig; 8] = [
+const BAD_CONFIGS: [BadConfig; 9] = [
+    BadConfig {
+        env: &[("NSM_SOCKET_GROUP", "no-such-group-here")],
+        args: &[],
+        want: "NSM_SOCKET_GROUP (--socket-group): no group named",
+    },
     BadConfig {
         env: &[("NSM_CIDR_PREFIX", "198.18.0.0/33")],
         args: &[],
@@ -224,6 +230,40 @@ fn an_existing_regular_file_is_not_replaced() {
         "{err}"
     );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+}
+
+/// The socket is 0660 (owner and group), with `NSM_SOCKET_GROUP` that
+/// group; a second server on the same path finds the first one answering
+/// there and refuses to start, leaving it in place.
+#[tokio::test]
+async fn the_socket_is_0660_and_a_live_one_is_never_taken_over() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let first = Nse::start(&[("NSM_SOCKET_GROUP", "65534")]).await;
+    let md = std::fs::metadata(&first.socket).unwrap();
+    assert_eq!(md.permissions().mode() & 0o7777, 0o660);
+    if is_root() {
+        assert_eq!(md.gid(), 65534, "the socket's group");
+    }
+    let listen = format!("unix://{}", first.socket.display());
+    let out = run(&[], &[("NSM_INSECURE", "true"), ("NSM_LISTEN_ON", &listen)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another server is listening on"), "{err}");
+    assert!(
+        std::os::unix::net::UnixStream::connect(&first.socket).is_ok(),
+        "the first server still answers"
+    );
+    // A directory anyone may write to is refused.
+    let dir = TempDir::new();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let listen = format!("unix://{}/nse.sock", dir.path().display());
+    let out = run(&[], &[("NSM_INSECURE", "true"), ("NSM_LISTEN_ON", &listen)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("writable by others"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn wait_exit(child: &mut ChildGuard) -> std::process::ExitStatus {

@@ -736,9 +736,11 @@ async fn rules_the_kernel_refuses_fail_the_request_and_roll_everything_back() {
         ]);
     }
     let config = ConfigFile::new("version: 1\nproxy: {mode: tproxy}\n");
+    // One CIDR group of two prefixes: a connection gets its pair from the
+    // first that has one, or the free pair of either it presents.
     let nse = Nse::start_with(
         &[
-            ("NSM_CIDR_PREFIX", "198.18.19.0/30"),
+            ("NSM_CIDR_PREFIX", "[198.18.19.0/30, fd00:19::/126]"),
             ("NSM_CONFIG", &config.path()),
         ],
         StartOptions {
@@ -752,7 +754,8 @@ async fn rules_the_kernel_refuses_fail_the_request_and_roll_everything_back() {
     let before = table(ns).expect("the first connection's rules");
     let rules_before = ns.exec_ok(&["ip", "-4", "rule"]);
 
-    // A client presenting IPv6 addresses (kept: IPAM policy polite).
+    // A client presenting IPv6 addresses of the endpoint's own pool, which
+    // IPAM gives it back (as after a heal): a connection with IPv6.
     let mut req = req_p();
     conn_mut(&mut req).context = Some(nsm_api::connectioncontext::ConnectionContext {
         ip_context: Some(nsm_api::connectioncontext::IpContext {

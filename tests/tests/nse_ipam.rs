@@ -168,8 +168,10 @@ async fn polite_keeps_foreign_addresses_strict_drops_them() {
     ])
     .await;
     let (conn, _) = polite.request(with_ip(req_p(), foreign())).await.unwrap();
+    // Polite keeps the client's side; the endpoint's side is IPAM's alone.
     assert_eq!(ip(&conn).src_ip_addrs, ["198.19.0.1/32", "198.18.3.1/32"]);
-    assert_eq!(ip(&conn).dst_ip_addrs, ["198.19.0.0/32", "198.18.3.0/32"]);
+    assert_eq!(ip(&conn).dst_ip_addrs, ["198.18.3.0/32"]);
+    assert_eq!(routes(&ip(&conn).dst_routes), ["198.18.3.1/32"]);
 
     let strict = Nse::start(&[
         ("NSM_CIDR_PREFIX", "198.18.3.0/24"),

@@ -408,6 +408,19 @@ impl Hop {
         Ok(Some(record))
     }
 
+    /// Records that connection `id` is being closed but could not be undone
+    /// completely, so a restarted hop finishes the job at start.
+    pub async fn mark_closing(&self, id: &str) -> Result<()> {
+        let _conn = self.connections.lock(id).await;
+        let Some(mut rec) = self.record(id) else {
+            return Ok(());
+        };
+        rec.session.closing = true;
+        self.state.put(id, &rec)?;
+        self.registry().set(id, rec);
+        Ok(())
+    }
+
     /// A rules cleanup removes the namespace's TPROXY policy routes, which
     /// other TPROXY connections of the same client namespace share: apply
     /// theirs again. Best effort (logged): the connection at hand is done.

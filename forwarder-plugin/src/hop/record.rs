@@ -80,4 +80,7 @@ pub struct Session {
     /// segment (a restarted init container) is recognised as this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller_id: Option<String>,
+    /// A Close could not undo everything: the next start tries again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closing: bool,
 }

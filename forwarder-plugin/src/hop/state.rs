@@ -274,17 +274,26 @@ impl StateDir {
                 tracing::warn!(file = %path.display(), "ignoring a file that is not a connection record");
                 continue;
             };
-            let doc = read_file(&path)?;
-            if stem != file_stem(&doc.id) {
-                return Err(StateError::Parse {
-                    path,
+            let doc = read_file(&path).and_then(|doc| {
+                if stem == file_stem(&doc.id) {
+                    return Ok(doc);
+                }
+                Err(StateError::Parse {
+                    path: path.clone(),
                     why: format!(
                         "it holds connection {:?}, whose file is {}.json",
                         doc.id,
                         file_stem(&doc.id)
                     ),
-                });
-            }
+                })
+            });
+            let doc = match doc {
+                Ok(doc) => doc,
+                Err(e) => {
+                    set_aside(&path, &e);
+                    continue;
+                }
+            };
             if doc.boot_id.is_some() && self.boot_id.is_some() && doc.boot_id != self.boot_id {
                 std::fs::remove_file(&path).map_err(io_err("remove", &path))?;
                 earlier_boot += 1;
@@ -300,6 +309,31 @@ impl StateDir {
             );
         }
         Ok(records)
+    }
+}
+
+/// Moves a connection file this build cannot read out of the way
+/// (`<name>.unreadable-<unix time>`, beside it): the hop starts without it,
+/// and what it described — a veth, rules — is left for a person to look
+/// at, which the warning says.
+fn set_aside(path: &Path, why: &StateError) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".unreadable-{secs}"));
+    match std::fs::rename(path, &aside) {
+        Ok(()) => tracing::warn!(
+            error = %why,
+            moved_to = %Path::new(&aside).display(),
+            "a connection record this build cannot read was set aside: what it describes (a veth, rules) is not undone by this hop"
+        ),
+        Err(e) => tracing::error!(
+            error = %why,
+            rename_error = %e,
+            file = %path.display(),
+            "a connection record this build cannot read could not be set aside either; ignoring it"
+        ),
     }
 }
 
@@ -441,12 +475,11 @@ mod tests {
     }
 
     #[test]
-    fn unreadable_files_are_refused_not_overwritten() {
+    fn unreadable_files_are_set_aside_never_overwritten() {
         let d = dir("bad");
         let conns = d.join(CONNECTIONS_DIR);
         std::fs::create_dir_all(&conns).unwrap();
         let file = conns.join(format!("{}.json", file_stem("c")));
-        let write = |v: &serde_json::Value| std::fs::write(&file, v.to_string()).unwrap();
         let good = serde_json::to_value(ConnectionFile {
             version: STATE_VERSION,
             id: "c".into(),
@@ -454,40 +487,42 @@ mod tests {
             record: record(),
         })
         .unwrap();
+        let aside = || -> Vec<String> {
+            std::fs::read_dir(&conns)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(".unreadable-"))
+                .collect()
+        };
+        let mut newer = good.clone();
+        newer["version"] = 3.into();
+        let mut bad_owner = good.clone();
+        bad_owner["record"]["owner"] = "Bad Owner".into();
+        let mut misfiled = good.clone();
+        misfiled["id"] = "someone-else".into();
+        for text in [
+            newer.to_string(),
+            "{".to_owned(),
+            bad_owner.to_string(),
+            misfiled.to_string(),
+        ] {
+            std::fs::write(&file, &text).unwrap();
+            let (_s, loaded) =
+                StateDir::open(&d).expect("an unreadable record does not stop the hop");
+            assert!(loaded.is_empty(), "{text}");
+            assert!(!file.exists(), "{text}: moved out of the way");
+            let moved = aside();
+            assert_eq!(moved.len(), 1, "{moved:?}");
+            let kept = conns.join(&moved[0]);
+            assert_eq!(
+                std::fs::read_to_string(&kept).unwrap(),
+                text,
+                "kept as it was"
+            );
+            std::fs::remove_file(kept).unwrap();
+        }
 
-        let mut v = good.clone();
-        v["version"] = 3.into();
-        write(&v);
-        let e = StateDir::open(&d).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                StateError::Version {
-                    found: 3,
-                    reads: 2,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), v.to_string());
-
-        std::fs::write(&file, "{").unwrap();
-        assert!(matches!(StateDir::open(&d), Err(StateError::Parse { .. })));
-
-        let mut v = good.clone();
-        v["record"]["owner"] = "Bad Owner".into();
-        write(&v);
-        let e = StateDir::open(&d).unwrap_err();
-        assert!(e.to_string().contains("connection c"), "{e}");
-
-        let mut v = good.clone();
-        v["id"] = "someone-else".into();
-        write(&v);
-        let e = StateDir::open(&d).unwrap_err();
-        assert!(e.to_string().contains("someone-else"), "{e}");
-
-        write(&good);
+        std::fs::write(&file, good.to_string()).unwrap();
         let (_s, loaded) = StateDir::open(&d).unwrap();
         assert_eq!(loaded.len(), 1);
         std::fs::remove_dir_all(&d).unwrap();

@@ -28,6 +28,13 @@ pub enum LinkError {
         #[source]
         source: std::io::Error,
     },
+    /// A plumbing failed, and undoing what it had done failed too: what is
+    /// listed may be left in the namespaces.
+    #[error("{cause}; undoing it failed too, so this may be left: {failures}")]
+    RollbackFailed {
+        cause: Box<LinkError>,
+        failures: String,
+    },
     /// The kernel (or the netlink transport) refused `op`.
     #[error("{op} in network namespace {netns}: {source}")]
     Kernel {
@@ -43,6 +50,7 @@ impl LinkError {
     pub fn errno(&self) -> Option<i32> {
         match self {
             LinkError::Kernel { source, .. } => source.raw_os_error(),
+            LinkError::RollbackFailed { cause, .. } => cause.errno(),
             _ => None,
         }
     }

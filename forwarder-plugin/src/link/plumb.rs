@@ -181,10 +181,13 @@ pub async fn plumb_veth_with(plan: &VethPlan, a: &Links, b: &Links) -> Result<Pl
             },
             changed: !undo.is_empty(),
         }),
-        Err(e) => {
-            roll_back(a, b, undo).await;
-            Err(e)
-        }
+        Err(e) => match roll_back(a, b, undo).await {
+            failures if failures.is_empty() => Err(e),
+            failures => Err(LinkError::RollbackFailed {
+                cause: Box::new(e),
+                failures: failures.join("; "),
+            }),
+        },
     }
 }
 
@@ -251,17 +254,21 @@ async fn apply(a: &Links, b: &Links, plan: &VethPlan, undo: &mut Vec<Undo>) -> R
     Ok(pair)
 }
 
-/// Best effort, newest change first. A link this call created takes its
-/// addresses, routes and neighbours with it (and deleting one end of a veth
-/// deletes both), so then deleting it is all there is to do.
-async fn roll_back(a: &Links, b: &Links, undo: Vec<Undo>) {
+/// Newest change first; every step runs, and what failed is returned. A
+/// link this call created takes its addresses, routes and neighbours with
+/// it (and deleting one end of a veth deletes both), so then deleting it is
+/// all there is to do.
+async fn roll_back(a: &Links, b: &Links, undo: Vec<Undo>) -> Vec<String> {
     if let Some(Undo::Link { index }) = undo.first() {
-        let _ = a.delete_index(*index, "rollback").await;
-        return;
+        return match a.delete_index(*index, "rollback").await {
+            Ok(_) => Vec::new(),
+            Err(e) => vec![e.to_string()],
+        };
     }
     let side = |b_side: bool| if b_side { b } else { a };
+    let mut failures = Vec::new();
     for u in undo.into_iter().rev() {
-        let _ = match u {
+        let res = match u {
             Undo::Link { index } => a.delete_index(index, "rollback").await,
             Undo::Address {
                 b_side,
@@ -276,7 +283,11 @@ async fn roll_back(a: &Links, b: &Links, undo: Vec<Undo>) {
             } => side(b_side).del_route(index, &route).await,
             Undo::Neighbour { b_side, index, ip } => side(b_side).del_neighbour(index, ip).await,
         };
+        if let Err(e) = res {
+            failures.push(e.to_string());
+        }
     }
+    failures
 }
 
 /// Removes the pair described by `plan` (its addresses, routes and neighbours

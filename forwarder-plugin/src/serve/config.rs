@@ -14,7 +14,7 @@ use nsm_api::env::{parse_bool, parse_log_level};
 /// `sysexits.h` EX_USAGE: the configuration is wrong.
 pub const EXIT_CONFIG: u8 = 64;
 
-pub const DEFAULT_LISTEN_ON: &str = "unix:///var/lib/networkservicemesh/forwarder-plugin.sock";
+pub const DEFAULT_LISTEN_ON: &str = "unix:///var/lib/forwarder-plugin/forwarder.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/forwarder-plugin";
 
 /// Longest unix socket path (`sun_path` is 108 bytes with the NUL).
@@ -82,6 +82,15 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT, undo every plumbed connection (and Close it downstream) instead of leaving the dataplane for the next start to adopt.
     #[arg(long)]
     pub cleanup_on_exit: bool,
+
+    /// Group (name or number) of the unix socket, which is 0660 in a directory others cannot write to; empty: the process's group.
+    #[arg(
+        long,
+        env = "NSM_SOCKET_GROUP",
+        value_name = "GROUP",
+        default_value = ""
+    )]
+    pub socket_group: String,
 }
 
 /// The validated configuration.
@@ -97,6 +106,8 @@ pub struct ServeConfig {
     pub backend: BackendName,
     pub state_dir: PathBuf,
     pub cleanup_on_exit: bool,
+    /// Group of the unix socket; `None`: the process's.
+    pub socket_group: Option<u32>,
 }
 
 impl ServeConfig {
@@ -220,6 +231,13 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 });
             },
             cleanup_on_exit: a.cleanup_on_exit,
+            socket_group: match a.socket_group.trim() {
+                "" => None,
+                g => Some(
+                    nsm_api::listen::parse_group(g)
+                        .map_err(invalid("NSM_SOCKET_GROUP", "socket-group"))?,
+                ),
+            },
         };
         if cfg.listen_on == cfg.next_hop {
             return Err(ConfigError::Invalid {
@@ -268,7 +286,7 @@ mod tests {
         assert_eq!(c.name, "forwarder-plugin");
         assert_eq!(
             c.listen_on,
-            PathBuf::from("/var/lib/networkservicemesh/forwarder-plugin.sock")
+            PathBuf::from("/var/lib/forwarder-plugin/forwarder.sock")
         );
         assert_eq!(c.next_hop, PathBuf::from("/run/nse.sock"));
         assert_eq!(c.dial_timeout, Duration::from_millis(750));

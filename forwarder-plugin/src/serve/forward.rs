@@ -162,6 +162,7 @@ impl Forwarder {
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
             caller_id,
+            closing: false,
         };
         let done = self
             .hop
@@ -217,7 +218,10 @@ impl Forwarder {
             Ok(()) if record.is_some() => tracing::info!(%id, "unplumbed"),
             Ok(()) => {}
             Err(e) => {
-                tracing::warn!(%id, error = %e, "cannot unplumb; the state directory keeps the connection for a later try")
+                tracing::warn!(%id, error = %e, "cannot unplumb; the state directory keeps the connection, and the next start tries again");
+                if let Err(me) = self.hop.mark_closing(id).await {
+                    tracing::error!(%id, error = %me, "cannot record that the connection is to be undone");
+                }
             }
         }
         let down = record.as_ref().and_then(decode_downstream).or_else(|| {
@@ -302,11 +306,13 @@ fn set_own_token(conn: &mut Connection, token: &CallToken) {
     }
 }
 
-/// The previous hop's token expiry: when an unrefreshed connection expires.
+/// The previous hop's token expiry: when an unrefreshed connection expires
+/// (at most `timeout::MAX_LIFETIME` from now, as the timeout element caps it).
 fn prev_expires(conn: &Connection) -> Option<SystemTime> {
     conn.prev_segment()
         .and_then(|s| s.expires.as_ref())
         .and_then(from_timestamp)
+        .map(|t| t.min(SystemTime::now() + nsm_api::chain::timeout::MAX_LIFETIME))
 }
 
 /// The connection the next hop last returned, from the record.

@@ -131,6 +131,17 @@ impl ForwarderHop {
     /// would have done.
     pub async fn arm_adopted_expiry(self: &Arc<Self>) {
         for (id, rec) in self.hop().adopted() {
+            if rec.session.closing {
+                // A Close before the restart could not undo it all: again now.
+                tracing::info!(%id, client_if = %rec.plan.a.name, "finishing the Close of a connection the last run could not undo");
+                match self.forwarder.close_own(&id).await {
+                    Ok(()) => tracing::info!(%id, "undone"),
+                    Err(e) => {
+                        tracing::warn!(%id, error = %e, "still cannot undo it; the next start tries again")
+                    }
+                }
+                continue;
+            }
             let Some(at) = rec.session.expires_unix else {
                 continue;
             };
@@ -165,9 +176,13 @@ impl ForwarderHop {
 /// `networkservice.NetworkService` over the forwarder chain.
 pub struct Handler {
     hop: Arc<ForwarderHop>,
+    /// At most `limits::MAX_CONCURRENT_CALLS` calls at once.
+    admission: nsm_api::limits::Admission,
 }
 
+/// `id` is the caller's: escaped and cut ([`nsm_api::limits::loggable`]).
 fn log_outcome<T>(what: &str, id: &str, res: &Result<T, ForwardError>) {
+    let id = nsm_api::limits::loggable(id);
     match res {
         Ok(_) => tracing::debug!(%id, "{what} done"),
         Err(e) => tracing::info!(%id, code = ?e.code(), error = %e, "{what} refused"),
@@ -186,9 +201,12 @@ impl NetworkService for Handler {
             .as_ref()
             .map(|c| c.id.clone())
             .unwrap_or_default();
+        let _slot = self.admission.enter("Request")?;
         let res = async {
             let ctx = Ctx::from_request(&request)?;
             let msg = request.into_inner();
+            nsm_api::limits::check_request(&msg)
+                .map_err(|e| ForwardError::Invalid(e.to_string()))?;
             let conn = msg
                 .connection
                 .ok_or_else(|| ForwardError::Invalid("the request has no connection".into()))?;
@@ -205,9 +223,13 @@ impl NetworkService for Handler {
 
     async fn close(&self, request: Request<Connection>) -> Result<Response<()>, Status> {
         let id = request.get_ref().id.clone();
+        let _slot = self.admission.enter("Close")?;
         let res = async {
             let ctx = Ctx::from_request(&request)?;
-            self.hop.close(ctx, request.into_inner()).await
+            let conn = request.into_inner();
+            nsm_api::limits::check_connection(&conn)
+                .map_err(|e| ForwardError::Invalid(e.to_string()))?;
+            self.hop.close(ctx, conn).await
         }
         .await;
         log_outcome("Close", &id, &res);
@@ -235,18 +257,21 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(
-            NetworkServiceServer::new(Handler { hop: hop.clone() })
-                .max_decoding_message_size(MAX_MESSAGE_SIZE),
+            NetworkServiceServer::new(Handler {
+                hop: hop.clone(),
+                admission: nsm_api::limits::Admission::default(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_SIZE),
         )
         .add_service(
             MonitorConnectionServer::new(hop.monitor.clone())
                 .max_decoding_message_size(MAX_MESSAGE_SIZE),
         );
 
-    let (listener, _socket) = nsm_api::listen::bind_unix(&cfg.listen_on)?;
+    let (listener, _socket) = nsm_api::listen::bind_unix(&cfg.listen_on, cfg.socket_group)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
-        grpcfd::incoming(listener),
+        grpcfd::incoming_limited(listener, nsm_api::limits::MAX_CONNECTIONS),
         async move {
             let _ = stop_rx.await;
         },

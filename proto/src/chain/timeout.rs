@@ -5,6 +5,7 @@
 //!
 //! sdk checks for the previous segment's `expires` only after the rest of the
 //! chain has run; we check first so a refused Request leaves nothing behind.
+//! An expiry later than [`MAX_LIFETIME`] from now counts as that.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -112,8 +113,10 @@ impl Timeout {
     }
 }
 
-/// Largest delay a timer is armed for; later expiries are re-armed by refreshes long before.
-pub const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest a connection nobody refreshes is kept, whatever the caller's
+/// token says: a caller cannot make a hop hold its resources longer.
+/// (NSM's tokens live minutes; their holders refresh long before.)
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 #[async_trait]
 impl<E: HopError> Element<E> for Timeout {
@@ -121,7 +124,7 @@ impl<E: HopError> Element<E> for Timeout {
         let expires = prev_expires(&req.conn).map_err(ChainError::from)?;
         let conn = next.request(ctx, req).await?;
         let expires = prev_expires(&conn).unwrap_or(expires);
-        let capped = expires.min(SystemTime::now() + MAX_DELAY);
+        let capped = expires.min(SystemTime::now() + MAX_LIFETIME);
         self.arm(ctx, &conn.id, capped)?;
         Ok(conn)
     }

@@ -30,6 +30,8 @@ pub struct FdStream {
     io: UnixStream,
     channel: FdChannel,
     cmsg: Vec<u8>,
+    /// The server's connection slot this stream holds, if it counts them.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl FdStream {
@@ -43,7 +45,14 @@ impl FdStream {
             io,
             channel,
             cmsg: nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]),
+            _slot: None,
         }
+    }
+
+    /// Holds `slot` for as long as the stream lives (see [`super::incoming_limited`]).
+    pub fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self._slot = Some(slot);
+        self
     }
 
     pub fn channel(&self) -> &FdChannel {
@@ -224,7 +233,9 @@ impl AsyncRead for FdStream {
         loop {
             ready!(this.io.poll_read_ready(cx))?;
             let dst = buf.initialize_unfilled();
-            let FdStream { io, channel, cmsg } = &mut *this;
+            let FdStream {
+                io, channel, cmsg, ..
+            } = &mut *this;
             let sock = io.as_raw_fd();
             let res = io.try_io(Interest::READABLE, || read_with(sock, channel, cmsg, dst));
             match res {

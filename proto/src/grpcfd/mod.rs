@@ -68,6 +68,34 @@ pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<FdStrea
     UnixListenerStream::new(listener).map(|conn| conn.map(FdStream::new))
 }
 
+/// [`incoming`] with at most `max` connections open at once: a connection
+/// beyond that is closed as soon as it is accepted (and logged, sparingly),
+/// so a flood of idle connections cannot take the server's fds and memory.
+pub fn incoming_limited(
+    listener: UnixListener,
+    max: usize,
+) -> impl Stream<Item = io::Result<FdStream>> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    UnixListenerStream::new(listener).filter_map(move |conn| match conn {
+        Err(e) => Some(Err(e)),
+        Ok(io) => match slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(Ok(FdStream::new(io).holding(slot))),
+            Err(_) => {
+                let n = refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        open = max,
+                        refused = n,
+                        "connection refused: the most this server keeps open are open"
+                    );
+                }
+                None
+            }
+        },
+    })
+}
+
 /// The authority tonic puts in requests; unix sockets ignore it.
 const UDS_ENDPOINT: &str = "http://[::]:50051";
 
@@ -114,4 +142,46 @@ pub async fn dial_endpoint(
     });
     let channel = endpoint.connect_with_connector(connector).await?;
     Ok((channel, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Beyond `max` open connections a new one is closed at once; once one
+    /// of the open ones ends, a new one is kept again.
+    #[tokio::test]
+    async fn incoming_limited_closes_connections_beyond_its_bound() {
+        let dir = std::env::temp_dir().join(format!("grpcfd-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let mut incoming = Box::pin(incoming_limited(UnixListener::bind(&path).unwrap(), 1));
+        let _a = UnixStream::connect(&path).await.unwrap();
+        let held = incoming.next().await.unwrap().unwrap();
+        // The server keeps accepting in the background; B finds it full.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Some(conn) = incoming.next().await {
+                if tx.send(conn.unwrap()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut b = UnixStream::connect(&path).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), b.read(&mut buf))
+            .await
+            .expect("B is closed at once")
+            .unwrap();
+        assert_eq!(n, 0, "B: end of stream");
+        drop(held);
+        let _c = UnixStream::connect(&path).await.unwrap();
+        let kept = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("C is accepted once A's slot is free");
+        assert!(kept.is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -72,8 +72,8 @@ pub struct StartOptions {
     /// the test's own otherwise.
     pub netns: Option<TestNetns>,
     /// A program (and its arguments) the NSE runs under inside the
-    /// namespace, e.g. `setpriv` to drop privileges; its socket directory
-    /// is then writable by anyone.
+    /// namespace, e.g. `setpriv` to drop privileges to uid/gid 65534; its
+    /// socket directory is then that user's.
     pub wrapper: Vec<String>,
 }
 
@@ -104,9 +104,14 @@ impl Nse {
         let program = program.to_str().expect("utf-8 path");
         let mut cmd = match (&netns, opts.wrapper.split_first()) {
             (Some(ns), Some((wrapper, args))) => {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
-                    .expect("chmod the socket directory");
+                // The wrapper's user (65534, see its callers) makes the
+                // socket; a socket directory others may write to is refused.
+                nix::unistd::chown(
+                    dir.path(),
+                    Some(nix::unistd::Uid::from_raw(65534)),
+                    Some(nix::unistd::Gid::from_raw(65534)),
+                )
+                .expect("chown the socket directory");
                 let mut c = ns.command(wrapper);
                 c.args(args).arg(program);
                 c
