@@ -5,7 +5,7 @@
 //! kernel cost.
 
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use forwarder_plugin::link::{LinkError, Links};
@@ -13,9 +13,10 @@ use forwarder_plugin::netns::Netns;
 use nsm_api::connection::{Connection, PathSegment};
 use nsm_api::mechanism::{self, keys};
 use nsm_api::networkservice::NetworkServiceRequest;
-use nsm_api::networkservice::network_service_client::NetworkServiceClient;
+use nsm_api::path;
 use nsm_api::token::{Token, TokenError, TokenIssuer};
-use nsm_api::{grpcfd, metadata, path};
+use nsm_api::transport::{CallError, Dialer, Target};
+use tokio::time::Instant;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -23,12 +24,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum DirectError {
     #[error("token: {0}")]
     Token(#[from] TokenError),
-    #[error("dial {0}: {1}")]
-    Dial(PathBuf, String),
+    #[error(transparent)]
+    Call(#[from] CallError),
     #[error("cannot pass the netns fd: {0}")]
     SendFd(#[source] std::io::Error),
-    #[error("{}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
     #[error("interface {0:?} is not in the client namespace after the Request")]
     NoInterface(String),
     #[error(transparent)]
@@ -38,7 +37,7 @@ pub enum DirectError {
 /// Requests and Closes on a hop's unix socket.
 #[derive(Debug)]
 pub struct DirectClient {
-    socket: PathBuf,
+    dialer: Dialer,
     name: String,
     tokens: TokenIssuer,
 }
@@ -46,25 +45,10 @@ pub struct DirectClient {
 impl DirectClient {
     pub fn new(socket: &Path, name: &str, lifetime: Duration) -> Result<Self, DirectError> {
         Ok(DirectClient {
-            socket: socket.to_owned(),
+            dialer: Dialer::new(Target::Unix(socket.to_owned()), CALL_TIMEOUT),
             name: name.to_owned(),
             tokens: TokenIssuer::ephemeral(name, lifetime)?,
         })
-    }
-
-    async fn dial(
-        &self,
-    ) -> Result<
-        (
-            NetworkServiceClient<tonic::transport::Channel>,
-            grpcfd::FdChannel,
-        ),
-        DirectError,
-    > {
-        let (ch, fds) = grpcfd::dial(&self.socket)
-            .await
-            .map_err(|e| DirectError::Dial(self.socket.clone(), e.to_string()))?;
-        Ok((NetworkServiceClient::new(ch), fds))
     }
 
     /// Puts us in segment 0 with a fresh token.
@@ -89,13 +73,6 @@ impl DirectClient {
         Ok(token)
     }
 
-    fn call<T>(msg: T, token: &Token) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        req.set_timeout(CALL_TIMEOUT);
-        metadata::insert_token(req.metadata_mut(), token);
-        req
-    }
-
     /// Requests `service` with a KERNEL interface `iface` in `netns`;
     /// `labels` go in `connection.labels` (as a URL's query would).
     pub async fn request(
@@ -106,8 +83,13 @@ impl DirectClient {
         iface: &str,
         labels: &[(&str, &str)],
     ) -> Result<Connection, DirectError> {
-        let (mut client, fds) = self.dial().await?;
-        let url = fds.send_fd(netns.as_fd()).map_err(DirectError::SendFd)?;
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let session = self.dialer.dial(deadline).await?;
+        let url = session
+            .fds()
+            .expect("a unix connection has an fd channel")
+            .send_fd(netns.as_fd())
+            .map_err(DirectError::SendFd)?;
         let pref = mechanism::kernel([
             (keys::NAME.to_owned(), iface.to_owned()),
             (keys::INODE_URL.to_owned(), url.to_string()),
@@ -126,16 +108,17 @@ impl DirectClient {
             connection: Some(conn),
             mechanism_preferences: vec![pref],
         };
-        Ok(client.request(Self::call(msg, &token)).await?.into_inner())
+        Ok(session.request(msg, &token, deadline).await?.conn)
     }
 
     /// Closes `conn` as the Request returned it.
     pub async fn close(&self, conn: &Connection) -> Result<(), DirectError> {
-        let (mut client, _fds) = self.dial().await?;
         let mut conn = conn.clone();
         let token = self.stamp(&mut conn)?;
-        client.close(Self::call(conn, &token)).await?;
-        Ok(())
+        Ok(self
+            .dialer
+            .close(conn, &token, Instant::now() + CALL_TIMEOUT)
+            .await?)
     }
 }
 

@@ -14,15 +14,13 @@ use nsm_api::connection::{Connection, Mechanism, Path, PathSegment};
 use nsm_api::grpcfd;
 use nsm_api::inode::InodeUrl;
 use nsm_api::mechanism::{LINUX_IF_MAX_LENGTH, MechanismExt, keys};
-use nsm_api::metadata;
 use nsm_api::networkservice::NetworkServiceRequest;
-use nsm_api::networkservice::network_service_client::NetworkServiceClient;
 use nsm_api::nsurl::NsUrl;
 use nsm_api::token::{Token, TokenError, TokenIssuer};
+use nsm_api::transport::{CallError, Dialer, Session, Target};
 use rand::Rng;
 use tokio::time::Instant;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{Config, ConnectTo};
 use crate::exit::Failure;
@@ -170,6 +168,15 @@ pub enum AttemptError {
 }
 
 impl AttemptError {
+    /// A failed call of the transport, with the attempt's `timeout`.
+    fn from_call(e: CallError, timeout: Duration) -> AttemptError {
+        match e {
+            CallError::Dial { why, .. } => AttemptError::Dial(why),
+            CallError::Deadline { .. } => AttemptError::Timeout(timeout),
+            CallError::Status { status, .. } => AttemptError::Status(status),
+        }
+    }
+
     /// Worth another attempt before the deadline? Connection-level failures
     /// and transient statuses are; a definite answer (bad request, unknown
     /// service, denied, no resources) is not. Unknown/Internal/Aborted are
@@ -213,30 +220,20 @@ pub struct Client {
 }
 
 impl Client {
-    /// One fresh gRPC connection (and, over unix, its fd side channel).
-    async fn dial(
-        &self,
-        timeout: Duration,
-    ) -> Result<(NetworkServiceClient<Channel>, Option<grpcfd::FdChannel>), AttemptError> {
-        let dial = async {
-            match &self.cfg.connect_to {
-                ConnectTo::Unix(path) => grpcfd::dial_with_timeout(path, timeout)
-                    .await
-                    .map(|(ch, fds)| (ch, Some(fds))),
-                ConnectTo::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))?
-                    .connect_timeout(timeout)
-                    .connect()
-                    .await
-                    .map(|ch| (ch, None)),
-            }
+    fn dialer(&self) -> Dialer {
+        let target = match &self.cfg.connect_to {
+            ConnectTo::Unix(path) => Target::Unix(path.clone()),
+            ConnectTo::Tcp(addr) => Target::Tcp(addr.clone()),
         };
-        match tokio::time::timeout(timeout, dial).await {
-            Ok(Ok((ch, fds))) => Ok((NetworkServiceClient::new(ch), fds)),
-            Ok(Err(e)) => Err(AttemptError::Dial(error_chain(&e))),
-            Err(_) => Err(AttemptError::Dial(format!(
-                "no connection within {timeout:?}"
-            ))),
-        }
+        Dialer::new(target, self.cfg.dial_timeout)
+    }
+
+    /// One fresh gRPC connection (and, over unix, its fd side channel).
+    async fn dial(&self, timeout: Duration) -> Result<Session, AttemptError> {
+        self.dialer()
+            .dial(Instant::now() + timeout)
+            .await
+            .map_err(|e| AttemptError::from_call(e, timeout))
     }
 
     /// Puts us in segment 0 with a fresh token; returns the token for the metadata.
@@ -264,13 +261,6 @@ impl Client {
         Ok(token)
     }
 
-    fn with_token<T>(msg: T, token: &Token, timeout: Duration) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        req.set_timeout(timeout);
-        metadata::insert_token(req.metadata_mut(), token);
-        req
-    }
-
     /// One Request over one fresh connection.
     pub async fn request_once(
         &self,
@@ -279,9 +269,9 @@ impl Client {
         timeout: Duration,
     ) -> Result<Connection, AttemptError> {
         let deadline = Instant::now() + timeout;
-        let (mut client, fds) = self.dial(self.cfg.dial_timeout.min(timeout)).await?;
+        let session = self.dial(timeout).await?;
         let mut pref = svc.preference(self.netns.url());
-        if let Some(fds) = &fds {
+        if let Some(fds) = session.fds() {
             // Queued now, written with the Request's first bytes.
             let sent = fds
                 .send_fd(self.netns.file.as_fd())
@@ -290,17 +280,15 @@ impl Client {
         }
         let mut conn = conn.clone();
         let token = self.stamp(&mut conn)?;
-        let left = deadline.saturating_duration_since(Instant::now());
         let msg = NetworkServiceRequest {
             connection: Some(conn),
             mechanism_preferences: vec![pref],
         };
-        let call = client.request(Self::with_token(msg, &token, left));
-        match tokio::time::timeout(left, call).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(AttemptError::Status(status)),
-            Err(_) => Err(AttemptError::Timeout(timeout)),
-        }
+        session
+            .request(msg, &token, deadline)
+            .await
+            .map(|answer| answer.conn)
+            .map_err(|e| AttemptError::from_call(e, timeout))
     }
 
     /// Requests `conn` for `svc`, retrying transient failures with backoff
@@ -353,37 +341,14 @@ impl Client {
     /// Close over a fresh connection; the fd is not needed (NSM's Close
     /// carries the connection as last returned).
     pub async fn close(&self, conn: &Connection, timeout: Duration) -> Result<(), AttemptError> {
-        let (mut client, _fds) = self.dial(self.cfg.dial_timeout.min(timeout)).await?;
+        let session = self.dial(timeout).await?;
         let mut conn = conn.clone();
         let token = self.stamp(&mut conn)?;
-        match tokio::time::timeout(
-            timeout,
-            client.close(Self::with_token(conn, &token, timeout)),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) => Err(AttemptError::Status(status)),
-            Err(_) => Err(AttemptError::Timeout(timeout)),
-        }
+        session
+            .close(conn, &token, Instant::now() + timeout)
+            .await
+            .map_err(|e| AttemptError::from_call(e, timeout))
     }
-}
-
-/// RFC 3339 in UTC, as `nsm-client-token-expires` carries it (Go's RFC3339Nano).
-/// `e: cause: cause`, because tonic's transport errors hide the useful part
-/// ("No such file or directory") in their sources.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        let c = cause.to_string();
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-        src = cause.source();
-    }
-    s
 }
 
 #[cfg(test)]

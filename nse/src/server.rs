@@ -4,18 +4,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use nsm_api::chain::Ctx;
 use nsm_api::connection::Connection;
-use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
-use nsm_api::grpcfd;
 use nsm_api::networkservice::NetworkServiceRequest;
-use nsm_api::networkservice::network_service_server::{NetworkService, NetworkServiceServer};
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use nsm_api::networkservice::network_service_server::NetworkService;
+use nsm_api::transport::Listen;
 use tonic::{Request, Response, Status};
-use tonic_health::ServingStatus;
 
 use crate::chain::functions::NetworkFunction;
 use crate::config::{Config, ListenOn};
@@ -23,12 +18,6 @@ use crate::endpoint::{Endpoint, EndpointError, EndpointOptions};
 use crate::error::NseError;
 use crate::mesh_proxy::MeshProxy;
 use crate::validate;
-
-/// Largest request message accepted (gRPC's usual 4 MiB); larger ones get OUT_OF_RANGE.
-pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
-
-/// How long a graceful shutdown may wait for in-flight calls.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -38,12 +27,8 @@ pub enum ServeError {
     MeshProxy(#[source] forwarder_plugin::netns::NetnsError),
     #[error(transparent)]
     Listen(#[from] nsm_api::listen::ListenError),
-    #[error("cannot listen on {0}: {1}")]
-    Bind(String, #[source] std::io::Error),
-    #[error("gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    #[error("server task failed: {0}")]
-    Task(String),
+    #[error(transparent)]
+    Serve(#[from] nsm_api::transport::ServeError),
 }
 
 /// `networkservice.NetworkService` over the endpoint.
@@ -110,86 +95,29 @@ impl NetworkService for NetworkServiceHandler {
     }
 }
 
-/// Serves `endpoint` on `listen_on` until `shutdown` completes, then drains
-/// (monitor streams end, in-flight calls get [`SHUTDOWN_GRACE`]) and removes the socket.
+/// Serves `endpoint` on `listen_on` until `shutdown` completes, then stops
+/// gracefully (`nsm_api::transport::serve`).
 pub async fn serve(
     listen_on: &ListenOn,
     socket_group: Option<u32>,
     endpoint: Arc<Endpoint>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    for name in nsm_api::HEALTH_SERVICE_NAMES {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
-    }
-    health.set_service_status("", ServingStatus::Serving).await;
-
-    let hub = endpoint.monitor().clone();
-    let router = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(
-            NetworkServiceServer::new(NetworkServiceHandler::new(endpoint.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_SIZE),
-        )
-        .add_service(
-            MonitorConnectionServer::new(hub.clone()).max_decoding_message_size(MAX_MESSAGE_SIZE),
-        );
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let stopped = async move {
-        let _ = stop_rx.await;
+    let listen = match listen_on {
+        ListenOn::Unix(path) => Listen::Unix {
+            path: path.clone(),
+            group: socket_group,
+        },
+        ListenOn::Tcp(addr) => Listen::Tcp(*addr),
     };
-    // Removes the socket file when `serve` returns, however it returns.
-    let mut socket_file = None;
-    let mut server = match listen_on {
-        ListenOn::Unix(path) => {
-            let (listener, file) = nsm_api::listen::bind_unix(path, socket_group)?;
-            socket_file = Some(file);
-            tokio::spawn(router.serve_with_incoming_shutdown(
-                grpcfd::incoming_limited(listener, nsm_api::limits::MAX_CONNECTIONS),
-                stopped,
-            ))
-        }
-        ListenOn::Tcp(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| ServeError::Bind(listen_on.to_string(), e))?;
-            let incoming = TcpListenerStream::new(listener);
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
-        }
-    };
-    tracing::info!(%listen_on, "serving networkservice.NetworkService, connection.MonitorConnection, grpc.health.v1.Health");
-
-    tokio::select! {
-        res = &mut server => {
-            return match res {
-                Ok(r) => r.map_err(ServeError::from),
-                Err(e) => Err(ServeError::Task(e.to_string())),
-            };
-        }
-        () = shutdown => {}
-    }
-    tracing::info!("shutting down");
-    for name in nsm_api::HEALTH_SERVICE_NAMES {
-        health
-            .set_service_status(name, ServingStatus::NotServing)
-            .await;
-    }
-    hub.shutdown();
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-        Ok(Ok(res)) => res?,
-        Ok(Err(e)) => tracing::warn!(error = %e, "server task failed during shutdown"),
-        Err(_) => {
-            tracing::warn!(
-                "in-flight calls did not finish within {SHUTDOWN_GRACE:?}; stopping anyway"
-            );
-            server.abort();
-        }
-    }
-    drop(socket_file);
+    let monitor = endpoint.monitor().clone();
+    nsm_api::transport::serve(
+        &listen,
+        NetworkServiceHandler::new(endpoint),
+        monitor,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

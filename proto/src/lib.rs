@@ -43,6 +43,7 @@ pub mod monitor;
 pub mod nsurl;
 pub mod path;
 pub mod token;
+pub mod transport;
 
 /// gRPC service names every NSM server reports as SERVING on `grpc.health.v1.Health`.
 pub const HEALTH_SERVICE_NAMES: [&str; 2] = [

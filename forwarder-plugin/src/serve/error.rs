@@ -40,9 +40,7 @@ impl ForwardError {
             ForwardError::Client(ClientError::Netns { source, .. }) => netns_code(source),
             ForwardError::Client(_) => Code::InvalidArgument,
             ForwardError::Downstream(e) => match e {
-                DownstreamError::Dial { .. } => Code::Unavailable,
-                DownstreamError::Deadline { .. } => Code::DeadlineExceeded,
-                DownstreamError::Status { status, .. } => status.code(),
+                DownstreamError::Call(c) => c.code(),
                 DownstreamError::BadAnswer { .. } | DownstreamError::EndpointNetns { .. } => {
                     Code::FailedPrecondition
                 }

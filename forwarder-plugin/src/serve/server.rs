@@ -13,14 +13,11 @@ use nsm_api::chain::updatepath::UpdatePath;
 use nsm_api::chain::updatetoken::UpdateToken;
 use nsm_api::chain::{Ctx, Element, Next, Req};
 use nsm_api::connection::Connection;
-use nsm_api::connection::monitor_connection_server::MonitorConnectionServer;
-use nsm_api::grpcfd;
 use nsm_api::monitor::MonitorHub;
 use nsm_api::networkservice::NetworkServiceRequest;
-use nsm_api::networkservice::network_service_server::{NetworkService, NetworkServiceServer};
+use nsm_api::networkservice::network_service_server::NetworkService;
 use nsm_api::token::TokenIssuer;
 use tonic::{Request, Response, Status};
-use tonic_health::ServingStatus;
 
 use super::config::ServeConfig;
 use super::downstream::NextHop;
@@ -29,11 +26,6 @@ use super::error::ForwardError;
 use super::forward::Forwarder;
 use crate::hop::{Hop, HopError, HopOptions};
 
-/// Largest request message accepted (gRPC's usual 4 MiB).
-pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
-/// How long a graceful stop waits for in-flight calls.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
@@ -41,13 +33,9 @@ pub enum ServeError {
     #[error("cannot make a token key: {0}")]
     Token(String),
     #[error(transparent)]
+    Serve(#[from] nsm_api::transport::ServeError),
+    #[error(transparent)]
     Listen(#[from] nsm_api::listen::ListenError),
-    #[error("cannot listen on {0}: {1}")]
-    Bind(String, #[source] std::io::Error),
-    #[error("gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    #[error("server task failed: {0}")]
-    Task(String),
 }
 
 /// The forwarder chain and what the server and shutdown need of it.
@@ -247,67 +235,16 @@ pub async fn serve(
     let hop = Arc::new(ForwarderHop::new(cfg)?);
     hop.arm_adopted_expiry().await;
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    for name in nsm_api::HEALTH_SERVICE_NAMES {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
-    }
-    health.set_service_status("", ServingStatus::Serving).await;
-    let router = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(
-            NetworkServiceServer::new(Handler {
-                hop: hop.clone(),
-                admission: nsm_api::limits::Admission::default(),
-            })
-            .max_decoding_message_size(MAX_MESSAGE_SIZE),
-        )
-        .add_service(
-            MonitorConnectionServer::new(hop.monitor.clone())
-                .max_decoding_message_size(MAX_MESSAGE_SIZE),
-        );
-
-    let (listener, _socket) = nsm_api::listen::bind_unix(&cfg.listen_on, cfg.socket_group)?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
-        grpcfd::incoming_limited(listener, nsm_api::limits::MAX_CONNECTIONS),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    tracing::info!(
-        listen_on = %cfg.listen_on_url(),
-        next_hop = %cfg.next_hop_url(),
-        "serving networkservice.NetworkService, connection.MonitorConnection, grpc.health.v1.Health"
-    );
-    tokio::select! {
-        res = &mut server => {
-            return match res {
-                Ok(r) => r.map_err(ServeError::from),
-                Err(e) => Err(ServeError::Task(e.to_string())),
-            };
-        }
-        () = shutdown => {}
-    }
-    tracing::info!("stopping");
-    for name in nsm_api::HEALTH_SERVICE_NAMES {
-        health
-            .set_service_status(name, ServingStatus::NotServing)
-            .await;
-    }
-    hop.monitor.shutdown();
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-        Ok(Ok(res)) => res?,
-        Ok(Err(e)) => tracing::warn!(error = %e, "server task failed while stopping"),
-        Err(_) => {
-            tracing::warn!(
-                "in-flight calls did not finish within {SHUTDOWN_GRACE:?}; stopping anyway"
-            );
-            server.abort();
-        }
-    }
+    let listen = nsm_api::transport::Listen::Unix {
+        path: cfg.listen_on.clone(),
+        group: cfg.socket_group,
+    };
+    let handler = Handler {
+        hop: hop.clone(),
+        admission: nsm_api::limits::Admission::default(),
+    };
+    tracing::info!(next_hop = %cfg.next_hop_url(), "forwarding");
+    nsm_api::transport::serve(&listen, handler, hop.monitor.clone(), shutdown).await?;
     if cfg.cleanup_on_exit {
         hop.cleanup_all().await;
     } else {

@@ -1,0 +1,252 @@
+//! The one NSM client every hop and client of this workspace uses to call
+//! the next hop: a fresh connection per call (as NSM's forwarders and
+//! clients dial one per Request, refreshes included), grpcfd beside it over
+//! unix, the caller's token in `nsm-client-token` metadata, and the call
+//! bounded by a deadline. Errors say which target failed and how: it could
+//! not be dialled, it did not answer in time, or it answered with a status.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::connection::Connection;
+use crate::grpcfd::{self, FdChannel};
+use crate::metadata;
+use crate::networkservice::NetworkServiceRequest;
+use crate::networkservice::network_service_client::NetworkServiceClient;
+use crate::token::Token;
+
+/// Where a client connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A unix socket: fds travel beside the messages.
+    Unix(PathBuf),
+    /// `host:port` over TCP: no fds.
+    Tcp(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Unix(p) => write!(f, "unix://{}", p.display()),
+            Target::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{target} is unavailable: {why}")]
+    Dial { target: String, why: String },
+    #[error("{target} did not answer within {after:?}")]
+    Deadline { target: String, after: Duration },
+    #[error("{target}: {}", .status.message())]
+    Status {
+        target: String,
+        status: tonic::Status,
+    },
+}
+
+impl CallError {
+    /// The gRPC code the failure is best told by.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            CallError::Dial { .. } => tonic::Code::Unavailable,
+            CallError::Deadline { .. } => tonic::Code::DeadlineExceeded,
+            CallError::Status { status, .. } => status.code(),
+        }
+    }
+}
+
+/// Dials one target, fresh for every call.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    target: Target,
+    name: String,
+    dial_timeout: Duration,
+}
+
+/// One fresh connection to the target, ready for one call: fds queued on
+/// [`Session::fds`] go out with the call's first bytes.
+pub struct Session {
+    client: NetworkServiceClient<Channel>,
+    channel: Channel,
+    fds: Option<FdChannel>,
+    target: String,
+}
+
+/// The target's answer to a Request, with the connection it came on (its
+/// fds arrived there; keep it until they are taken).
+pub struct Answer {
+    pub conn: Connection,
+    pub fds: Option<FdChannel>,
+    _channel: Channel,
+}
+
+impl Dialer {
+    pub fn new(target: Target, dial_timeout: Duration) -> Dialer {
+        Dialer {
+            name: target.to_string(),
+            target,
+            dial_timeout,
+        }
+    }
+
+    /// `unix://…` or `tcp://…`.
+    pub fn url(&self) -> &str {
+        &self.name
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// A fresh connection, within the dial timeout and what is left before
+    /// `deadline`.
+    pub async fn dial(&self, deadline: Instant) -> Result<Session, CallError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = self.dial_timeout.min(left);
+        let dial = async {
+            match &self.target {
+                Target::Unix(path) => grpcfd::dial_with_timeout(path, timeout)
+                    .await
+                    .map(|(ch, fds)| (ch, Some(fds))),
+                Target::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect_timeout(timeout)
+                    .connect()
+                    .await
+                    .map(|ch| (ch, None)),
+            }
+        };
+        match tokio::time::timeout(timeout, dial).await {
+            Ok(Ok((channel, fds))) => Ok(Session {
+                client: NetworkServiceClient::new(channel.clone()),
+                channel,
+                fds,
+                target: self.name.clone(),
+            }),
+            Ok(Err(e)) => Err(CallError::Dial {
+                target: self.name.clone(),
+                why: error_chain(&e),
+            }),
+            Err(_) if timeout < self.dial_timeout => Err(CallError::Deadline {
+                target: self.name.clone(),
+                after: timeout,
+            }),
+            Err(_) => Err(CallError::Dial {
+                target: self.name.clone(),
+                why: format!("no connection within the dial timeout {timeout:?}"),
+            }),
+        }
+    }
+
+    /// [`Dialer::dial`], then [`Session::request`].
+    pub async fn request(
+        &self,
+        req: NetworkServiceRequest,
+        token: &Token,
+        deadline: Instant,
+    ) -> Result<Answer, CallError> {
+        self.dial(deadline)
+            .await?
+            .request(req, token, deadline)
+            .await
+    }
+
+    /// [`Dialer::dial`], then [`Session::close`].
+    pub async fn close(
+        &self,
+        conn: Connection,
+        token: &Token,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        self.dial(deadline)
+            .await?
+            .close(conn, token, deadline)
+            .await
+    }
+}
+
+impl Session {
+    /// The connection's fd side channel (unix targets only).
+    pub fn fds(&self) -> Option<&FdChannel> {
+        self.fds.as_ref()
+    }
+
+    fn call<T>(msg: T, token: &Token, timeout: Duration) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(timeout);
+        metadata::insert_token(req.metadata_mut(), token);
+        req
+    }
+
+    fn failed(&self, status: tonic::Status, left: Duration) -> CallError {
+        // tonic reports its own client-side timeout as Cancelled.
+        if status.code() == tonic::Code::Cancelled && status.message().contains("Timeout") {
+            return CallError::Deadline {
+                target: self.target.clone(),
+                after: left,
+            };
+        }
+        CallError::Status {
+            target: self.target.clone(),
+            status,
+        }
+    }
+
+    pub async fn request(
+        mut self,
+        req: NetworkServiceRequest,
+        token: &Token,
+        deadline: Instant,
+    ) -> Result<Answer, CallError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.client.request(Self::call(req, token, left))).await {
+            Ok(Ok(resp)) => Ok(Answer {
+                conn: resp.into_inner(),
+                fds: self.fds,
+                _channel: self.channel,
+            }),
+            Ok(Err(status)) => Err(self.failed(status, left)),
+            Err(_) => Err(CallError::Deadline {
+                target: self.target,
+                after: left,
+            }),
+        }
+    }
+
+    pub async fn close(
+        mut self,
+        conn: Connection,
+        token: &Token,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.client.close(Self::call(conn, token, left))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(self.failed(status, left)),
+            Err(_) => Err(CallError::Deadline {
+                target: self.target,
+                after: left,
+            }),
+        }
+    }
+}
+
+/// `e: cause: cause`: tonic's transport errors hide the useful part ("No
+/// such file or directory") in their sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s
+}
