@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/install-deps.sh
 cargo build --release --workspace --bins
-exec target/release/local-demo "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/local-demo" "$@"
