@@ -16,5 +16,6 @@ pub mod namespace;
 pub mod nsc;
 pub mod process;
 pub mod proxy;
+pub mod svid;
 pub mod traffic;
 pub mod transparent_proxy;

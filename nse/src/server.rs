@@ -113,6 +113,7 @@ pub async fn serve(
     let monitor = endpoint.monitor().clone();
     nsm_api::transport::serve(
         &listen,
+        None,
         NetworkServiceHandler::new(endpoint),
         monitor,
         shutdown,

@@ -244,7 +244,7 @@ pub async fn serve(
         admission: nsm_api::limits::Admission::default(),
     };
     tracing::info!(next_hop = %cfg.next_hop_url(), "forwarding");
-    nsm_api::transport::serve(&listen, handler, hop.monitor.clone(), shutdown).await?;
+    nsm_api::transport::serve(&listen, None, handler, hop.monitor.clone(), shutdown).await?;
     if cfg.cleanup_on_exit {
         hop.cleanup_all().await;
     } else {

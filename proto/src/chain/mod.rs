@@ -117,12 +117,13 @@ impl<E> Ctx<E> {
     }
 
     /// What the caller of this RPC sent beside the message: its token, its
-    /// deadline, and (over unix sockets with grpcfd) its fd channel.
+    /// deadline, and (over unix sockets with grpcfd, with or without TLS)
+    /// its fd channel.
     pub fn from_request<T>(request: &tonic::Request<T>) -> Result<Self, ChainError> {
         Ok(Ctx {
             client_token: metadata::client_token(request.metadata())?,
             request_timeout: metadata::request_timeout(request.metadata()),
-            fds: request.extensions().get::<FdChannel>().cloned(),
+            fds: crate::transport::Peer::of(request.extensions()).fds,
             events: None,
         })
     }

@@ -6,17 +6,25 @@
 //! not be dialled, it did not answer in time, or it answered with a status.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::connection::Connection;
 use crate::grpcfd::{self, FdChannel};
 use crate::metadata;
 use crate::networkservice::NetworkServiceRequest;
 use crate::networkservice::network_service_client::NetworkServiceClient;
+use crate::tls::{Identity, TlsError};
 use crate::token::Token;
+
+use super::secure::{connect_tcp, connect_unix};
+
+/// The URI tonic's requests carry; our connectors ignore it, and its
+/// authority is what grpc-go sends over unix sockets.
+const AUTHORITY_URI: &str = "http://localhost";
 
 /// Where a client connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +74,7 @@ pub struct Dialer {
     target: Target,
     name: String,
     dial_timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// One fresh connection to the target, ready for one call: fds queued on
@@ -91,7 +100,14 @@ impl Dialer {
             name: target.to_string(),
             target,
             dial_timeout,
+            tls: None,
         }
+    }
+
+    /// Calls over mTLS with `identity`'s SVID (`None`: plaintext).
+    pub fn with_tls(mut self, identity: Option<&Arc<Identity>>) -> Result<Dialer, TlsError> {
+        self.tls = identity.map(|i| i.client_config()).transpose()?;
+        Ok(self)
     }
 
     /// `unix://…` or `tcp://…`.
@@ -109,15 +125,50 @@ impl Dialer {
         let left = deadline.saturating_duration_since(Instant::now());
         let timeout = self.dial_timeout.min(left);
         let dial = async {
-            match &self.target {
-                Target::Unix(path) => grpcfd::dial_with_timeout(path, timeout)
+            let endpoint = Endpoint::from_static(AUTHORITY_URI).connect_timeout(timeout);
+            match (&self.target, &self.tls) {
+                (Target::Unix(path), None) => grpcfd::dial_with_timeout(path, timeout)
                     .await
                     .map(|(ch, fds)| (ch, Some(fds))),
-                Target::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))?
+                (Target::Unix(path), Some(cfg)) => {
+                    let fds = FdChannel::new();
+                    // One connection only: fds belong to it.
+                    let slot = Arc::new(Mutex::new(Some(fds.clone())));
+                    let (path, cfg) = (path.clone(), cfg.clone());
+                    let connector = tower::service_fn(move |_: Uri| {
+                        let (slot, path, cfg) = (slot.clone(), path.clone(), cfg.clone());
+                        async move {
+                            let fds = slot
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .take()
+                                .ok_or_else(|| {
+                                    std::io::Error::other("dial again: one connection per call")
+                                })?;
+                            connect_unix(&path, fds, cfg).await
+                        }
+                    });
+                    endpoint
+                        .connect_with_connector(connector)
+                        .await
+                        .map(|ch| (ch, Some(fds)))
+                }
+                (Target::Tcp(addr), None) => Endpoint::from_shared(format!("http://{addr}"))?
                     .connect_timeout(timeout)
                     .connect()
                     .await
                     .map(|ch| (ch, None)),
+                (Target::Tcp(addr), Some(cfg)) => {
+                    let (addr, cfg) = (addr.clone(), cfg.clone());
+                    let connector = tower::service_fn(move |_: Uri| {
+                        let (addr, cfg) = (addr.clone(), cfg.clone());
+                        async move { connect_tcp(&addr, cfg).await }
+                    });
+                    endpoint
+                        .connect_with_connector(connector)
+                        .await
+                        .map(|ch| (ch, None))
+                }
             }
         };
         match tokio::time::timeout(timeout, dial).await {
@@ -188,6 +239,16 @@ impl Session {
             return CallError::Deadline {
                 target: self.target.clone(),
                 after: left,
+            };
+        }
+        // A status tonic made from a broken connection (the peer refused
+        // our TLS, or spoke none): the connection failed, not the call.
+        if status.code() == tonic::Code::Unknown
+            && let Some(cause) = std::error::Error::source(&status)
+        {
+            return CallError::Dial {
+                target: self.target.clone(),
+                why: error_chain(cause),
             };
         }
         CallError::Status {

@@ -5,7 +5,9 @@
 //! here and nowhere else.
 
 pub mod client;
+pub mod secure;
 pub mod server;
 
 pub use client::{Answer, CallError, Dialer, Session, Target};
+pub use secure::Peer;
 pub use server::{Listen, MAX_MESSAGE_SIZE, SHUTDOWN_GRACE, ServeError, serve};

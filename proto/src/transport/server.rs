@@ -8,15 +8,18 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use super::secure::secure_incoming;
 use crate::connection::monitor_connection_server::MonitorConnectionServer;
 use crate::monitor::MonitorHub;
 use crate::networkservice::network_service_server::{NetworkService, NetworkServiceServer};
+use crate::tls::{Identity, TlsError};
 use crate::{grpcfd, limits, listen};
 
 /// Largest request message accepted (gRPC's usual 4 MiB); larger ones get OUT_OF_RANGE.
@@ -57,12 +60,16 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("server task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Serves `service` and `monitor` on `listen` until `shutdown` completes,
-/// then stops gracefully (see the module doc).
+/// then stops gracefully (see the module doc). With `tls`, every connection
+/// is mTLS with SPIFFE SVIDs (fds still travel beneath TLS on unix).
 pub async fn serve<S: NetworkService>(
     listen: &Listen,
+    tls: Option<Arc<Identity>>,
     service: S,
     monitor: MonitorHub,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -87,21 +94,30 @@ pub async fn serve<S: NetworkService>(
     };
     // Removes the socket file when `serve` returns, however it returns.
     let mut socket_file = None;
+    let tls = tls.map(|i| i.server_config()).transpose()?;
     let mut server = match listen {
         Listen::Unix { path, group } => {
             let (listener, file) = listen::bind_unix(path, *group)?;
             socket_file = Some(file);
-            tokio::spawn(router.serve_with_incoming_shutdown(
-                grpcfd::incoming_limited(listener, limits::MAX_CONNECTIONS),
-                stopped,
-            ))
+            let incoming = grpcfd::incoming_limited(listener, limits::MAX_CONNECTIONS);
+            match tls {
+                Some(cfg) => tokio::spawn(
+                    router.serve_with_incoming_shutdown(secure_incoming(incoming, cfg), stopped),
+                ),
+                None => tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped)),
+            }
         }
         Listen::Tcp(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| ServeError::Bind(listen.to_string(), e))?;
             let incoming = TcpListenerStream::new(listener);
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            match tls {
+                Some(cfg) => tokio::spawn(
+                    router.serve_with_incoming_shutdown(secure_incoming(incoming, cfg), stopped),
+                ),
+                None => tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped)),
+            }
         }
     };
     tracing::info!(listen_on = %listen, "serving networkservice.NetworkService, connection.MonitorConnection, grpc.health.v1.Health");
