@@ -92,8 +92,16 @@ impl Runner {
             Mode::Endpoint => lab.nse_socket(),
             _ => lab.forwarder_socket(),
         };
-        let client = DirectClient::new(&socket, "bench", Duration::from_secs(600))
-            .map_err(|e| format!("client: {e}"))?;
+        let identity = lab
+            .identity("/ns/default/pod/bench")
+            .map_err(|e| format!("client SVID: {e}"))?;
+        let client = DirectClient::new(
+            &socket,
+            "bench",
+            Duration::from_secs(600),
+            identity.as_ref(),
+        )
+        .map_err(|e| format!("client: {e}"))?;
         Ok((lab, Arc::new(client)))
     }
 
@@ -104,7 +112,7 @@ impl Runner {
     }
 
     fn nsc_setup(&self, lab: &Lab, ns: &Namespace, id: &str) -> Setup {
-        let mut opts = lab.nsc_options(id);
+        let mut opts = lab.nsc_options(id).expect("a client SVID");
         opts.log_level = "WARN".into();
         opts.services = format!(
             "kernel://{SERVICE}/{IFACE}?{PLACEMENT_LABEL}={}",

@@ -6,6 +6,7 @@
 
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use forwarder_plugin::link::{LinkError, Links};
@@ -14,7 +15,8 @@ use nsm_api::connection::{Connection, PathSegment};
 use nsm_api::mechanism::{self, keys};
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::path;
-use nsm_api::token::{Token, TokenError, TokenIssuer};
+use nsm_api::tls::{Identity, TlsError};
+use nsm_api::token::{TokenError, TokenIssuer};
 use nsm_api::transport::{CallError, Dialer, Target};
 use tokio::time::Instant;
 
@@ -26,6 +28,8 @@ pub enum DirectError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Call(#[from] CallError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot pass the netns fd: {0}")]
     SendFd(#[source] std::io::Error),
     #[error("interface {0:?} is not in the client namespace after the Request")]
@@ -43,16 +47,24 @@ pub struct DirectClient {
 }
 
 impl DirectClient {
-    pub fn new(socket: &Path, name: &str, lifetime: Duration) -> Result<Self, DirectError> {
+    /// A client with `identity`'s SVID (mTLS, tokens signed with its key),
+    /// or without TLS (`None`: ephemeral tokens under `name`).
+    pub fn new(
+        socket: &Path,
+        name: &str,
+        lifetime: Duration,
+        identity: Option<&Arc<Identity>>,
+    ) -> Result<Self, DirectError> {
         Ok(DirectClient {
-            dialer: Dialer::new(Target::Unix(socket.to_owned()), CALL_TIMEOUT),
+            dialer: Dialer::new(Target::Unix(socket.to_owned()), CALL_TIMEOUT)
+                .with_tls(identity)?,
             name: name.to_owned(),
-            tokens: TokenIssuer::ephemeral(name, lifetime)?,
+            tokens: TokenIssuer::for_identity(identity, name, lifetime)?,
         })
     }
 
     /// Puts us in segment 0 with a fresh token.
-    fn stamp(&self, conn: &mut Connection) -> Result<Token, DirectError> {
+    fn stamp(&self, conn: &mut Connection) -> Result<(), DirectError> {
         let token = self.tokens.issue()?;
         let path = conn.path.get_or_insert_with(Default::default);
         path.index = 0;
@@ -70,7 +82,7 @@ impl DirectClient {
             }
             None => path.path_segments.push(ours),
         }
-        Ok(token)
+        Ok(())
     }
 
     /// Requests `service` with a KERNEL interface `iface` in `netns`;
@@ -103,21 +115,21 @@ impl DirectClient {
                 .collect(),
             ..Default::default()
         };
-        let token = self.stamp(&mut conn)?;
+        self.stamp(&mut conn)?;
         let msg = NetworkServiceRequest {
             connection: Some(conn),
             mechanism_preferences: vec![pref],
         };
-        Ok(session.request(msg, &token, deadline).await?.conn)
+        Ok(session.request(msg, &self.tokens, deadline).await?.conn)
     }
 
     /// Closes `conn` as the Request returned it.
     pub async fn close(&self, conn: &Connection) -> Result<(), DirectError> {
         let mut conn = conn.clone();
-        let token = self.stamp(&mut conn)?;
+        self.stamp(&mut conn)?;
         Ok(self
             .dialer
-            .close(conn, &token, Instant::now() + CALL_TIMEOUT)
+            .close(conn, &self.tokens, Instant::now() + CALL_TIMEOUT)
             .await?)
     }
 }

@@ -27,13 +27,17 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
+
+use nsm_api::tls::Identity;
 
 use crate::namespace::{Namespace, NamespaceError};
 use crate::nsc::NscOptions;
 use crate::process::{self, Process, ProcessError, WorkDir};
 use crate::proxy::{self, ProxyKind, ProxyStartError};
+use crate::svid::{SvidError, TestCa};
 use crate::transparent_proxy::{find_in_log, parse_log_line};
 
 /// The NSE's end of the link to the server.
@@ -86,6 +90,12 @@ pub const STATIC_CLIENT_LINK: &str = "to-client";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The lab's trust domain and the SPIFFE IDs of its hops (NSM's k8s
+/// template: `spiffe://k8s.nsm/ns/<namespace>/pod/<pod>`).
+pub const TRUST_DOMAIN: &str = "k8s.nsm";
+pub const NSE_SPIFFE_PATH: &str = "/ns/mesh-proxy/pod/mesh-proxy-nse";
+pub const FORWARDER_SPIFFE_PATH: &str = "/ns/nsm-system/pod/forwarder-plugin";
+
 pub fn server_addr() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(SERVER_IP), SERVER_PORT)
 }
@@ -104,6 +114,8 @@ pub enum LabError {
     NotBuilt(String),
     #[error("the lab has attached {MAX_PODS} pod networks already")]
     TooManyPods,
+    #[error("the lab's SPIFFE CA: {0}")]
+    Svid(#[from] SvidError),
 }
 
 /// A pod's own network ([`Lab::attach_pod_network`]): `eth0` with these
@@ -130,6 +142,10 @@ pub struct LabConfig {
     pub forwarder_args: Vec<String>,
     /// Progress lines (the demo prints them; tests and benches stay quiet).
     pub say: fn(&str),
+    /// mTLS with SPIFFE SVIDs on every hop (the default): the lab is its own
+    /// CA ([`crate::svid::TestCa`]) and hands each process SVID files, as
+    /// SPIRE would. `false`: `NSM_INSECURE=true` everywhere.
+    pub secure: bool,
 }
 
 impl Default for LabConfig {
@@ -142,6 +158,7 @@ impl Default for LabConfig {
             nse_env: Vec::new(),
             forwarder_args: Vec::new(),
             say: |_| {},
+            secure: true,
         }
     }
 }
@@ -160,6 +177,8 @@ pub struct Lab {
     pub server_ns: Namespace,
     pub node_ns: Namespace,
     pods: AtomicU32,
+    /// The lab's SPIFFE CA (secure labs).
+    ca: Option<TestCa>,
     pub dir: WorkDir,
     pub config: LabConfig,
 }
@@ -267,6 +286,15 @@ impl Lab {
         ));
 
         let proxy = proxy::start(config.proxy, &nse_ns, &dir, "proxy")?;
+        let ca = if config.secure {
+            say(&format!(
+                "SPIFFE: a CA for trust domain {TRUST_DOMAIN} issues each hop an X.509-SVID (mTLS, signed tokens)"
+            ));
+            Some(TestCa::new(TRUST_DOMAIN)?)
+        } else {
+            say("NSM_INSECURE=true: no TLS");
+            None
+        };
         say(&format!(
             "proxy ({}) listening on :15001 and :15006 in {} as uid 1337",
             config.proxy.name(),
@@ -282,6 +310,7 @@ impl Lab {
             server_ns,
             node_ns,
             pods: AtomicU32::new(0),
+            ca,
             dir,
             config,
         })
@@ -316,20 +345,56 @@ impl Lab {
         format!("unix://{}", self.nse_socket().display())
     }
 
-    fn control_env(&self, cmd: &mut Command) {
+    /// The identity variables of a process of this lab: SVID files for
+    /// `spiffe://k8s.nsm/<path>` (written under `spiffe/<who>/`), or
+    /// `NSM_INSECURE=true`.
+    pub fn identity_env(&self, who: &str, path: &str) -> Result<Vec<(String, String)>, LabError> {
+        let Some(ca) = &self.ca else {
+            return Ok(vec![("NSM_INSECURE".into(), "true".into())]);
+        };
+        let dir = self.dir.join("spiffe").join(who);
+        std::fs::create_dir_all(&dir).map_err(|source| SvidError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+        let files = ca.write(&ca.issue(path)?, &dir)?;
+        Ok(vec![
+            (
+                "NSM_SVID_CERT_FILE".into(),
+                files.cert.display().to_string(),
+            ),
+            ("NSM_SVID_KEY_FILE".into(), files.key.display().to_string()),
+            (
+                "NSM_TRUST_BUNDLE_FILE".into(),
+                files.bundle.display().to_string(),
+            ),
+        ])
+    }
+
+    /// An in-process identity of this lab's trust domain for
+    /// `spiffe://k8s.nsm/<path>` (`None` in an insecure lab).
+    pub fn identity(&self, path: &str) -> Result<Option<Arc<Identity>>, LabError> {
+        let Some(ca) = &self.ca else {
+            return Ok(None);
+        };
+        Ok(Some(Identity::new(ca.material(&ca.issue(path)?)?)))
+    }
+
+    fn control_env(&self, cmd: &mut Command, who: &str, path: &str) -> Result<(), LabError> {
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("NSM_INSECURE", "true")
+            .envs(self.identity_env(who, path)?)
             .env("NSM_LOG_LEVEL", &self.config.log_level);
         if let Some(l) = &self.config.token_lifetime {
             cmd.env("NSM_MAX_TOKEN_LIFETIME", l);
         }
+        Ok(())
     }
 
     /// Starts `mesh-proxy-nse` in the nse namespace; returns once its socket exists.
     pub fn start_nse(&mut self) -> Result<(), LabError> {
         let mut cmd = self.nse_ns.command(process::bin("mesh-proxy-nse"));
-        self.control_env(&mut cmd);
+        self.control_env(&mut cmd, "nse", NSE_SPIFFE_PATH)?;
         cmd.env("NSM_NAME", "mesh-proxy-nse")
             .env("NSM_LISTEN_ON", self.nse_url())
             .env("NSM_SERVICE_NAMES", "mesh-proxy")
@@ -350,9 +415,9 @@ impl Lab {
     }
 
     /// The `forwarder-plugin serve` command line (root namespace).
-    pub fn forwarder_command(&self) -> Command {
+    pub fn forwarder_command(&self) -> Result<Command, LabError> {
         let mut cmd = Command::new(process::bin("forwarder-plugin"));
-        self.control_env(&mut cmd);
+        self.control_env(&mut cmd, "forwarder", FORWARDER_SPIFFE_PATH)?;
         cmd.arg("serve")
             .args(["--listen-on", &self.forwarder_url()])
             .args(["--next-hop", &self.nse_url()])
@@ -363,12 +428,12 @@ impl Lab {
             // Stopping the lab undoes what it plumbed while the namespaces still exist.
             .arg("--cleanup-on-exit")
             .args(&self.config.forwarder_args);
-        cmd
+        Ok(cmd)
     }
 
     /// Starts the forwarder in the root namespace; returns once its socket exists.
     pub fn start_forwarder(&mut self) -> Result<(), LabError> {
-        let mut cmd = self.forwarder_command();
+        let mut cmd = self.forwarder_command()?;
         let mut fwd = Process::spawn(
             "forwarder-plugin serve",
             &mut cmd,
@@ -452,9 +517,13 @@ impl Lab {
         Ok(pod)
     }
 
-    /// nsc-init options for a client of this lab.
-    pub fn nsc_options(&self, name: &str) -> NscOptions {
-        NscOptions::new(&self.forwarder_url(), name)
+    /// nsc-init options for a client of this lab (with its own SVID,
+    /// `spiffe://k8s.nsm/ns/default/pod/<name>`, in a secure lab).
+    pub fn nsc_options(&self, name: &str) -> Result<NscOptions, LabError> {
+        let mut opts = NscOptions::new(&self.forwarder_url(), name);
+        opts.identity =
+            self.identity_env(&format!("nsc-{name}"), &format!("/ns/default/pod/{name}"))?;
+        Ok(opts)
     }
 
     /// Every `proxy: <client> -> <dst>` line the proxy logged so far.

@@ -53,6 +53,9 @@ pub struct NscOptions {
     pub log_level: String,
     /// More variables (e.g. `NSC_VALIDATE`).
     pub env: Vec<(String, String)>,
+    /// The identity variables: `NSM_INSECURE=true` unless given SVID files
+    /// ([`crate::lab::Lab::nsc_options`] gives them in a secure lab).
+    pub identity: Vec<(String, String)>,
 }
 
 impl NscOptions {
@@ -65,6 +68,7 @@ impl NscOptions {
             token_lifetime: None,
             log_level: "INFO".to_owned(),
             env: Vec::new(),
+            identity: vec![("NSM_INSECURE".to_owned(), "true".to_owned())],
         }
     }
 
@@ -78,7 +82,7 @@ impl NscOptions {
             .env("NSM_CONNECT_TO", &self.connect_to)
             .env("NSM_REQUEST_TIMEOUT", &self.request_timeout)
             .env("NSM_LOG_LEVEL", &self.log_level)
-            .env("NSM_INSECURE", "true");
+            .envs(self.identity.iter().map(|(k, v)| (k, v)));
         if let Some(l) = &self.token_lifetime {
             cmd.env("NSM_MAX_TOKEN_LIFETIME", l);
         }

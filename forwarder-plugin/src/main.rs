@@ -25,12 +25,12 @@ enum Command {
     /// Redirect rules (istio-style capture into a mesh proxy) in a network namespace.
     Rules(cli::rules::RulesArgs),
     /// The NSM forwarder hop: plumb a veth between a client's and an endpoint's namespaces.
-    Serve(forwarder_plugin::serve::ServeArgs),
+    Serve(Box<forwarder_plugin::serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Rules(args) => cli::rules::run(args),
-        Command::Serve(args) => cli::serve::run(args),
+        Command::Serve(args) => cli::serve::run(*args),
     }
 }

@@ -12,6 +12,7 @@ use clap::Parser;
 use nsm_api::duration::{self, DurationError};
 use nsm_api::env;
 use nsm_api::nsurl::{NsUrl, NsUrlError};
+use nsm_api::tls::{IdentityArgs, Source, SourceError};
 
 pub const DEFAULT_CONNECT_TO: &str = "unix:///var/lib/networkservicemesh/nsm.io.sock";
 
@@ -98,11 +99,9 @@ pub struct Cli {
     )]
     pub log_level: String,
 
-    /// Must be true: plain gRPC without TLS, tokens are ES256 JWTs signed by
-    /// an ephemeral key (not verifiable by peers). TLS/SPIFFE is not
-    /// implemented yet, so anything else is refused.
-    #[arg(long, env = "NSM_INSECURE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub insecure: Option<String>,
+    /// NSM's identity settings (SPIFFE Workload API, SVID files, or insecure).
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 
     /// After the interfaces are up, check that traffic is redirected: open a
     /// TCP connection to --validate-probe from this netns (and, with
@@ -173,6 +172,8 @@ pub struct Config {
     pub log_level: tracing::Level,
     pub validate: Option<Validate>,
     pub watch: bool,
+    /// Where our SVID comes from; `Source::Insecure` only when asked.
+    pub identity: Source,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -213,10 +214,8 @@ pub enum ConfigError {
     LogLevel(String),
     #[error("{var} {value:?}: expected true or false")]
     Bool { var: &'static str, value: String },
-    #[error(
-        "NSM_INSECURE is not true: TLS/SPIFFE is not implemented yet; set NSM_INSECURE=true (plain gRPC, unverifiable tokens)"
-    )]
-    TlsNotImplemented,
+    #[error("{0}")]
+    Identity(#[from] SourceError),
     #[error("NSC_VALIDATE needs NSC_VALIDATE_PROBE (--validate-probe ip:port)")]
     NoProbe,
     #[error("NSC_VALIDATE_PROBE {0:?}: expected ip:port, e.g. 198.18.0.9:80 or [fd00::9]:80")]
@@ -282,9 +281,7 @@ impl Config {
         cli: &Cli,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        if !parse_bool("NSM_INSECURE", cli.insecure.as_deref())? {
-            return Err(ConfigError::TlsNotImplemented);
-        }
+        let identity = cli.identity.source()?;
         let services = NsUrl::parse_list(cli.network_services.as_deref().unwrap_or(""))?;
         if services.is_empty() {
             return Err(ConfigError::NoServices);
@@ -353,6 +350,7 @@ impl Config {
             log_level: parse_log_level(&cli.log_level)?,
             validate,
             watch: parse_bool("NSC_WATCH", cli.watch.as_deref())?,
+            identity,
         })
     }
 }
@@ -466,15 +464,19 @@ mod tests {
             ),
             (
                 &["--network-services=kernel://a/x"],
-                "TLS/SPIFFE is not implemented",
+                "no identity: set SPIFFE_ENDPOINT_SOCKET",
             ),
             (
                 &["--insecure=false", "--network-services=kernel://a/x"],
-                "TLS/SPIFFE",
+                "no identity",
             ),
             (
                 &["--insecure=yes", "--network-services=kernel://a/x"],
-                "NSM_INSECURE \"yes\"",
+                "NSM_INSECURE (--insecure): \"yes\"",
+            ),
+            (
+                &["--svid-cert-file=/c.pem", "--network-services=kernel://a/x"],
+                "NSM_SVID_KEY_FILE, NSM_TRUST_BUNDLE_FILE must be set with NSM_SVID_CERT_FILE",
             ),
             (
                 &[

@@ -16,7 +16,8 @@ use nsm_api::inode::InodeUrl;
 use nsm_api::mechanism::{LINUX_IF_MAX_LENGTH, MechanismExt, keys};
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::nsurl::NsUrl;
-use nsm_api::token::{Token, TokenError, TokenIssuer};
+use nsm_api::tls::Identity;
+use nsm_api::token::{TokenError, TokenIssuer};
 use nsm_api::transport::{CallError, Dialer, Session, Target};
 use rand::Rng;
 use tokio::time::Instant;
@@ -165,6 +166,9 @@ pub enum AttemptError {
     Status(tonic::Status),
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// Our SVID cannot make a TLS client or sign a token.
+    #[error("our identity: {0}")]
+    Identity(String),
 }
 
 impl AttemptError {
@@ -174,6 +178,7 @@ impl AttemptError {
             CallError::Dial { why, .. } => AttemptError::Dial(why),
             CallError::Deadline { .. } => AttemptError::Timeout(timeout),
             CallError::Status { status, .. } => AttemptError::Status(status),
+            CallError::Token { why, .. } => AttemptError::Identity(why),
         }
     }
 
@@ -194,7 +199,7 @@ impl AttemptError {
                     | Code::Internal
                     | Code::Aborted
             ),
-            AttemptError::Token(_) => false,
+            AttemptError::Token(_) | AttemptError::Identity(_) => false,
         }
     }
 
@@ -205,7 +210,7 @@ impl AttemptError {
                 s.code(),
                 Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
             ),
-            AttemptError::Token(_) => false,
+            AttemptError::Token(_) | AttemptError::Identity(_) => false,
             _ => true,
         }
     }
@@ -216,6 +221,8 @@ impl AttemptError {
 pub struct Client {
     pub cfg: Arc<Config>,
     pub tokens: Arc<TokenIssuer>,
+    /// Our SVID for mTLS (`None`: insecure).
+    pub tls: Option<Arc<Identity>>,
     pub netns: Arc<OwnNetns>,
 }
 
@@ -231,13 +238,16 @@ impl Client {
     /// One fresh gRPC connection (and, over unix, its fd side channel).
     async fn dial(&self, timeout: Duration) -> Result<Session, AttemptError> {
         self.dialer()
+            .with_tls(self.tls.as_ref())
+            .map_err(|e| AttemptError::Identity(e.to_string()))?
             .dial(Instant::now() + timeout)
             .await
             .map_err(|e| AttemptError::from_call(e, timeout))
     }
 
-    /// Puts us in segment 0 with a fresh token; returns the token for the metadata.
-    fn stamp(&self, conn: &mut Connection) -> Result<Token, AttemptError> {
+    /// Puts us in segment 0 with a fresh token (nsmgr replaces it with the
+    /// per-RPC token it received, whose `aud` names it).
+    fn stamp(&self, conn: &mut Connection) -> Result<(), AttemptError> {
         let token = self.tokens.issue()?;
         let ours = PathSegment {
             name: self.cfg.name.clone(),
@@ -258,7 +268,7 @@ impl Client {
             }
             None => path.path_segments.push(ours),
         }
-        Ok(token)
+        Ok(())
     }
 
     /// One Request over one fresh connection.
@@ -279,13 +289,13 @@ impl Client {
             pref.set_param(keys::INODE_URL, sent.to_string());
         }
         let mut conn = conn.clone();
-        let token = self.stamp(&mut conn)?;
+        self.stamp(&mut conn)?;
         let msg = NetworkServiceRequest {
             connection: Some(conn),
             mechanism_preferences: vec![pref],
         };
         session
-            .request(msg, &token, deadline)
+            .request(msg, &self.tokens, deadline)
             .await
             .map(|answer| answer.conn)
             .map_err(|e| AttemptError::from_call(e, timeout))
@@ -343,9 +353,9 @@ impl Client {
     pub async fn close(&self, conn: &Connection, timeout: Duration) -> Result<(), AttemptError> {
         let session = self.dial(timeout).await?;
         let mut conn = conn.clone();
-        let token = self.stamp(&mut conn)?;
+        self.stamp(&mut conn)?;
         session
-            .close(conn, &token, Instant::now() + timeout)
+            .close(conn, &self.tokens, Instant::now() + timeout)
             .await
             .map_err(|e| AttemptError::from_call(e, timeout))
     }

@@ -13,11 +13,17 @@ use crate::{validate, wait, watch};
 
 pub async fn run(cfg: Config, netns: OwnNetns) -> Result<(), Failure> {
     let cfg = Arc::new(cfg);
-    let tokens = TokenIssuer::ephemeral(&cfg.name, cfg.max_token_lifetime)
+    let identity = cfg
+        .identity
+        .open(nsm_api::tls::IDENTITY_WAIT)
+        .await
+        .map_err(|e| Failure::Setup(e.to_string()))?;
+    let tokens = TokenIssuer::for_identity(identity.as_ref(), &cfg.name, cfg.max_token_lifetime)
         .map_err(|e| Failure::Setup(e.to_string()))?;
     let client = Client {
         cfg: cfg.clone(),
         tokens: Arc::new(tokens),
+        tls: identity,
         netns: Arc::new(netns),
     };
     // Before anything can succeed, so no signal slips past unhandled.

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use ipnet::IpNet;
+use nsm_api::authorize::{Policies, ServerPolicyArgs};
 use nsm_api::duration;
-use nsm_api::env::{parse_bool, parse_labels, parse_log_level};
+use nsm_api::env::{parse_labels, parse_log_level};
+use nsm_api::tls::{IdentityArgs, Source, SourceError};
 
 use crate::ipam::{Policy, parse_groups};
 use crate::mesh_proxy::config::FunctionConfig;
@@ -126,16 +128,12 @@ pub struct Args {
     )]
     pub socket_group: String,
 
-    /// Serve without TLS/SPIFFE (required for now: TLS is not implemented yet); tokens are signed with an ephemeral ES256 key and incoming tokens are not verified.
-    #[arg(
-        long,
-        env = "NSM_INSECURE",
-        default_value = "false",
-        num_args = 0..=1,
-        default_missing_value = "true",
-        value_name = "BOOL"
-    )]
-    pub insecure: String,
+    /// NSM's identity settings (SPIFFE Workload API, SVID files, or insecure).
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+
+    #[command(flatten)]
+    pub policies: ServerPolicyArgs,
 }
 
 /// Where the gRPC server listens.
@@ -168,7 +166,10 @@ pub struct Config {
     pub max_token_lifetime: Duration,
     pub payload: String,
     pub log_level: tracing::Level,
-    pub insecure: bool,
+    /// Where our SVID comes from; `Source::Insecure` only when asked.
+    pub identity: Source,
+    /// NSM's policies checked on every caller's path (`NSM_SERVER_POLICIES`).
+    pub server_policies: Policies,
     /// The mesh-proxy function (`NSM_CONFIG`), defaults without a file.
     pub function: FunctionConfig,
     /// Group of the unix socket (`NSM_SOCKET_GROUP`); `None`: the process's.
@@ -185,10 +186,8 @@ pub enum ConfigError {
     },
     #[error("invalid configuration: {0}")]
     Usage(String),
-    #[error(
-        "TLS/SPIFFE is not implemented yet: set NSM_INSECURE=true (or --insecure) to serve without TLS, with tokens signed by an ephemeral key"
-    )]
-    TlsNotImplemented,
+    #[error("invalid configuration: {0}")]
+    Identity(#[from] SourceError),
 }
 
 fn invalid(env: &'static str, flag: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -332,8 +331,6 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(a: Args) -> Result<Self, Self::Error> {
-        let insecure =
-            parse_bool(&a.insecure).map_err(|r| invalid("NSM_INSECURE", "insecure", r))?;
         let cfg = Config {
             name: parse_name(&a.name).map_err(|r| invalid("NSM_NAME", "name", r))?,
             listen_on: parse_listen_on(&a.listen_on)
@@ -381,13 +378,14 @@ impl TryFrom<Args> for Config {
             payload: parse_payload(&a.payload).map_err(|r| invalid("NSM_PAYLOAD", "payload", r))?,
             log_level: parse_log_level(&a.log_level)
                 .map_err(|r| invalid("NSM_LOG_LEVEL", "log-level", r))?,
-            insecure,
+            identity: a.identity.source()?,
+            server_policies: a
+                .policies
+                .policies()
+                .map_err(|e| invalid("NSM_SERVER_POLICIES", "server-policies", e.to_string()))?,
             function: parse_function_config(&a.config)
                 .map_err(|r| invalid("NSM_CONFIG", "config", r))?,
         };
-        if !cfg.insecure {
-            return Err(ConfigError::TlsNotImplemented);
-        }
         Ok(cfg)
     }
 }
@@ -460,15 +458,23 @@ mod tests {
     }
 
     #[test]
-    fn insecure_is_required_and_parsed_like_go() {
+    fn secure_by_default_and_insecure_parsed_like_go() {
         assert_eq!(
             Config::parse_from(["mesh-proxy-nse"]).unwrap_err(),
-            ConfigError::TlsNotImplemented
+            ConfigError::Identity(SourceError::None)
         );
         assert_eq!(
             Config::parse_from(["mesh-proxy-nse", "--insecure=false"]).unwrap_err(),
-            ConfigError::TlsNotImplemented
+            ConfigError::Identity(SourceError::None)
         );
+        let files = Config::parse_from([
+            "mesh-proxy-nse",
+            "--svid-cert-file=/svid.pem",
+            "--svid-key-file=/svid.key",
+            "--trust-bundle-file=/bundle.pem",
+        ])
+        .unwrap();
+        assert!(matches!(files.identity, Source::Files(_)));
         assert!(Config::parse_from(["mesh-proxy-nse", "--insecure=true"]).is_ok());
         assert!(Config::parse_from(["mesh-proxy-nse", "--insecure", "1"]).is_ok());
         let e = Config::parse_from(["mesh-proxy-nse", "--insecure=yes"]).unwrap_err();

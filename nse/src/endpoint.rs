@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use nsm_api::authorize::Policies;
+use nsm_api::chain::authorize::Authorize;
 use nsm_api::chain::begin::Begin;
 use nsm_api::chain::monitor::Monitor;
 use nsm_api::chain::timeout::Timeout;
@@ -13,6 +15,7 @@ use nsm_api::chain::updatetoken::UpdateToken;
 use nsm_api::chain::{Ctx, Element, Next, Req};
 use nsm_api::connection::{Connection, MonitorScopeSelector};
 use nsm_api::monitor::MonitorHub;
+use nsm_api::tls::Identity;
 use nsm_api::token::{TokenError, TokenIssuer};
 use tonic::Status;
 
@@ -44,6 +47,10 @@ pub struct EndpointOptions {
     pub cidr_groups: Vec<Vec<ipnet::IpNet>>,
     pub ipam_policy: Policy,
     pub max_token_lifetime: Duration,
+    /// Our SVID: tokens are signed with its key (`None`: insecure, an ephemeral key).
+    pub identity: Option<Arc<Identity>>,
+    /// NSM's policies over each SPIFFE caller's path.
+    pub policies: Policies,
 }
 
 impl From<&Config> for EndpointOptions {
@@ -54,6 +61,8 @@ impl From<&Config> for EndpointOptions {
             cidr_groups: c.cidr_groups.clone(),
             ipam_policy: c.ipam_policy,
             max_token_lifetime: c.max_token_lifetime,
+            identity: None,
+            policies: c.server_policies,
         }
     }
 }
@@ -95,7 +104,11 @@ impl Endpoint {
         functions: Vec<Arc<dyn NetworkFunction>>,
     ) -> Result<Self, EndpointError> {
         let netns = Arc::new(OwnNetns::open()?);
-        let issuer = Arc::new(TokenIssuer::ephemeral(&opts.name, opts.max_token_lifetime)?);
+        let issuer = Arc::new(TokenIssuer::for_identity(
+            opts.identity.as_ref(),
+            &opts.name,
+            opts.max_token_lifetime,
+        )?);
         let begin = Arc::new(Begin::new());
         let timeout = Arc::new(Timeout::new());
         let ipam = Arc::new(P2pIpam::new(&opts.cidr_groups, opts.ipam_policy));
@@ -103,6 +116,7 @@ impl Endpoint {
         let elements: Vec<Arc<dyn Element<NseError>>> = vec![
             Arc::new(ServiceFilter::new(opts.service_names.clone())),
             Arc::new(UpdatePath::new(opts.name.clone())),
+            Arc::new(Authorize::new(opts.policies, opts.identity.clone())),
             begin.clone(),
             Arc::new(UpdateToken::new(issuer)),
             timeout.clone(),

@@ -5,6 +5,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use nsm_api::tls::Identity;
+
 use nsm_api::chain::Ctx;
 use nsm_api::connection::Connection;
 use nsm_api::networkservice::NetworkServiceRequest;
@@ -29,6 +31,8 @@ pub enum ServeError {
     Listen(#[from] nsm_api::listen::ListenError),
     #[error(transparent)]
     Serve(#[from] nsm_api::transport::ServeError),
+    #[error(transparent)]
+    Tls(#[from] nsm_api::tls::TlsError),
 }
 
 /// `networkservice.NetworkService` over the endpoint.
@@ -100,6 +104,7 @@ impl NetworkService for NetworkServiceHandler {
 pub async fn serve(
     listen_on: &ListenOn,
     socket_group: Option<u32>,
+    tls: Option<Arc<Identity>>,
     endpoint: Arc<Endpoint>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -113,7 +118,7 @@ pub async fn serve(
     let monitor = endpoint.monitor().clone();
     nsm_api::transport::serve(
         &listen,
-        None,
+        tls,
         NetworkServiceHandler::new(endpoint),
         monitor,
         shutdown,
@@ -137,12 +142,14 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         table = %function.rules.owner,
         "mesh-proxy function"
     );
+    let identity = config.identity.open(nsm_api::tls::IDENTITY_WAIT).await?;
     let mesh_proxy = Arc::new(MeshProxy::start(function).map_err(ServeError::MeshProxy)?);
     let functions: Vec<Arc<dyn NetworkFunction>> = vec![mesh_proxy.clone()];
-    let endpoint = Arc::new(Endpoint::with_functions(
-        &EndpointOptions::from(&config),
-        functions,
-    )?);
+    let options = EndpointOptions {
+        identity: identity.clone(),
+        ..EndpointOptions::from(&config)
+    };
+    let endpoint = Arc::new(Endpoint::with_functions(&options, functions)?);
     tracing::info!(
         name = %config.name,
         services = ?config.service_names,
@@ -153,7 +160,8 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         payload = %config.payload,
         connect_to = ?config.connect_to,
         netns = %endpoint.netns_url(),
-        "starting (insecure: no TLS, tokens signed with an ephemeral key)"
+        identity = %config.identity,
+        "starting"
     );
     if config.connect_to.is_some() {
         tracing::warn!(
@@ -161,7 +169,14 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         );
     }
     let shutdown = nsm_api::listen::termination()?;
-    let served = serve(&config.listen_on, config.socket_group, endpoint, shutdown).await;
+    let served = serve(
+        &config.listen_on,
+        config.socket_group,
+        identity,
+        endpoint,
+        shutdown,
+    )
+    .await;
     let release = tokio::task::spawn_blocking(move || mesh_proxy.release());
     if let Err(e) = release.await {
         tracing::warn!(error = %e, "releasing the mesh-proxy rules failed");

@@ -30,6 +30,7 @@ pub mod registry {
     tonic::include_proto!("registry");
 }
 
+pub mod authorize;
 pub mod chain;
 pub mod duration;
 pub mod env;

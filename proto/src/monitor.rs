@@ -4,6 +4,10 @@
 //! selector matches (even none), then each UPDATE/DELETE that has a matching
 //! connection, in order. [`crate::chain::monitor::Monitor`] feeds it from the
 //! chain; [`MonitorHub`] itself serves `connection.MonitorConnection`.
+//!
+//! A subscriber that proved a SPIFFE ID (TLS) sees only the connections
+//! whose path it is on — a segment whose token it signed (NSM's
+//! `service_connection` policy); without TLS (insecure) every connection.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -23,7 +27,18 @@ pub const SUBSCRIBER_BUFFER: usize = 1024;
 
 struct Subscriber {
     selector: MonitorScopeSelector,
+    /// Its SPIFFE ID; `None`: sees every connection.
+    viewer: Option<String>,
     tx: mpsc::Sender<Result<ConnectionEvent, Status>>,
+}
+
+/// Whether `viewer` is on `conn`'s path.
+fn visible(viewer: Option<&str>, conn: &Connection) -> bool {
+    match (viewer, &conn.path) {
+        (None, _) => true,
+        (Some(v), Some(path)) => crate::authorize::signers(path).any(|s| s == v),
+        (Some(_), None) => false,
+    }
 }
 
 #[derive(Default)]
@@ -47,10 +62,11 @@ pub struct MonitorHub {
 fn filtered(
     conns: &HashMap<String, Connection>,
     selector: &MonitorScopeSelector,
+    viewer: Option<&str>,
 ) -> HashMap<String, Connection> {
     conns
         .iter()
-        .filter(|(_, c)| selector_matches(selector, c))
+        .filter(|(_, c)| selector_matches(selector, c) && visible(viewer, c))
         .map(|(k, c)| (k.clone(), c.clone()))
         .collect()
 }
@@ -98,7 +114,7 @@ impl MonitorHub {
         }
         // Sent under the lock, so every subscriber sees events in one order.
         st.subscribers.retain(|sub| {
-            if !selector_matches(&sub.selector, conn) {
+            if !selector_matches(&sub.selector, conn) || !visible(sub.viewer.as_deref(), conn) {
                 return !sub.tx.is_closed();
             }
             let event = ConnectionEvent {
@@ -121,6 +137,16 @@ impl MonitorHub {
         &self,
         selector: MonitorScopeSelector,
     ) -> mpsc::Receiver<Result<ConnectionEvent, Status>> {
+        self.subscribe_as(selector, None)
+    }
+
+    /// A subscription that sees only connections whose path `viewer` (a
+    /// SPIFFE ID) is on; `None`: all.
+    pub fn subscribe_as(
+        &self,
+        selector: MonitorScopeSelector,
+        viewer: Option<String>,
+    ) -> mpsc::Receiver<Result<ConnectionEvent, Status>> {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let mut st = self.lock();
         if st.shut_down {
@@ -128,12 +154,16 @@ impl MonitorHub {
         }
         let initial = ConnectionEvent {
             r#type: ConnectionEventType::InitialStateTransfer as i32,
-            connections: filtered(&st.connections, &selector),
+            connections: filtered(&st.connections, &selector, viewer.as_deref()),
         };
         // Cannot fail: fresh channel with room.
         let _ = tx.try_send(Ok(initial));
         st.subscribers.retain(|s| !s.tx.is_closed());
-        st.subscribers.push(Subscriber { selector, tx });
+        st.subscribers.push(Subscriber {
+            selector,
+            viewer,
+            tx,
+        });
         rx
     }
 
@@ -166,6 +196,9 @@ impl MonitorConnection for MonitorHub {
         &self,
         request: Request<MonitorScopeSelector>,
     ) -> Result<Response<Self::MonitorConnectionsStream>, Status> {
+        let viewer = crate::transport::Peer::of(request.extensions())
+            .svid
+            .map(|s| s.id.to_string());
         let selector = request.into_inner();
         crate::limits::check_selector(&selector)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -178,7 +211,7 @@ impl MonitorConnection for MonitorHub {
                 crate::limits::MAX_MONITOR_SUBSCRIBERS
             )));
         }
-        let rx = self.subscribe(selector);
+        let rx = self.subscribe_as(selector, viewer);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

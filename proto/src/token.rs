@@ -1,14 +1,19 @@
-//! A hop's own path-segment tokens (endpoint, forwarder, client): ES256
-//! JWTs, as NSM's `spiffejwt` issues them. Without SPIFFE (`NSM_INSECURE=true`)
-//! the key is an ephemeral P-256 key made at start-up and the subject is
-//! `NSM_NAME`: the tokens have NSM's shape and expiry, but no peer can verify
-//! who signed them.
+//! A hop's path-segment and per-RPC tokens, as NSM's `spiffejwt` issues
+//! them: ES256 JWTs signed with the X.509-SVID's key, `sub` our SPIFFE ID,
+//! `aud` the peer's (the TLS peer of the connection the token is for), `exp`
+//! no later than now + the lifetime, our certificate's expiry and the peer's.
+//! Without SPIFFE (`NSM_INSECURE=true`) the key is an ephemeral P-256 key
+//! made at start-up and the subject is `NSM_NAME`: the tokens have NSM's
+//! shape and expiry, but no peer can verify who signed them.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use p256::pkcs8::EncodePrivateKey;
 use rand::RngCore;
+
+use crate::tls::{Identity, PeerSvid};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -16,11 +21,15 @@ pub enum TokenError {
     Key(String),
     #[error("cannot sign a token: {0}")]
     Sign(#[from] jsonwebtoken::errors::Error),
+    #[error("cannot sign a token: our SVID expired at {0}")]
+    Expired(String),
 }
 
 #[derive(serde::Serialize)]
 struct Claims<'a> {
     sub: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<[&'a str; 1]>,
     iat: u64,
     exp: u64,
 }
@@ -32,18 +41,23 @@ pub struct Token {
     pub expires: SystemTime,
 }
 
-/// Signs tokens with one key for `lifetime` each.
+/// Who signs: an ephemeral key under a name, or our current SVID.
+enum Signer {
+    Ephemeral { key: EncodingKey, subject: String },
+    Svid(Arc<Identity>),
+}
+
+/// Signs tokens for `lifetime` each.
 pub struct TokenIssuer {
-    key: EncodingKey,
+    signer: Signer,
     header: Header,
-    subject: String,
     lifetime: Duration,
 }
 
 impl std::fmt::Debug for TokenIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenIssuer")
-            .field("subject", &self.subject)
+            .field("subject", &self.subject())
             .field("lifetime", &self.lifetime)
             .finish_non_exhaustive()
     }
@@ -65,30 +79,93 @@ impl TokenIssuer {
             .to_pkcs8_der()
             .map_err(|e| TokenError::Key(e.to_string()))?;
         Ok(TokenIssuer {
-            key: EncodingKey::from_ec_der(der.as_bytes()),
+            signer: Signer::Ephemeral {
+                key: EncodingKey::from_ec_der(der.as_bytes()),
+                subject: subject.to_owned(),
+            },
             header: Header::new(Algorithm::ES256),
-            subject: subject.to_owned(),
             lifetime,
         })
+    }
+
+    /// An issuer signing with `identity`'s current SVID key (read per token,
+    /// so rotation takes effect at once).
+    pub fn svid(identity: Arc<Identity>, lifetime: Duration) -> Self {
+        TokenIssuer {
+            signer: Signer::Svid(identity),
+            header: Header::new(Algorithm::ES256),
+            lifetime,
+        }
+    }
+
+    /// Ephemeral under `name` without an identity, else the SVID's.
+    pub fn for_identity(
+        identity: Option<&Arc<Identity>>,
+        name: &str,
+        lifetime: Duration,
+    ) -> Result<Self, TokenError> {
+        match identity {
+            Some(i) => Ok(TokenIssuer::svid(i.clone(), lifetime)),
+            None => TokenIssuer::ephemeral(name, lifetime),
+        }
     }
 
     pub fn lifetime(&self) -> Duration {
         self.lifetime
     }
 
-    /// A token valid from now for the configured lifetime (whole seconds, as JWT `exp` is).
+    /// Our `sub`: the SPIFFE ID, or the name in insecure mode.
+    pub fn subject(&self) -> String {
+        match &self.signer {
+            Signer::Ephemeral { subject, .. } => subject.clone(),
+            Signer::Svid(i) => i.current().id.to_string(),
+        }
+    }
+
+    /// A token for no one in particular (our own path segment before a peer
+    /// is known), valid from now for the lifetime.
     pub fn issue(&self) -> Result<Token, TokenError> {
-        let now = SystemTime::now()
+        self.issue_for(None)
+    }
+
+    /// A token for `peer`: `aud` its SPIFFE ID, expiring no later than its
+    /// certificate (nor ours).
+    pub fn issue_for(&self, peer: Option<&PeerSvid>) -> Result<Token, TokenError> {
+        let now = SystemTime::now();
+        let mut until = now + self.lifetime;
+        let material;
+        let (key, subject) = match &self.signer {
+            Signer::Ephemeral { key, subject } => (key.clone(), subject.clone()),
+            Signer::Svid(identity) => {
+                material = identity.current();
+                until = until.min(material.not_after);
+                (
+                    EncodingKey::from_ec_der(&material.key_pkcs8),
+                    material.id.to_string(),
+                )
+            }
+        };
+        if let Some(p) = peer {
+            until = until.min(p.not_after);
+        }
+        // Whole seconds, rounded down, so `expires` equals `exp` and never
+        // lies past any bound.
+        let exp = until
             .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        // Round down so `expires` never lies past now + lifetime and equals `exp`.
-        let exp = (now + self.lifetime).as_secs();
+            .unwrap_or_default()
+            .as_secs();
+        let iat = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        if exp <= iat {
+            return Err(TokenError::Expired(crate::metadata::rfc3339(until)));
+        }
+        let aud = peer.map(|p| p.id.to_string());
         let claims = Claims {
-            sub: &self.subject,
-            iat: now.as_secs(),
+            sub: &subject,
+            aud: aud.as_deref().map(|a| [a]),
+            iat,
             exp,
         };
-        let jwt = jsonwebtoken::encode(&self.header, &claims, &self.key)?;
+        let jwt = jsonwebtoken::encode(&self.header, &claims, &key)?;
         Ok(Token {
             jwt,
             expires: UNIX_EPOCH + Duration::from_secs(exp),

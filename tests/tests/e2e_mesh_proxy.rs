@@ -192,7 +192,7 @@ fn request_traffic_close(kind: ProxyKind) {
     let lab = start(kind);
     let client = lab.client().unwrap();
     let (client_before, nse_before) = (snapshot(&client), snapshot(&lab.nse_ns));
-    let opts = lab.nsc_options("e2e");
+    let opts = lab.nsc_options("e2e").expect("a client SVID");
     let (mut nsc, up) = nsc::watch(&client, &opts, &lab.dir.join("nsc.log"), UP_TIMEOUT)
         .unwrap_or_else(|e| panic!("nsc-init --watch: {e}{}", lab.logs()));
     assert_eq!(up.iface, "nsm-1", "the interface the URL named");
@@ -427,7 +427,7 @@ fn in_a_pod_only_what_the_proxy_serves_is_captured() {
             .any(|r| r.starts_with("default via 198.19.200.1 dev eth0")),
         "{before:?}"
     );
-    let mut opts = lab.nsc_options("pod");
+    let mut opts = lab.nsc_options("pod").expect("a client SVID");
     opts.services =
         format!("kernel://mesh-proxy/nsm-1?proxy-exclude-outbound-cidrs={CLUSTER_SERVICE_NET}");
     let (mut nsc, up) = nsc::watch(&pod.client, &opts, &lab.dir.join("nsc.log"), UP_TIMEOUT)
@@ -500,7 +500,7 @@ fn dns_capture_sends_the_pods_dns_to_the_endpoint() {
     let before = snapshot(&pod.client);
     let (mut nsc, up) = nsc::watch(
         &pod.client,
-        &lab.nsc_options("dns"),
+        &lab.nsc_options("dns").expect("a client SVID"),
         &lab.dir.join("nsc.log"),
         UP_TIMEOUT,
     )
@@ -532,7 +532,7 @@ fn nsm_policy_routes_capture_by_port_with_the_documented_limits() {
     let before = snapshot(&pod.client);
     let (mut nsc, up) = nsc::watch(
         &pod.client,
-        &lab.nsc_options("pol"),
+        &lab.nsc_options("pol").expect("a client SVID"),
         &lab.dir.join("nsc.log"),
         UP_TIMEOUT,
     )
@@ -582,7 +582,7 @@ fn refresh_keeps_the_connection() {
         return;
     }
     let lab = start(ProxyKind::Builtin);
-    let mut opts = lab.nsc_options("refresh");
+    let mut opts = lab.nsc_options("refresh").expect("a client SVID");
     opts.token_lifetime = Some("3s".into());
     // Hops close a connection at its expiry minus the Request's timeout
     // (sdk's timeout), so the timeout must be well below the lifetime.
@@ -642,7 +642,7 @@ fn exit_code_success() {
     }
     let lab = start(ProxyKind::Builtin);
     let client = lab.client().unwrap();
-    let run = nsc::run(&client, &lab.nsc_options("once")).unwrap();
+    let run = nsc::run(&client, &lab.nsc_options("once").expect("a client SVID")).unwrap();
     assert_eq!(run.code(), Some(exit::OK), "{}{}", run.stderr, lab.logs());
     let ups = run.ups();
     assert_eq!(ups.len(), 1, "one up line: {}", run.stdout);
@@ -670,7 +670,7 @@ fn rerun_with_the_same_name_refreshes() {
     let lab = start(ProxyKind::Builtin);
     let client = lab.client().unwrap();
     let nse_before = snapshot(&lab.nse_ns);
-    let opts = lab.nsc_options("again");
+    let opts = lab.nsc_options("again").expect("a client SVID");
     let run = nsc::run(&client, &opts).unwrap();
     assert_eq!(run.code(), Some(exit::OK), "{}{}", run.stderr, lab.logs());
     let first = run.ups().pop().expect("an up line");
@@ -767,7 +767,7 @@ fn exit_code_unknown_service() {
     let lab = start(ProxyKind::Builtin);
     let client = lab.client().unwrap();
     let before = (snapshot(&client), snapshot(&lab.nse_ns));
-    let mut opts = lab.nsc_options("unknown");
+    let mut opts = lab.nsc_options("unknown").expect("a client SVID");
     opts.services = "kernel://no-such-service/nsm-1".into();
     opts.request_timeout = "3s".into();
     let run = nsc::run(&client, &opts).unwrap();
@@ -800,7 +800,7 @@ fn fifty_clients_in_parallel() {
         .iter()
         .enumerate()
         .map(|(i, ns)| {
-            let opts = lab.nsc_options(&format!("par{i}"));
+            let opts = lab.nsc_options(&format!("par{i}")).expect("a client SVID");
             Process::spawn(
                 "nsc-init --watch",
                 &mut opts.command(ns, true),
@@ -867,7 +867,7 @@ fn sidecar_placement_uses_the_clients_own_proxy() {
     let sidecar = examples::proxy::start(ProxyKind::Builtin, &client, &lab.dir, "sidecar")
         .unwrap_or_else(|e| panic!("sidecar proxy: {e}"));
     let (client_before, nse_before) = (snapshot(&client), snapshot(&lab.nse_ns));
-    let mut opts = lab.nsc_options("sidecar");
+    let mut opts = lab.nsc_options("sidecar").expect("a client SVID");
     opts.services = "kernel://mesh-proxy/nsm-1?proxy-placement=sidecar".into();
     let (mut nsc, up) = nsc::watch(&client, &opts, &lab.dir.join("nsc.log"), UP_TIMEOUT)
         .unwrap_or_else(|e| panic!("nsc-init --watch: {e}{}", lab.logs()));

@@ -1167,12 +1167,17 @@ fn invalid_configuration_is_one_line_and_exit_64() {
         (
             &["serve", "--insecure"][..],
             &[][..],
-            "NSM_NEXT_HOP (--next-hop): is required",
+            "NSM_CONNECT_TO (--connect-to): is required",
         ),
         (
             &["serve", "--next-hop", "unix:///x.sock"],
             &[],
-            "NSM_INSECURE=true",
+            "no identity: set SPIFFE_ENDPOINT_SOCKET",
+        ),
+        (
+            &["serve", "--insecure", "--next-hop", "unix:///x.sock"],
+            &[("NSM_CONNECT_TO", "unix:///y.sock")],
+            "NSM_NEXT_HOP is its older name",
         ),
         (
             &["serve", "--insecure", "--next-hop", "tcp://1.2.3.4:5"],

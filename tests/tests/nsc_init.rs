@@ -614,7 +614,14 @@ fn bad_configuration_exits_64_with_one_line() {
         (&[("NSM_CONNECT_TO", "/var/lib/nsm.sock")], "NSM_CONNECT_TO"),
         (
             &[("NSM_INSECURE", "false")],
-            "TLS/SPIFFE is not implemented",
+            "no identity: set SPIFFE_ENDPOINT_SOCKET",
+        ),
+        (
+            &[
+                ("NSM_INSECURE", "false"),
+                ("NSM_SVID_CERT_FILE", "/svid.pem"),
+            ],
+            "NSM_SVID_KEY_FILE, NSM_TRUST_BUNDLE_FILE must be set with NSM_SVID_CERT_FILE",
         ),
         (&[("NSC_VALIDATE", "true")], "NSC_VALIDATE_PROBE"),
         // Hops close at the token's expiry minus the request timeout.
@@ -661,6 +668,10 @@ fn help_documents_every_variable_and_exit_code() {
         "NSM_LABELS",
         "NSM_LOG_LEVEL",
         "NSM_INSECURE",
+        "SPIFFE_ENDPOINT_SOCKET",
+        "NSM_SVID_CERT_FILE",
+        "NSM_SVID_KEY_FILE",
+        "NSM_TRUST_BUNDLE_FILE",
         "NSC_VALIDATE",
         "NSC_VALIDATE_PROBE",
         "NSC_VALIDATE_EXPECT",

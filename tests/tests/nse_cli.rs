@@ -205,15 +205,30 @@ fn a_bad_function_config_file_is_one_line_naming_the_key_and_exit_64() {
 }
 
 #[test]
-fn refuses_to_start_without_insecure() {
+fn refuses_to_start_without_an_identity_unless_insecure() {
     for env in [&[][..], &[("NSM_INSECURE", "false")][..]] {
         let out = run(&[], env);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains("TLS/SPIFFE is not implemented yet"), "{err}");
+        assert!(
+            err.contains("no identity: set SPIFFE_ENDPOINT_SOCKET"),
+            "{err}"
+        );
         assert!(err.contains("NSM_INSECURE=true"), "{err}");
     }
+    // SVID files that cannot be read: a runtime failure that says which.
+    let out = run(
+        &[],
+        &[
+            ("NSM_SVID_CERT_FILE", "/nonexistent/svid.pem"),
+            ("NSM_SVID_KEY_FILE", "/nonexistent/svid.key"),
+            ("NSM_TRUST_BUNDLE_FILE", "/nonexistent/bundle.pem"),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot read /nonexistent/svid.pem"), "{err}");
 }
 
 #[test]

@@ -40,12 +40,23 @@ impl NetworkService for WhoCalled {
         req: Request<NetworkServiceRequest>,
     ) -> Result<Response<Connection>, Status> {
         let peer = Peer::of(req.extensions());
+        // The caller's per-RPC token: who signed it for whom.
+        let claims = req
+            .metadata()
+            .get("nsm-client-token")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|t| jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(t).ok())
+            .map(|d| d.claims)
+            .unwrap_or_default();
         let msg = req.into_inner();
         let mut conn = msg.connection.unwrap_or_default();
         conn.labels.insert(
             "peer".into(),
-            peer.id.map(|id| id.to_string()).unwrap_or_default(),
+            peer.svid.map(|s| s.id.to_string()).unwrap_or_default(),
         );
+        for claim in ["sub", "aud"] {
+            conn.labels.insert(claim.into(), claims[claim].to_string());
+        }
         let url = msg
             .mechanism_preferences
             .first()
@@ -161,10 +172,14 @@ fn identity(ca: &TestCa, path: &str) -> Arc<Identity> {
     Identity::new(ca.material(&ca.issue(path).unwrap()).unwrap())
 }
 
-fn dialer(server: &Server, tls: Option<&Arc<Identity>>) -> Dialer {
-    Dialer::new(server.target.clone(), Duration::from_secs(3))
+fn dialer(server: &Server, tls: Option<&Arc<Identity>>) -> (Dialer, TokenIssuer) {
+    let d = Dialer::new(server.target.clone(), Duration::from_secs(3))
         .with_tls(tls)
-        .unwrap()
+        .unwrap();
+    (
+        d,
+        TokenIssuer::for_identity(tls, "insecure-client", Duration::from_secs(60)).unwrap(),
+    )
 }
 
 fn request() -> NetworkServiceRequest {
@@ -178,12 +193,8 @@ fn request() -> NetworkServiceRequest {
     }
 }
 
-async fn call(d: &Dialer) -> Result<Connection, CallError> {
-    let token = TokenIssuer::ephemeral("spiffe://cluster.local/nsc", Duration::from_secs(60))
-        .unwrap()
-        .issue()
-        .unwrap();
-    d.request(request(), &token, Instant::now() + WAIT)
+async fn call((d, tokens): &(Dialer, TokenIssuer)) -> Result<Connection, CallError> {
+    d.request(request(), tokens, Instant::now() + WAIT)
         .await
         .map(|a| a.conn)
 }
@@ -198,10 +209,8 @@ async fn mtls_over_unix_names_the_caller_and_passes_fds_both_ways() {
     std::fs::write(&mine, b"from the client").unwrap();
     let file = std::fs::File::open(&mine).unwrap();
 
-    let session = dialer(&server, Some(&client))
-        .dial(Instant::now() + WAIT)
-        .await
-        .expect("mTLS dial");
+    let (d, tokens) = dialer(&server, Some(&client));
+    let session = d.dial(Instant::now() + WAIT).await.expect("mTLS dial");
     let url = session.fds().unwrap().send_fd(file.as_fd()).unwrap();
     let mut req = request();
     req.mechanism_preferences = vec![Mechanism {
@@ -209,18 +218,25 @@ async fn mtls_over_unix_names_the_caller_and_passes_fds_both_ways() {
         r#type: "KERNEL".into(),
         parameters: [("inodeURL".to_string(), url.to_string())].into(),
     }];
-    let token = TokenIssuer::ephemeral("x", Duration::from_secs(60))
-        .unwrap()
-        .issue()
-        .unwrap();
     let answer = session
-        .request(req, &token, Instant::now() + WAIT)
+        .request(req, &tokens, Instant::now() + WAIT)
         .await
         .expect("request over mTLS");
 
     assert_eq!(
         answer.conn.labels["peer"], "spiffe://cluster.local/ns/nsm/sa/forwarder",
         "the server must know the caller by its SVID"
+    );
+    assert_eq!(
+        (
+            answer.conn.labels["sub"].as_str(),
+            answer.conn.labels["aud"].as_str()
+        ),
+        (
+            "\"spiffe://cluster.local/ns/nsm/sa/forwarder\"",
+            "[\"spiffe://cluster.local/ns/nsm/sa/nse\"]"
+        ),
+        "the per-RPC token is the caller's, for this server"
     );
     assert_eq!(
         answer.conn.labels["got"],
@@ -447,10 +463,18 @@ async fn expired_svids_are_refused_on_both_sides() {
     let expired = Identity::new(ca.material(&ca.issue_expired("/old").unwrap()).unwrap());
 
     let server = start(Some(identity(&ca, "/nse")), false).await;
+    let Target::Unix(path) = &server.target else {
+        unreachable!()
+    };
+    let err = raw_client(path, Some(&ca.issue_expired("/old").unwrap()))
+        .await
+        .expect_err("the server must refuse an expired client SVID");
+    assert!(err.contains("CertificateExpired"), "{err}");
+    // Our own client does not even sign a token with it.
     let err = call(&dialer(&server, Some(&expired)))
         .await
-        .expect_err("an expired client SVID must be refused");
-    assert!(err.to_string().contains("CertificateExpired"), "{err}");
+        .expect_err("an expired SVID must not make calls");
+    assert!(err.to_string().contains("our SVID expired"), "{err}");
 
     let stale = start(Some(expired.clone()), false).await;
     let err = call(&dialer(&stale, Some(&identity(&ca, "/nsc"))))

@@ -43,6 +43,9 @@ struct Args {
     /// (e.g. `ip netns exec <client> curl http://198.19.100.2:8080/`).
     #[arg(long)]
     hold: bool,
+    /// Run every hop with NSM_INSECURE=true (no mTLS, unverifiable tokens) instead of giving each its own SVID.
+    #[arg(long)]
+    insecure: bool,
 }
 
 /// Waits for a line on stdin (or Ctrl-C).
@@ -168,6 +171,29 @@ fn pod_network_works(lab: &Lab, client: &Namespace, pod: &PodNetwork) -> Result<
     })
 }
 
+/// mTLS: nsc-init without an SVID (plaintext) gets no answer from the
+/// forwarder, and nothing changes in its namespace.
+fn stranger_is_refused(lab: &Lab) -> Result<(), DemoError> {
+    let stranger = lab.client()?;
+    let before = inspect::snapshot(&stranger)?;
+    let mut opts = examples::nsc::NscOptions::new(&lab.forwarder_url(), "stranger");
+    opts.request_timeout = "2s".into();
+    let run = examples::nsc::run(&stranger, &opts)?;
+    let why = run.stderr.lines().last().unwrap_or("").to_owned();
+    println!(
+        "mTLS: nsc-init without an SVID (NSM_INSECURE=true) in {}: exit {} — {why}",
+        stranger.name(),
+        run.status.code().unwrap_or(-1)
+    );
+    check(
+        run.status.code() == Some(examples::nsc::exit::UNREACHABLE),
+        || format!("a plaintext caller must get no answer: {run:?}"),
+    )?;
+    check(inspect::snapshot(&stranger)? == before, || {
+        "the refused caller's namespace changed".into()
+    })
+}
+
 fn demo(args: &Args, lab: &mut Lab, client: &Namespace) -> Result<(), DemoError> {
     let pod = lab.attach_pod_network(client)?;
     let mut cmd = client.command(process::bin("hello-server"));
@@ -187,7 +213,7 @@ fn demo(args: &Args, lab: &mut Lab, client: &Namespace) -> Result<(), DemoError>
     let nse_before = inspect::snapshot(&lab.nse_ns)?;
 
     step("2. nsc-init --watch in the client asks for kernel://mesh-proxy/nsm-1");
-    let opts = lab.nsc_options("demo-client");
+    let opts = lab.nsc_options("demo-client")?;
     let (mut nsc, up) = examples::nsc::watch(
         client,
         &opts,
@@ -240,6 +266,10 @@ fn demo(args: &Args, lab: &mut Lab, client: &Namespace) -> Result<(), DemoError>
                 indent(&inspect::nft_ruleset(ns)?)
             );
         }
+    }
+
+    if lab.config.secure {
+        stranger_is_refused(lab)?;
     }
 
     step("3. requests from the client to the server");
@@ -342,6 +372,7 @@ fn run(args: &Args) -> Result<(), DemoError> {
     let config = LabConfig {
         proxy: args.proxy,
         say: |s| println!("{s}"),
+        secure: !args.insecure,
         ..Default::default()
     };
     let mut lab = Lab::start(config)?;

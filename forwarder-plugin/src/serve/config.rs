@@ -9,7 +9,9 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::hop::BackendName;
-use nsm_api::env::{parse_bool, parse_log_level};
+use nsm_api::authorize::{Policies, ServerPolicyArgs};
+use nsm_api::env::parse_log_level;
+use nsm_api::tls::{IdentityArgs, Source, SourceError};
 
 /// `sysexits.h` EX_USAGE: the configuration is wrong.
 pub const EXIT_CONFIG: u8 = 64;
@@ -40,8 +42,12 @@ pub struct ServeArgs {
     #[arg(long, env = "NSM_LISTEN_ON", default_value = DEFAULT_LISTEN_ON)]
     pub listen_on: String,
 
-    /// The next hop (the endpoint, or nsmgr): unix:///absolute/path. Required.
-    #[arg(long, env = "NSM_NEXT_HOP")]
+    /// The next hop: nsmgr (as NSM's forwarders have it), or the endpoint in a lab: unix:///absolute/path. Required.
+    #[arg(long, env = "NSM_CONNECT_TO", value_name = "URL")]
+    pub connect_to: Option<String>,
+
+    /// Older name of --connect-to, still read; both set must agree.
+    #[arg(long, env = "NSM_NEXT_HOP", value_name = "URL")]
     pub next_hop: Option<String>,
 
     /// Timeout for dialing the next hop (Go duration: 750ms, 1s).
@@ -56,16 +62,12 @@ pub struct ServeArgs {
     #[arg(long, env = "NSM_MAX_TOKEN_LIFETIME", default_value = "10m")]
     pub max_token_lifetime: String,
 
-    /// Serve without TLS/SPIFFE (required for now: TLS is not implemented yet); tokens are signed with an ephemeral ES256 key.
-    #[arg(
-        long,
-        env = "NSM_INSECURE",
-        default_value = "false",
-        num_args = 0..=1,
-        default_missing_value = "true",
-        value_name = "BOOL"
-    )]
-    pub insecure: String,
+    /// NSM's identity settings (SPIFFE Workload API, SVID files, or insecure).
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+
+    #[command(flatten)]
+    pub policies: ServerPolicyArgs,
 
     /// Log level: TRACE, DEBUG, INFO, WARN, ERROR (FATAL and PANIC mean ERROR).
     #[arg(long, env = "NSM_LOG_LEVEL", default_value = "INFO")]
@@ -108,6 +110,10 @@ pub struct ServeConfig {
     pub cleanup_on_exit: bool,
     /// Group of the unix socket; `None`: the process's.
     pub socket_group: Option<u32>,
+    /// Where our SVID comes from; `Source::Insecure` only when asked.
+    pub identity: Source,
+    /// NSM's policies checked on every caller's path (`NSM_SERVER_POLICIES`).
+    pub server_policies: Policies,
 }
 
 impl ServeConfig {
@@ -130,10 +136,8 @@ pub enum ConfigError {
     },
     #[error("invalid configuration: --{flag}: {reason}")]
     Flag { flag: &'static str, reason: String },
-    #[error(
-        "TLS/SPIFFE is not implemented yet: set NSM_INSECURE=true (or --insecure) to serve without TLS, with tokens signed by an ephemeral key"
-    )]
-    TlsNotImplemented,
+    #[error("invalid configuration: {0}")]
+    Identity(#[from] SourceError),
 }
 
 fn invalid(env: &'static str, flag: &'static str) -> impl FnOnce(String) -> ConfigError {
@@ -193,17 +197,39 @@ impl TryFrom<ServeArgs> for ServeConfig {
     type Error = ConfigError;
 
     fn try_from(a: ServeArgs) -> Result<Self, Self::Error> {
-        let insecure = parse_bool(&a.insecure).map_err(invalid("NSM_INSECURE", "insecure"))?;
-        let next_hop = match a.next_hop.as_deref().map(str::trim) {
-            None | Some("") => {
+        let identity = a.identity.source()?;
+        let given = |v: &Option<String>| {
+            v.as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        let example = "unix:///var/lib/networkservicemesh/nsm.io.sock";
+        let next_hop = match (given(&a.connect_to), given(&a.next_hop)) {
+            (None, None) => {
+                return Err(ConfigError::Invalid {
+                    env: "NSM_CONNECT_TO",
+                    flag: "connect-to",
+                    reason: format!(
+                        "is required: nsmgr's (or the endpoint's) socket, e.g. {example}"
+                    ),
+                });
+            }
+            (Some(c), Some(n)) if c != n => {
                 return Err(ConfigError::Invalid {
                     env: "NSM_NEXT_HOP",
                     flag: "next-hop",
-                    reason: "is required: the endpoint's or nsmgr's unix:///path".into(),
+                    reason: format!(
+                        "{n:?} is not NSM_CONNECT_TO {c:?}: NSM_NEXT_HOP is its older name; set one"
+                    ),
                 });
             }
-            Some(s) => parse_unix_url(s, "unix:///var/lib/networkservicemesh/nse.sock")
-                .map_err(invalid("NSM_NEXT_HOP", "next-hop"))?,
+            (Some(c), _) => {
+                parse_unix_url(&c, example).map_err(invalid("NSM_CONNECT_TO", "connect-to"))?
+            }
+            (None, Some(n)) => {
+                parse_unix_url(&n, example).map_err(invalid("NSM_NEXT_HOP", "next-hop"))?
+            }
         };
         let cfg = ServeConfig {
             name: parse_name(&a.name).map_err(invalid("NSM_NAME", "name"))?,
@@ -238,19 +264,22 @@ impl TryFrom<ServeArgs> for ServeConfig {
                         .map_err(invalid("NSM_SOCKET_GROUP", "socket-group"))?,
                 ),
             },
+            identity,
+            server_policies: a
+                .policies
+                .policies()
+                .map_err(|e| e.to_string())
+                .map_err(invalid("NSM_SERVER_POLICIES", "server-policies"))?,
         };
         if cfg.listen_on == cfg.next_hop {
             return Err(ConfigError::Invalid {
-                env: "NSM_NEXT_HOP",
-                flag: "next-hop",
+                env: "NSM_CONNECT_TO",
+                flag: "connect-to",
                 reason: format!(
                     "{} is where this hop listens (NSM_LISTEN_ON): it would forward to itself",
                     cfg.next_hop_url()
                 ),
             });
-        }
-        if !insecure {
-            return Err(ConfigError::TlsNotImplemented);
         }
         Ok(cfg)
     }
@@ -274,8 +303,8 @@ mod tests {
         if !args.iter().any(|a| a.starts_with("--insecure")) {
             v.push("--insecure");
         }
-        if !args.contains(&"--next-hop") {
-            v.extend(["--next-hop", "unix:///run/nse.sock"]);
+        if !args.contains(&"--next-hop") && !args.contains(&"--connect-to") {
+            v.extend(["--connect-to", "unix:///run/nse.sock"]);
         }
         ServeConfig::try_from(Cli::try_parse_from(v).unwrap().args)
     }
@@ -307,8 +336,8 @@ mod tests {
             ),
             (&["--listen-on", "unix://relative"], "absolute path"),
             (
-                &["--next-hop", "unix:///run/x/"],
-                "NSM_NEXT_HOP (--next-hop)",
+                &["--connect-to", "unix:///run/x/"],
+                "NSM_CONNECT_TO (--connect-to)",
             ),
             (
                 &["--dial-timeout", "750"],
@@ -334,17 +363,29 @@ mod tests {
             .unwrap_err();
         assert!(
             e.to_string()
-                .contains("NSM_NEXT_HOP (--next-hop): is required"),
+                .contains("NSM_CONNECT_TO (--connect-to): is required"),
             "{e}"
         );
+        // NSM_NEXT_HOP is the older name: read alone, refused when it disagrees.
+        let c = parse(&["--next-hop", "unix:///run/a.sock"]).unwrap();
+        assert_eq!(c.next_hop, PathBuf::from("/run/a.sock"));
+        let e = parse(&[
+            "--next-hop",
+            "unix:///run/a.sock",
+            "--connect-to",
+            "unix:///run/b.sock",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("older name"), "{e}");
         let e = parse(&["--listen-on", "unix:///run/nse.sock"]).unwrap_err();
         assert!(e.to_string().contains("forward to itself"), "{e}");
     }
 
     #[test]
-    fn insecure_must_be_true_for_now() {
+    fn secure_unless_insecure_is_asked_for() {
         let e = parse(&["--insecure=false"]).unwrap_err();
-        assert_eq!(e, ConfigError::TlsNotImplemented);
+        assert_eq!(e, ConfigError::Identity(SourceError::None));
+        assert!(e.to_string().contains("SPIFFE_ENDPOINT_SOCKET"), "{e}");
         let e = parse(&["--insecure=maybe"]).unwrap_err();
         assert!(e.to_string().contains("NSM_INSECURE (--insecure)"), "{e}");
         assert!(parse(&["--insecure=t"]).is_ok());

@@ -1,10 +1,11 @@
 //! The hop's client side: every call to the next hop goes over a FRESH
 //! grpcfd connection (`nsm_api::transport::Dialer`, as NSM's dial client
-//! does, refreshes included), with the hop's token as `nsm-client-token`
-//! metadata; the endpoint's netns fd comes back on that connection, named
-//! by the returned mechanism's `inodeURL`.
+//! does, refreshes included), mTLS unless insecure, with a token of ours for
+//! that hop as `nsm-client-token` metadata; the endpoint's netns fd comes
+//! back on that connection, named by the returned mechanism's `inodeURL`.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nsm_api::connection::{Connection, Mechanism};
@@ -12,7 +13,8 @@ use nsm_api::grpcfd::FdChannel;
 use nsm_api::inode::InodeUrl;
 use nsm_api::mechanism::{self as mech, MechanismExt};
 use nsm_api::networkservice::NetworkServiceRequest;
-use nsm_api::token::Token;
+use nsm_api::tls::{Identity, TlsError};
+use nsm_api::token::{Token, TokenIssuer};
 use nsm_api::transport::{Answer, CallError, Dialer, Target};
 use tokio::time::Instant;
 
@@ -38,12 +40,15 @@ pub enum DownstreamError {
     },
 }
 
-/// A call's token: our path segment's, as updatetoken set it.
+/// Our path segment's token, as updatetoken set it.
 pub type CallToken = Token;
 
 #[derive(Debug, Clone)]
 pub struct NextHop {
     dialer: Dialer,
+    tls: Option<Arc<Identity>>,
+    /// Signs each call's `nsm-client-token` for the hop it reaches.
+    tokens: Arc<TokenIssuer>,
 }
 
 /// The next hop's answer, with the connection its fds arrived on.
@@ -55,10 +60,29 @@ pub struct Accepted {
 }
 
 impl NextHop {
-    pub fn new(path: &Path, dial_timeout: Duration) -> NextHop {
-        NextHop {
-            dialer: Dialer::new(Target::Unix(path.to_owned()), dial_timeout),
-        }
+    pub fn new(
+        path: &Path,
+        dial_timeout: Duration,
+        tls: Option<Arc<Identity>>,
+        tokens: Arc<TokenIssuer>,
+    ) -> Result<NextHop, TlsError> {
+        Ok(NextHop {
+            dialer: Dialer::new(Target::Unix(path.to_owned()), dial_timeout)
+                .with_tls(tls.as_ref())?,
+            tls,
+            tokens,
+        })
+    }
+
+    /// The same client for another socket (a connection recorded with
+    /// another next hop).
+    pub fn at(&self, path: &Path) -> Result<NextHop, TlsError> {
+        NextHop::new(
+            path,
+            self.dialer.dial_timeout(),
+            self.tls.clone(),
+            self.tokens.clone(),
+        )
     }
 
     pub fn url(&self) -> &str {
@@ -70,14 +94,13 @@ impl NextHop {
     pub async fn request(
         &self,
         conn: Connection,
-        token: &CallToken,
         deadline: Instant,
     ) -> Result<Accepted, DownstreamError> {
         let msg = NetworkServiceRequest {
             connection: Some(conn),
             mechanism_preferences: vec![mech::kernel([])],
         };
-        let answer = self.dialer.request(msg, token, deadline).await?;
+        let answer = self.dialer.request(msg, &self.tokens, deadline).await?;
         let fds = answer
             .fds
             .clone()
@@ -93,15 +116,10 @@ impl NextHop {
     }
 
     /// Closes `conn` downstream (a fresh connection too).
-    pub async fn close(
-        &self,
-        conn: Connection,
-        token: &CallToken,
-        timeout: Duration,
-    ) -> Result<(), DownstreamError> {
+    pub async fn close(&self, conn: Connection, timeout: Duration) -> Result<(), DownstreamError> {
         Ok(self
             .dialer
-            .close(conn, token, Instant::now() + timeout)
+            .close(conn, &self.tokens, Instant::now() + timeout)
             .await?)
     }
 

@@ -81,7 +81,6 @@ impl Forwarder {
             .into());
         }
         let known = self.hop.record(&id);
-        let token = own_token(&conn)?;
         let expires = prev_expires(&conn);
         let caller_id = conn.prev_segment().map(|s| s.id.clone());
         // A netlink socket in the client's namespace takes a thread that
@@ -99,7 +98,7 @@ impl Forwarder {
             .and_then(decode_downstream)
             .and_then(|c| c.mechanism);
         let asked = std::time::Instant::now();
-        let accepted = self.next_hop.request(down, &token, deadline).await?;
+        let accepted = self.next_hop.request(down, deadline).await?;
         let downstream = asked.elapsed();
         match self
             .plumb(
@@ -123,11 +122,7 @@ impl Forwarder {
                 if known.is_none() {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let timeout = left.max(self.dial_timeout);
-                    if let Err(ce) = self
-                        .next_hop
-                        .close(accepted.conn.clone(), &token, timeout)
-                        .await
-                    {
+                    if let Err(ce) = self.next_hop.close(accepted.conn.clone(), timeout).await {
                         tracing::warn!(%id, error = %ce, "cannot Close the refused connection downstream");
                     }
                 }
@@ -236,7 +231,7 @@ impl Forwarder {
                 Some(r) => self.next_hop_of(r),
                 None => self.next_hop.clone(),
             };
-            if let Err(e) = next.close(down, token, self.close_timeout).await {
+            if let Err(e) = next.close(down, self.close_timeout).await {
                 tracing::warn!(%id, error = %e, "Close downstream failed; the endpoint expires the connection itself");
             }
         }
@@ -265,7 +260,13 @@ impl Forwarder {
             .and_then(|u| u.strip_prefix("unix://"))
         {
             Some(path) if path != self.next_hop_path() => {
-                NextHop::new(&PathBuf::from(path), self.dial_timeout)
+                match self.next_hop.at(&PathBuf::from(path)) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(%path, error = %e, "cannot make a client for the recorded next hop; using the configured one");
+                        self.next_hop.clone()
+                    }
+                }
             }
             _ => self.next_hop.clone(),
         }

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use nsm_api::chain::authorize::Authorize;
 use nsm_api::chain::begin::Begin;
 use nsm_api::chain::monitor::Monitor;
 use nsm_api::chain::timeout::Timeout;
@@ -16,6 +17,7 @@ use nsm_api::connection::Connection;
 use nsm_api::monitor::MonitorHub;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::networkservice::network_service_server::NetworkService;
+use nsm_api::tls::{Identity, TlsError};
 use nsm_api::token::TokenIssuer;
 use tonic::{Request, Response, Status};
 
@@ -36,6 +38,8 @@ pub enum ServeError {
     Serve(#[from] nsm_api::transport::ServeError),
     #[error(transparent)]
     Listen(#[from] nsm_api::listen::ListenError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The forwarder chain and what the server and shutdown need of it.
@@ -46,18 +50,27 @@ pub struct ForwarderHop {
 }
 
 impl ForwarderHop {
-    pub fn new(cfg: &ServeConfig) -> Result<ForwarderHop, ServeError> {
+    pub fn new(
+        cfg: &ServeConfig,
+        identity: Option<Arc<Identity>>,
+    ) -> Result<ForwarderHop, ServeError> {
         let hop = Arc::new(Hop::open(&HopOptions {
             state_dir: cfg.state_dir.clone(),
             backend: cfg.backend,
         })?);
         let issuer = Arc::new(
-            TokenIssuer::ephemeral(&cfg.name, cfg.max_token_lifetime)
+            TokenIssuer::for_identity(identity.as_ref(), &cfg.name, cfg.max_token_lifetime)
                 .map_err(|e| ServeError::Token(e.to_string()))?,
         );
+        let next_hop = NextHop::new(
+            &cfg.next_hop,
+            cfg.dial_timeout,
+            identity.clone(),
+            issuer.clone(),
+        )?;
         let forwarder = Arc::new(Forwarder::new(
             hop,
-            NextHop::new(&cfg.next_hop, cfg.dial_timeout),
+            next_hop,
             issuer.clone(),
             cfg.dial_timeout,
             cfg.request_timeout,
@@ -66,6 +79,7 @@ impl ForwarderHop {
         let elements: Vec<Arc<dyn Element<ForwardError>>> = vec![
             Arc::new(Rejoin::new(cfg.name.clone(), forwarder.clone())),
             Arc::new(UpdatePath::new(cfg.name.clone())),
+            Arc::new(Authorize::new(cfg.server_policies, identity.clone())),
             Arc::new(Adopt::new(forwarder.clone())),
             Arc::new(Begin::new()),
             Arc::new(UpdateToken::new(issuer)),
@@ -230,9 +244,10 @@ impl NetworkService for Handler {
 /// (with `--cleanup-on-exit`) undoes every connection.
 pub async fn serve(
     cfg: &ServeConfig,
+    identity: Option<Arc<Identity>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let hop = Arc::new(ForwarderHop::new(cfg)?);
+    let hop = Arc::new(ForwarderHop::new(cfg, identity.clone())?);
     hop.arm_adopted_expiry().await;
 
     let listen = nsm_api::transport::Listen::Unix {
@@ -244,7 +259,7 @@ pub async fn serve(
         admission: nsm_api::limits::Admission::default(),
     };
     tracing::info!(next_hop = %cfg.next_hop_url(), "forwarding");
-    nsm_api::transport::serve(&listen, None, handler, hop.monitor.clone(), shutdown).await?;
+    nsm_api::transport::serve(&listen, identity, handler, hop.monitor.clone(), shutdown).await?;
     if cfg.cleanup_on_exit {
         hop.cleanup_all().await;
     } else {
@@ -266,8 +281,10 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         backend = %cfg.backend,
         state_dir = %cfg.state_dir.display(),
         cleanup_on_exit = cfg.cleanup_on_exit,
-        "starting (insecure: no TLS, tokens signed with an ephemeral key)"
+        identity = %cfg.identity,
+        "starting"
     );
+    let identity = cfg.identity.open(nsm_api::tls::IDENTITY_WAIT).await?;
     let shutdown = nsm_api::listen::termination()?;
-    serve(&cfg, shutdown).await
+    serve(&cfg, identity, shutdown).await
 }

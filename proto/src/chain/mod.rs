@@ -8,6 +8,7 @@
 //! generic elements here need only `E: From<ChainError>` (see [`HopError`]);
 //! [`ChainError::code`] gives the code NSM uses for each of their errors.
 
+pub mod authorize;
 pub mod begin;
 pub mod monitor;
 pub mod timeout;
@@ -41,6 +42,9 @@ pub enum ChainError {
     /// The chain is assembled wrongly (e.g. timeout without begin before it).
     #[error("internal error: {0}")]
     Internal(String),
+    /// An authorization policy said no.
+    #[error("{0}")]
+    Denied(String),
 }
 
 impl ChainError {
@@ -52,6 +56,7 @@ impl ChainError {
             | ChainError::Path(_)
             | ChainError::Timeout(_) => Code::InvalidArgument,
             ChainError::Token(_) | ChainError::Internal(_) => Code::Internal,
+            ChainError::Denied(_) => Code::PermissionDenied,
         }
     }
 }
@@ -84,6 +89,8 @@ pub struct Ctx<E> {
     pub request_timeout: Duration,
     /// The caller's unix connection, for passing fds (absent over TCP and for our own events).
     pub fds: Option<FdChannel>,
+    /// The caller's verified SVID (TLS only): our tokens for it name it.
+    pub peer: Option<crate::tls::PeerSvid>,
     /// Set by [`begin`]: lets later elements act on this connection later (e.g. expiry).
     pub events: Option<begin::ConnEvents<E>>,
 }
@@ -94,6 +101,7 @@ impl<E> Default for Ctx<E> {
             client_token: None,
             request_timeout: Duration::ZERO,
             fds: None,
+            peer: None,
             events: None,
         }
     }
@@ -105,6 +113,7 @@ impl<E> std::fmt::Debug for Ctx<E> {
             .field("client_token", &self.client_token)
             .field("request_timeout", &self.request_timeout)
             .field("fds", &self.fds)
+            .field("peer", &self.peer.as_ref().map(|p| &p.id))
             .field("events", &self.events)
             .finish()
     }
@@ -120,10 +129,12 @@ impl<E> Ctx<E> {
     /// deadline, and (over unix sockets with grpcfd, with or without TLS)
     /// its fd channel.
     pub fn from_request<T>(request: &tonic::Request<T>) -> Result<Self, ChainError> {
+        let peer = crate::transport::Peer::of(request.extensions());
         Ok(Ctx {
             client_token: metadata::client_token(request.metadata())?,
             request_timeout: metadata::request_timeout(request.metadata()),
-            fds: crate::transport::Peer::of(request.extensions()).fds,
+            fds: peer.fds,
+            peer: peer.svid,
             events: None,
         })
     }

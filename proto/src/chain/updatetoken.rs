@@ -1,6 +1,6 @@
 //! updatetoken (sdk `common/updatetoken`): the caller's per-RPC token goes
 //! into the previous path segment (that hop's own segment), and a fresh token
-//! of ours, with its `expires`, into our segment.
+//! of ours for the caller, with its `expires`, into our segment.
 
 use std::sync::Arc;
 
@@ -36,7 +36,8 @@ impl UpdateToken {
             prev.token = tok.token.clone();
             prev.expires = Some(to_timestamp(tok.expires));
         }
-        let own = self.issuer.issue()?;
+        // For the caller: `aud` its SPIFFE ID (as sdk's updatetoken server).
+        let own = self.issuer.issue_for(ctx.peer.as_ref())?;
         let seg = &mut path.path_segments[index];
         seg.token = own.jwt;
         seg.expires = Some(to_timestamp(own.expires));

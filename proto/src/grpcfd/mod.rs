@@ -47,7 +47,9 @@ pub enum GrpcfdError {
     ClosedBeforeArrival(InodeUrl),
     #[error("cannot queue an fd: the connection has ended")]
     Closed,
-    #[error("this channel's unix connection to {0} has ended; dial a new one")]
+    #[error(
+        "the server closed the unix connection to {0} before the call completed (one connection per call: not redialled)"
+    )]
     Redial(PathBuf),
 }
 

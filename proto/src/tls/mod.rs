@@ -9,8 +9,10 @@
 //! ([`Identity::from_files`], reloaded when they change) or from whatever
 //! keeps calling [`Identity::set`] (a SPIFFE Workload API stream).
 
+mod source;
 mod spiffe_id;
 mod verify;
+mod workload;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -22,8 +24,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 
+pub use source::{FILE_RELOAD_INTERVAL, IDENTITY_WAIT, IdentityArgs, Source, SourceError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError};
-pub use verify::{peer_id, spiffe_id_of};
+pub use verify::{PeerSvid, peer_svid, spiffe_id_of};
 
 /// ALPN of gRPC over TLS (grpc-go insists on it).
 pub const ALPN_H2: &[u8] = b"h2";
@@ -97,11 +100,23 @@ impl Material {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
             .collect::<Result<_, _>>()
             .map_err(|e| material("the SVID certificate", e))?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| material("the SVID key", e))?;
+        let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bundle)
+            .collect::<Result<_, _>>()
+            .map_err(|e| material("the trust bundle", e))?;
+        Material::from_der(certs, key, roots)
+    }
+
+    /// Material from DER, as the SPIFFE Workload API hands it over.
+    pub fn from_der(
+        certs: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'_>,
+        bundle: Vec<CertificateDer<'static>>,
+    ) -> Result<Material, TlsError> {
         let leaf = certs
             .first()
             .cloned()
             .ok_or_else(|| material("the SVID certificate", "no certificate in it"))?;
-        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| material("the SVID key", e))?;
         let key_pkcs8 = match &key {
             PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
             PrivateKeyDer::Sec1(k) => {
@@ -137,17 +152,14 @@ impl Material {
         )
         .map_err(|e| material("the SVID certificate and key", e))?;
         let (id, not_after) = verify::leaf_facts(&leaf)?;
+        if bundle.is_empty() {
+            return Err(material("the trust bundle", "no CA certificate in it"));
+        }
         let mut roots = RootCertStore::empty();
-        let mut n = 0;
-        for cert in CertificateDer::pem_slice_iter(bundle) {
-            let cert = cert.map_err(|e| material("the trust bundle", e))?;
+        for cert in bundle {
             roots
                 .add(cert)
                 .map_err(|e| material("the trust bundle", e))?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(material("the trust bundle", "no CA certificate in it"));
         }
         Ok(Material {
             id,

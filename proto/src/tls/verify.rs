@@ -64,11 +64,25 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     leaf_facts(cert).map(|(id, _)| id)
 }
 
-/// The peer's SPIFFE ID, once a handshake verified it.
-pub fn peer_id(conn: &rustls::CommonState) -> Option<SpiffeId> {
-    conn.peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|leaf| spiffe_id_of(leaf).ok())
+/// The peer of a TLS connection, as its verified X.509-SVID says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSvid {
+    pub id: SpiffeId,
+    /// When its certificate expires: our tokens for it expire no later.
+    pub not_after: SystemTime,
+    /// Its leaf certificate, whose key signs the tokens it sends.
+    pub leaf: CertificateDer<'static>,
+}
+
+/// The peer's SVID, once a handshake verified it.
+pub fn peer_svid(conn: &rustls::CommonState) -> Option<PeerSvid> {
+    let leaf = conn.peer_certificates()?.first()?.clone().into_owned();
+    let (id, not_after) = leaf_facts(&leaf).ok()?;
+    Some(PeerSvid {
+        id,
+        not_after,
+        leaf,
+    })
 }
 
 /// The peer's leaf is an SVID of our trust domain.

@@ -17,8 +17,8 @@ use crate::grpcfd::{self, FdChannel};
 use crate::metadata;
 use crate::networkservice::NetworkServiceRequest;
 use crate::networkservice::network_service_client::NetworkServiceClient;
-use crate::tls::{Identity, TlsError};
-use crate::token::Token;
+use crate::tls::{Identity, PeerSvid, TlsError};
+use crate::token::{Token, TokenIssuer};
 
 use super::secure::{connect_tcp, connect_unix};
 
@@ -50,6 +50,8 @@ pub enum CallError {
     Dial { target: String, why: String },
     #[error("{target} did not answer within {after:?}")]
     Deadline { target: String, after: Duration },
+    #[error("cannot call {target}: {why}")]
+    Token { target: String, why: String },
     #[error("{target}: {}", .status.message())]
     Status {
         target: String,
@@ -63,6 +65,7 @@ impl CallError {
         match self {
             CallError::Dial { .. } => tonic::Code::Unavailable,
             CallError::Deadline { .. } => tonic::Code::DeadlineExceeded,
+            CallError::Token { .. } => tonic::Code::Unauthenticated,
             CallError::Status { status, .. } => status.code(),
         }
     }
@@ -84,6 +87,7 @@ pub struct Session {
     channel: Channel,
     fds: Option<FdChannel>,
     target: String,
+    server: Option<PeerSvid>,
 }
 
 /// The target's answer to a Request, with the connection it came on (its
@@ -119,11 +123,17 @@ impl Dialer {
         &self.target
     }
 
+    pub fn dial_timeout(&self) -> Duration {
+        self.dial_timeout
+    }
+
     /// A fresh connection, within the dial timeout and what is left before
     /// `deadline`.
     pub async fn dial(&self, deadline: Instant) -> Result<Session, CallError> {
         let left = deadline.saturating_duration_since(Instant::now());
         let timeout = self.dial_timeout.min(left);
+        // The server's SVID, as the TLS connectors saw it.
+        let server: Arc<Mutex<Option<PeerSvid>>> = Arc::default();
         let dial = async {
             let endpoint = Endpoint::from_static(AUTHORITY_URI).connect_timeout(timeout);
             match (&self.target, &self.tls) {
@@ -134,18 +144,21 @@ impl Dialer {
                     let fds = FdChannel::new();
                     // One connection only: fds belong to it.
                     let slot = Arc::new(Mutex::new(Some(fds.clone())));
-                    let (path, cfg) = (path.clone(), cfg.clone());
+                    let (path, cfg, seen) = (path.clone(), cfg.clone(), server.clone());
                     let connector = tower::service_fn(move |_: Uri| {
                         let (slot, path, cfg) = (slot.clone(), path.clone(), cfg.clone());
+                        let seen = seen.clone();
                         async move {
                             let fds = slot
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
                                 .take()
                                 .ok_or_else(|| {
-                                    std::io::Error::other("dial again: one connection per call")
+                                    std::io::Error::other("the server closed the connection before the call completed (one connection per call: not redialled)")
                                 })?;
-                            connect_unix(&path, fds, cfg).await
+                            let (io, svid) = connect_unix(&path, fds, cfg).await?;
+                            *seen.lock().unwrap_or_else(|p| p.into_inner()) = svid;
+                            Ok::<_, std::io::Error>(io)
                         }
                     });
                     endpoint
@@ -159,10 +172,14 @@ impl Dialer {
                     .await
                     .map(|ch| (ch, None)),
                 (Target::Tcp(addr), Some(cfg)) => {
-                    let (addr, cfg) = (addr.clone(), cfg.clone());
+                    let (addr, cfg, seen) = (addr.clone(), cfg.clone(), server.clone());
                     let connector = tower::service_fn(move |_: Uri| {
-                        let (addr, cfg) = (addr.clone(), cfg.clone());
-                        async move { connect_tcp(&addr, cfg).await }
+                        let (addr, cfg, seen) = (addr.clone(), cfg.clone(), seen.clone());
+                        async move {
+                            let (io, svid) = connect_tcp(&addr, cfg).await?;
+                            *seen.lock().unwrap_or_else(|p| p.into_inner()) = svid;
+                            Ok::<_, std::io::Error>(io)
+                        }
                     });
                     endpoint
                         .connect_with_connector(connector)
@@ -177,6 +194,7 @@ impl Dialer {
                 channel,
                 fds,
                 target: self.name.clone(),
+                server: server.lock().unwrap_or_else(|p| p.into_inner()).take(),
             }),
             Ok(Err(e)) => Err(CallError::Dial {
                 target: self.name.clone(),
@@ -197,12 +215,12 @@ impl Dialer {
     pub async fn request(
         &self,
         req: NetworkServiceRequest,
-        token: &Token,
+        tokens: &TokenIssuer,
         deadline: Instant,
     ) -> Result<Answer, CallError> {
         self.dial(deadline)
             .await?
-            .request(req, token, deadline)
+            .request(req, tokens, deadline)
             .await
     }
 
@@ -210,12 +228,12 @@ impl Dialer {
     pub async fn close(
         &self,
         conn: Connection,
-        token: &Token,
+        tokens: &TokenIssuer,
         deadline: Instant,
     ) -> Result<(), CallError> {
         self.dial(deadline)
             .await?
-            .close(conn, token, deadline)
+            .close(conn, tokens, deadline)
             .await
     }
 }
@@ -226,11 +244,35 @@ impl Session {
         self.fds.as_ref()
     }
 
-    fn call<T>(msg: T, token: &Token, timeout: Duration) -> tonic::Request<T> {
+    /// The server's SVID (TLS only).
+    pub fn server(&self) -> Option<&PeerSvid> {
+        self.server.as_ref()
+    }
+
+    /// The connection, for the server's other services (MonitorConnection).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// `msg` with its deadline and our per-RPC token for this server (`aud`
+    /// its SPIFFE ID, as NSM's per-RPC credentials make it).
+    fn call<T>(
+        &self,
+        msg: T,
+        tokens: &TokenIssuer,
+        timeout: Duration,
+    ) -> Result<tonic::Request<T>, CallError> {
+        let token: Token =
+            tokens
+                .issue_for(self.server.as_ref())
+                .map_err(|e| CallError::Token {
+                    target: self.target.clone(),
+                    why: e.to_string(),
+                })?;
         let mut req = tonic::Request::new(msg);
         req.set_timeout(timeout);
-        metadata::insert_token(req.metadata_mut(), token);
-        req
+        metadata::insert_token(req.metadata_mut(), &token);
+        Ok(req)
     }
 
     fn failed(&self, status: tonic::Status, left: Duration) -> CallError {
@@ -260,11 +302,12 @@ impl Session {
     pub async fn request(
         mut self,
         req: NetworkServiceRequest,
-        token: &Token,
+        tokens: &TokenIssuer,
         deadline: Instant,
     ) -> Result<Answer, CallError> {
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, self.client.request(Self::call(req, token, left))).await {
+        let call = self.call(req, tokens, left)?;
+        match tokio::time::timeout(left, self.client.request(call)).await {
             Ok(Ok(resp)) => Ok(Answer {
                 conn: resp.into_inner(),
                 fds: self.fds,
@@ -281,11 +324,12 @@ impl Session {
     pub async fn close(
         mut self,
         conn: Connection,
-        token: &Token,
+        tokens: &TokenIssuer,
         deadline: Instant,
     ) -> Result<(), CallError> {
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, self.client.close(Self::call(conn, token, left))).await {
+        let call = self.call(conn, tokens, left)?;
+        match tokio::time::timeout(left, self.client.close(call)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(status)) => Err(self.failed(status, left)),
             Err(_) => Err(CallError::Deadline {

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -23,18 +23,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 
 use crate::grpcfd::{FdChannel, FdStream};
-use crate::tls::{SpiffeId, peer_id};
+use crate::tls::{PeerSvid, peer_svid};
 
 /// The longest a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who called, as far as the transport knows: the fd channel of its unix
-/// connection, and under TLS its SPIFFE ID and certificate.
+/// connection, and under TLS its verified SVID.
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
     pub fds: Option<FdChannel>,
-    pub id: Option<SpiffeId>,
-    pub cert: Option<CertificateDer<'static>>,
+    pub svid: Option<PeerSvid>,
 }
 
 impl Peer {
@@ -80,14 +79,9 @@ impl<IO: RawStream> SecureStream<IO> {
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-        let conn = tls.get_ref().1;
         let peer = Peer {
             fds,
-            id: peer_id(conn),
-            cert: conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.clone().into_owned()),
+            svid: peer_svid(tls.get_ref().1),
         };
         Ok(SecureStream { tls, peer })
     }
@@ -171,28 +165,36 @@ fn server_name() -> ServerName<'static> {
     ServerName::try_from("localhost").expect("a valid DNS name")
 }
 
+/// A client connection after the TLS handshake, and the server's SVID.
+pub type ClientTls<IO> = (
+    TokioIo<tokio_rustls::client::TlsStream<IO>>,
+    Option<PeerSvid>,
+);
+
 /// A TLS client connection over a fresh unix connection whose fd channel is
 /// `fds`.
 pub async fn connect_unix(
     path: &Path,
     fds: FdChannel,
     config: Arc<rustls::ClientConfig>,
-) -> io::Result<TokioIo<tokio_rustls::client::TlsStream<FdStream>>> {
+) -> io::Result<ClientTls<FdStream>> {
     let io = FdStream::with_channel(UnixStream::connect(path).await?, fds);
     let tls = TlsConnector::from(config)
         .connect(server_name(), io)
         .await?;
-    Ok(TokioIo::new(tls))
+    let svid = peer_svid(tls.get_ref().1);
+    Ok((TokioIo::new(tls), svid))
 }
 
 /// A TLS client connection over TCP.
 pub async fn connect_tcp(
     addr: &str,
     config: Arc<rustls::ClientConfig>,
-) -> io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+) -> io::Result<ClientTls<TcpStream>> {
     let io = TcpStream::connect(addr).await?;
     let tls = TlsConnector::from(config)
         .connect(server_name(), io)
         .await?;
-    Ok(TokioIo::new(tls))
+    let svid = peer_svid(tls.get_ref().1);
+    Ok((TokioIo::new(tls), svid))
 }
