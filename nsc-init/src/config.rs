@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use nsm_api::authorize::{ClientPolicyArgs, Policies};
 use nsm_api::duration::{self, DurationError};
 use nsm_api::env;
 use nsm_api::nsurl::{NsUrl, NsUrlError};
@@ -103,6 +104,9 @@ pub struct Cli {
     #[command(flatten)]
     pub identity: IdentityArgs,
 
+    #[command(flatten)]
+    pub policies: ClientPolicyArgs,
+
     /// After the interfaces are up, check that traffic is redirected: open a
     /// TCP connection to --validate-probe from this netns (and, with
     /// --validate-expect, require the first bytes read to start with that
@@ -174,6 +178,8 @@ pub struct Config {
     pub watch: bool,
     /// Where our SVID comes from; `Source::Insecure` only when asked.
     pub identity: Source,
+    /// NSM's policies over the path the manager returns (`NSM_CLIENT_POLICIES`).
+    pub client_policies: Policies,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -216,6 +222,8 @@ pub enum ConfigError {
     Bool { var: &'static str, value: String },
     #[error("{0}")]
     Identity(#[from] SourceError),
+    #[error("NSM_CLIENT_POLICIES: {0}")]
+    Policies(String),
     #[error("NSC_VALIDATE needs NSC_VALIDATE_PROBE (--validate-probe ip:port)")]
     NoProbe,
     #[error("NSC_VALIDATE_PROBE {0:?}: expected ip:port, e.g. 198.18.0.9:80 or [fd00::9]:80")]
@@ -351,6 +359,10 @@ impl Config {
             validate,
             watch: parse_bool("NSC_WATCH", cli.watch.as_deref())?,
             identity,
+            client_policies: cli
+                .policies
+                .policies()
+                .map_err(|e| ConfigError::Policies(e.to_string()))?,
         })
     }
 }

@@ -294,11 +294,32 @@ impl Client {
             connection: Some(conn),
             mechanism_preferences: vec![pref],
         };
-        session
+        let server = session.server().cloned();
+        let conn = session
             .request(msg, &self.tokens, deadline)
             .await
             .map(|answer| answer.conn)
-            .map_err(|e| AttemptError::from_call(e, timeout))
+            .map_err(|e| AttemptError::from_call(e, timeout))?;
+        // sdk's authorize client: the returned path must keep NSM's
+        // policies, else the connection is Closed and refused.
+        if let (Some(server), Some(path)) = (&server, &conn.path) {
+            let checked = nsm_api::authorize::check_client(
+                &self.cfg.client_policies,
+                path,
+                server,
+                std::time::SystemTime::now(),
+            );
+            if let Err(denied) = checked {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Err(e) = self.close(&conn, left.max(self.cfg.dial_timeout)).await {
+                    tracing::warn!(id = %conn.id, error = %e, "cannot Close the connection whose path we refused");
+                }
+                return Err(AttemptError::Status(tonic::Status::permission_denied(
+                    format!("the returned path: {denied}"),
+                )));
+            }
+        }
+        Ok(conn)
     }
 
     /// Requests `conn` for `svc`, retrying transient failures with backoff

@@ -20,9 +20,13 @@ use nsm_api::connectioncontext::{ConnectionContext, IpContext};
 use nsm_api::grpcfd::{self, FdChannel};
 use nsm_api::inode::InodeUrl;
 use nsm_api::mechanism::{MechanismExt, keys};
+use nsm_api::monitor::MonitorHub;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::networkservice::network_service_server::{NetworkService, NetworkServiceServer};
 use nsm_api::path::{ConnectionExt, from_timestamp, to_timestamp};
+use nsm_api::tls::Identity;
+use nsm_api::token::TokenIssuer;
+use nsm_api::transport::{Listen, Peer, serve};
 use nsm_api::{TOKEN_EXPIRES_METADATA, TOKEN_METADATA};
 use nsm_tests::netns::TestNetns;
 use nsm_tests::process::{ChildGuard, bin};
@@ -66,6 +70,11 @@ struct Manager {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Refuse the next refresh (a request whose path already holds our segment).
     refuse_refresh: Arc<AtomicBool>,
+    /// Under TLS: signs our segment as nsmgr would (`None`: plaintext, a
+    /// placeholder token).
+    signer: Option<Arc<Identity>>,
+    /// Under TLS, put a token no one signed in our segment.
+    forge: bool,
 }
 
 /// src 198.18.0.(2i+1), dst 198.18.0.(2i) for the i-th service.
@@ -114,8 +123,11 @@ impl Manager {
                 if s.name != self.name || s.id != conn.id {
                     bad(format!("segment 0 is {:?}/{:?}", s.name, s.id));
                 }
-                if Some(s.token.as_str()) != token {
-                    bad("segment 0 token differs from the metadata token".into());
+                // Segment 0's token and the per-RPC one are the client's
+                // (the per-RPC one names the manager as `aud` under TLS).
+                let sub = |t: &str| nsm_api::authorize::decode(t).ok().map(|c| c.sub);
+                if token.is_none_or(|t| sub(t).is_none() || sub(t) != sub(&s.token)) {
+                    bad("segment 0 token and the metadata token have different signers".into());
                 }
                 let exp = s.expires.as_ref().and_then(from_timestamp);
                 if exp.is_none_or(|e| e <= SystemTime::now()) {
@@ -191,7 +203,8 @@ impl NetworkService for Manager {
         &self,
         req: Request<NetworkServiceRequest>,
     ) -> Result<Response<Connection>, Status> {
-        let fds = req.extensions().get::<FdChannel>().cloned();
+        let peer = Peer::of(req.extensions());
+        let fds = peer.fds.clone();
         let md = req.metadata().clone();
         let msg = req.into_inner();
         let (problems, passed) = self.check(&md, fds, &msg).await;
@@ -243,12 +256,30 @@ impl NetworkService for Manager {
             ..Default::default()
         });
         conn.network_service_endpoint_name = "fake-nse".into();
+        let token = match &self.signer {
+            Some(signer) if !self.forge => {
+                TokenIssuer::svid(signer.clone(), self.lifetime)
+                    .issue_for(peer.svid.as_ref())
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .jwt
+            }
+            _ => "fake".into(),
+        };
         let path = conn.path.get_or_insert_with(Default::default);
         path.path_segments.truncate(1);
+        if self.signer.is_some() {
+            // nsmgr's updatetoken: the client's per-RPC token, for us, in its segment.
+            if let (Some(seg), Some(t)) = (
+                path.path_segments.first_mut(),
+                md.get(TOKEN_METADATA).and_then(|v| v.to_str().ok()),
+            ) {
+                seg.token = t.to_owned();
+            }
+        }
         path.path_segments.push(PathSegment {
             name: "fake-nsmgr".into(),
             id: format!("fake-{}", conn.id),
-            token: "fake".into(),
+            token,
             expires: Some(to_timestamp(SystemTime::now() + self.lifetime)),
             ..Default::default()
         });
@@ -275,6 +306,19 @@ struct Fake {
 
 impl Fake {
     fn start(answer: Answer, name: &str, netns: InodeUrl, lifetime: Duration) -> Fake {
+        Fake::start_with(answer, name, netns, lifetime, None, false)
+    }
+
+    /// With `tls`, served over mTLS by nsm-api's transport (as nsmgr would),
+    /// its segment signed unless `forge`.
+    fn start_with(
+        answer: Answer,
+        name: &str,
+        netns: InodeUrl,
+        lifetime: Duration,
+        tls: Option<Arc<Identity>>,
+        forge: bool,
+    ) -> Fake {
         let dir = std::env::temp_dir().join(unique("nscfake"));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("nsm.io.sock");
@@ -287,20 +331,44 @@ impl Fake {
             lifetime,
             seen: seen.clone(),
             refuse_refresh: refuse_refresh.clone(),
+            signer: tls.clone(),
+            forge,
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let listener = rt
-            .block_on(async { tokio::net::UnixListener::bind(&socket) })
-            .unwrap();
-        rt.spawn(
-            tonic::transport::Server::builder()
-                .add_service(NetworkServiceServer::new(manager))
-                .serve_with_incoming(grpcfd::incoming(listener)),
-        );
+        if let Some(tls) = tls {
+            let listen = Listen::Unix {
+                path: socket.clone(),
+                group: None,
+            };
+            rt.spawn(async move {
+                serve(
+                    &listen,
+                    Some(tls),
+                    manager,
+                    MonitorHub::new(),
+                    std::future::pending(),
+                )
+                .await
+            });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+                assert!(Instant::now() < deadline, "the TLS fake did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            let listener = rt
+                .block_on(async { tokio::net::UnixListener::bind(&socket) })
+                .unwrap();
+            rt.spawn(
+                tonic::transport::Server::builder()
+                    .add_service(NetworkServiceServer::new(manager))
+                    .serve_with_incoming(grpcfd::incoming(listener)),
+            );
+        }
         Fake {
             dir,
             socket,
@@ -911,4 +979,64 @@ fn watch_refreshes_heals_and_closes_on_sigterm() {
         log.contains("refreshed"),
         "refreshes are logged at debug: {log}"
     );
+}
+
+/// Under mTLS nsc-init checks the path the manager returns as sdk's
+/// authorize client does (tokens valid, chained, alive; the manager's
+/// segment signed by the manager's certificate): a path that fails is
+/// Closed and refused (exit 1, PermissionDenied, which policy); one that
+/// keeps them is accepted.
+#[test]
+fn under_tls_the_returned_path_must_keep_nsms_client_policies() {
+    if !require_root("under_tls_the_returned_path_must_keep_nsms_client_policies") {
+        return;
+    }
+    let ca = examples::svid::TestCa::new("k8s.nsm").unwrap();
+    let ns = TestNetns::new("nscs");
+    let name = unique("web");
+    let svid_dir = std::env::temp_dir().join(unique("nscsvid"));
+    std::fs::create_dir_all(&svid_dir).unwrap();
+    let files = ca
+        .write(&ca.issue("/ns/default/pod/web-0").unwrap(), &svid_dir)
+        .unwrap();
+    let nsmgr = Identity::new(
+        ca.material(&ca.issue("/ns/nsm-system/pod/nsmgr").unwrap())
+            .unwrap(),
+    );
+    for forge in [false, true] {
+        let fake = Fake::start_with(
+            Answer::Up,
+            &name,
+            netns_url(Path::new(&ns.path())),
+            Duration::from_secs(600),
+            Some(nsmgr.clone()),
+            forge,
+        );
+        let mut cmd = nsc_init(
+            in_ns(&ns),
+            &name,
+            &fake.connect_to(),
+            "kernel://mesh-proxy/nsm-1",
+        );
+        cmd.env("NSM_INSECURE", "false")
+            .env("NSM_SVID_CERT_FILE", &files.cert)
+            .env("NSM_SVID_KEY_FILE", &files.key)
+            .env("NSM_TRUST_BUNDLE_FILE", &files.bundle);
+        let f = run(cmd, Duration::from_secs(30));
+        let closes = fake
+            .seen()
+            .iter()
+            .filter(|s| matches!(s, Seen::Close(_)))
+            .count();
+        if forge {
+            assert_eq!(f.code(), 1, "a forged path must be refused: {f}");
+            assert!(reason(&f).contains("PermissionDenied"), "{f}");
+            assert!(reason(&f).contains("tokens_valid"), "{f}");
+            assert_eq!(closes, 1, "the refused connection must be Closed: {f}");
+        } else {
+            assert_eq!(f.code(), 0, "a path that keeps the policies: {f}");
+            assert_eq!(closes, 0, "{f}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&svid_dir);
 }

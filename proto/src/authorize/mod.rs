@@ -34,6 +34,28 @@ pub struct ServerPolicyArgs {
     pub server_policies: String,
 }
 
+/// The policies a client runs on the path a server returns.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientPolicyArgs {
+    /// NSM's authorization policies for the path the manager returns, as NSM names policy files: etc/nsm/opa/<common|client>/.*.rego, …/<name>.rego or a bare name (tokens_valid, tokens_chained, tokens_expired, next_token_signed); empty: none. Checked under TLS only; a path that fails is Closed.
+    #[arg(
+        long,
+        env = "NSM_CLIENT_POLICIES",
+        value_name = "LIST",
+        default_value = DEFAULT_CLIENT_POLICIES
+    )]
+    pub client_policies: String,
+}
+
+/// sdk `authorize.NewClient`'s default: common + client.
+pub const DEFAULT_CLIENT_POLICIES: &str = "etc/nsm/opa/common/.*.rego,etc/nsm/opa/client/.*.rego";
+
+impl ClientPolicyArgs {
+    pub fn policies(&self) -> Result<Policies, PolicyError> {
+        Policies::parse(&self.client_policies)
+    }
+}
+
 /// sdk `authorize.NewServer`'s default: common + server.
 pub const DEFAULT_SERVER_POLICIES: &str = "etc/nsm/opa/common/.*.rego,etc/nsm/opa/server/.*.rego";
 
