@@ -276,13 +276,6 @@ fn parse_connect_to(value: &str) -> Result<ConnectTo, ConfigError> {
     Err(bad())
 }
 
-/// Labels sdk's `clientinfo` adds from the pod's environment.
-const CLIENT_INFO_ENV: [(&str, &str); 3] = [
-    ("POD_NAME", "podName"),
-    ("NODE_NAME", "nodeName"),
-    ("CLUSTER_NAME", "clusterName"),
-];
-
 impl Config {
     /// Validates `cli`; `env` looks up the client-info variables (POD_NAME …).
     pub fn from_cli(
@@ -320,11 +313,7 @@ impl Config {
             return Err(ConfigError::Name(cli.name.clone()));
         }
         let mut labels = parse_labels(cli.labels.as_deref().unwrap_or(""))?;
-        for (var, key) in CLIENT_INFO_ENV {
-            if let Some(v) = env(var).filter(|v| !v.is_empty()) {
-                labels.entry(key.to_owned()).or_insert(v);
-            }
-        }
+        env::add_client_info(&mut labels, env);
         let validate = if parse_bool("NSC_VALIDATE", cli.validate.as_deref())? {
             let probe = cli.validate_probe.as_deref().ok_or(ConfigError::NoProbe)?;
             Some(Validate {

@@ -13,7 +13,7 @@ use clap::Parser;
 use ipnet::IpNet;
 use nsm_api::authorize::{Policies, ServerPolicyArgs};
 use nsm_api::duration;
-use nsm_api::env::{parse_labels, parse_log_level};
+use nsm_api::env::{parse_bool, parse_labels, parse_log_level};
 use nsm_api::tls::{IdentityArgs, Source, SourceError};
 
 use crate::ipam::{Policy, parse_groups};
@@ -52,10 +52,31 @@ pub struct Args {
     #[arg(long, env = "NSM_LISTEN_ON", value_name = "URL", default_value = DEFAULT_LISTEN_ON)]
     pub listen_on: String,
 
-    /// The NSM manager to register with (unix:///… or tcp://…); empty: do not register.
-    /// Stored for registration, which a later version adds.
+    /// The NSM manager to register with (unix:///… or tcp://…), e.g. unix:///var/lib/networkservicemesh/nsm.io.sock; empty: do not register.
     #[arg(long, env = "NSM_CONNECT_TO", value_name = "URL", default_value = "")]
     pub connect_to: String,
+
+    /// Register each of NSM_SERVICE_NAMES with its payload before the endpoint (registry-k8s then overwrites the NetworkService's matches: false for service chains).
+    #[arg(
+        long,
+        env = "NSM_REGISTER_SERVICE",
+        value_name = "BOOL",
+        default_value = "true",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub register_service: String,
+
+    /// Unregister the endpoint on SIGTERM (else the registry expires it).
+    #[arg(
+        long,
+        env = "NSM_UNREGISTER_ITSELF",
+        value_name = "BOOL",
+        default_value = "false",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub unregister_itself: String,
 
     /// Network services this endpoint provides, comma-separated.
     #[arg(
@@ -159,6 +180,10 @@ pub struct Config {
     pub listen_on: ListenOn,
     /// Registry URL (`NSM_CONNECT_TO`); `None`: do not register.
     pub connect_to: Option<String>,
+    /// `NSM_REGISTER_SERVICE`.
+    pub register_service: bool,
+    /// `NSM_UNREGISTER_ITSELF`.
+    pub unregister_itself: bool,
     pub service_names: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub cidr_groups: Vec<Vec<IpNet>>,
@@ -344,6 +369,10 @@ impl TryFrom<Args> for Config {
             },
             connect_to: parse_connect_to(&a.connect_to)
                 .map_err(|r| invalid("NSM_CONNECT_TO", "connect-to", r))?,
+            register_service: parse_bool(&a.register_service)
+                .map_err(|r| invalid("NSM_REGISTER_SERVICE", "register-service", r))?,
+            unregister_itself: parse_bool(&a.unregister_itself)
+                .map_err(|r| invalid("NSM_UNREGISTER_ITSELF", "unregister-itself", r))?,
             service_names: parse_service_names(&a.service_names)
                 .map_err(|r| invalid("NSM_SERVICE_NAMES", "service-names", r))?,
             labels: parse_labels(&a.labels).map_err(|r| invalid("NSM_LABELS", "labels", r))?,

@@ -2,7 +2,7 @@
 //!
 //! The endpoint is a chain of small elements, in NSM's order (sdk
 //! `chains/endpoint`). NSM's generic ones come from [`nsm_api::chain`]:
-//! updatepath → begin → updatetoken → timeout → monitor → trimpath; then ours
+//! updatepath → authorize → begin → updatetoken → timeout → monitor → trimpath; then ours
 //! in [`chain`]: [`chain::mechanism`] (KERNEL, netns fd over grpcfd) →
 //! [`chain::ipam`] (point-to-point) → [`chain::functions`] (network functions:
 //! [`mesh_proxy`]), after [`chain::service`] has turned away services we do
@@ -19,6 +19,7 @@ pub mod ipam;
 pub mod mechanism;
 pub mod mesh_proxy;
 pub mod netns;
+pub mod register;
 pub mod server;
 pub mod validate;
 

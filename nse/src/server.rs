@@ -33,6 +33,10 @@ pub enum ServeError {
     Serve(#[from] nsm_api::transport::ServeError),
     #[error(transparent)]
     Tls(#[from] nsm_api::tls::TlsError),
+    #[error("NSM_CONNECT_TO {0}")]
+    Register(String),
+    #[error(transparent)]
+    Token(#[from] nsm_api::token::TokenError),
 }
 
 /// `networkservice.NetworkService` over the endpoint.
@@ -163,12 +167,18 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         identity = %config.identity,
         "starting"
     );
-    if config.connect_to.is_some() {
-        tracing::warn!(
-            "NSM_CONNECT_TO is set, but registration is not implemented yet: not registering"
-        );
-    }
-    let shutdown = nsm_api::listen::termination()?;
+    let registration = match &config.connect_to {
+        Some(url) => Some(crate::register::registrar(&config, url, identity.as_ref())?.start()),
+        None => None,
+    };
+    let term = nsm_api::listen::termination()?;
+    // On SIGTERM: unregister (if asked to) while still serving, then stop.
+    let shutdown = async move {
+        term.await;
+        if let Some(r) = registration {
+            r.stop().await;
+        }
+    };
     let served = serve(
         &config.listen_on,
         config.socket_group,

@@ -55,6 +55,24 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(out)
 }
 
+/// Labels sdk's `clientinfo` adds from the pod's environment
+/// (`POD_NAME` → `podName`, `NODE_NAME` → `nodeName`, `CLUSTER_NAME` →
+/// `clusterName`); labels already set win.
+pub fn add_client_info(
+    labels: &mut BTreeMap<String, String>,
+    env: impl Fn(&str) -> Option<String>,
+) {
+    for (var, key) in [
+        ("POD_NAME", "podName"),
+        ("NODE_NAME", "nodeName"),
+        ("CLUSTER_NAME", "clusterName"),
+    ] {
+        if let Some(v) = env(var).filter(|v| !v.is_empty()) {
+            labels.entry(key.to_owned()).or_insert(v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,7 @@ pub mod metadata;
 pub mod monitor;
 pub mod nsurl;
 pub mod path;
+pub mod register;
 pub mod tls;
 pub mod token;
 pub mod transport;

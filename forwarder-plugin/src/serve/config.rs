@@ -46,6 +46,25 @@ pub struct ServeArgs {
     #[arg(long, env = "NSM_CONNECT_TO", value_name = "URL")]
     pub connect_to: Option<String>,
 
+    /// The service this forwarder registers under with NSM_CONNECT_TO's registry (nsmgr finds forwarders by it); registration is skipped when the next hop serves no registry.
+    #[arg(long, env = "NSM_SERVICE_NAME", default_value = "forwarder")]
+    pub service_name: String,
+
+    /// Labels registered with the forwarder, as k1:v1,k2:v2 (NSM's forwarders: p2p:true).
+    #[arg(long, env = "NSM_LABELS", default_value = "p2p:true")]
+    pub labels: String,
+
+    /// Unregister on SIGTERM (else the registry expires the registration).
+    #[arg(
+        long,
+        env = "NSM_UNREGISTER_ITSELF",
+        value_name = "BOOL",
+        default_value = "false",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub unregister_itself: String,
+
     /// Older name of --connect-to, still read; both set must agree.
     #[arg(long, env = "NSM_NEXT_HOP", value_name = "URL")]
     pub next_hop: Option<String>,
@@ -112,6 +131,10 @@ pub struct ServeConfig {
     pub socket_group: Option<u32>,
     /// Where our SVID comes from; `Source::Insecure` only when asked.
     pub identity: Source,
+    /// What the forwarder registers as (`NSM_SERVICE_NAME`, `NSM_LABELS`).
+    pub service_name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub unregister_itself: bool,
     /// NSM's policies checked on every caller's path (`NSM_SERVER_POLICIES`).
     pub server_policies: Policies,
 }
@@ -265,6 +288,12 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 ),
             },
             identity,
+            service_name: parse_name(&a.service_name)
+                .map_err(invalid("NSM_SERVICE_NAME", "service-name"))?,
+            labels: nsm_api::env::parse_labels(&a.labels)
+                .map_err(invalid("NSM_LABELS", "labels"))?,
+            unregister_itself: nsm_api::env::parse_bool(&a.unregister_itself)
+                .map_err(invalid("NSM_UNREGISTER_ITSELF", "unregister-itself"))?,
             server_policies: a
                 .policies
                 .policies()

@@ -11,6 +11,7 @@ pub mod downstream;
 pub mod elements;
 pub mod error;
 pub mod forward;
+pub mod register;
 pub mod server;
 
 pub use config::{ConfigError, EXIT_CONFIG, ServeArgs, ServeConfig};

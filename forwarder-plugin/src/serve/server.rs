@@ -259,6 +259,16 @@ pub async fn serve(
         admission: nsm_api::limits::Admission::default(),
     };
     tracing::info!(next_hop = %cfg.next_hop_url(), "forwarding");
+    let tokens = Arc::new(
+        TokenIssuer::for_identity(identity.as_ref(), &cfg.name, cfg.max_token_lifetime)
+            .map_err(|e| ServeError::Token(e.to_string()))?,
+    );
+    let registration = super::register::registrar(cfg, identity.as_ref(), tokens)?.start();
+    // On SIGTERM: unregister (if asked to) while still serving, then stop.
+    let shutdown = async move {
+        shutdown.await;
+        registration.stop().await;
+    };
     nsm_api::transport::serve(&listen, identity, handler, hop.monitor.clone(), shutdown).await?;
     if cfg.cleanup_on_exit {
         hop.cleanup_all().await;

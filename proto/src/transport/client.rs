@@ -35,6 +35,25 @@ pub enum Target {
     Tcp(String),
 }
 
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    /// `unix:///absolute/path` or `tcp://host:port`.
+    fn from_str(s: &str) -> Result<Target, String> {
+        match (s.strip_prefix("unix://"), s.strip_prefix("tcp://")) {
+            (Some(p), _) if p.starts_with('/') && p.len() > 1 => Ok(Target::Unix(PathBuf::from(p))),
+            (_, Some(hp))
+                if hp
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
+            {
+                Ok(Target::Tcp(hp.to_owned()))
+            }
+            _ => Err(format!("{s:?}: expected unix:///path or tcp://host:port")),
+        }
+    }
+}
+
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
