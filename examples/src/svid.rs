@@ -131,6 +131,8 @@ impl TestCa {
             .distinguished_name
             .push(DnType::OrganizationName, "SPIRE");
         params.subject_alt_names = vec![SanType::URI(id.clone().try_into()?)];
+        // basicConstraints cA=false, as the X.509-SVID spec (and SPIRE) has it.
+        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,

@@ -1,9 +1,10 @@
 //! `forwarder-plugin serve` as deploy/forwarder.yaml runs it: the manifest's
 //! environment (read from the file, host paths moved into a scratch
-//! directory) starts it, NSM_CONNECT_TO is its next hop and its registry,
-//! and it registers the way NSM's forwarders do — service `forwarder`,
-//! labels `p2p:true` plus the node's name, its socket by fd — so nsmgr can
-//! pick it.
+//! directory) starts it — its SVID from SPIRE's socket, here a Workload API
+//! server on go-spiffe — NSM_CONNECT_TO is its next hop and its registry,
+//! and it registers over mTLS the way NSM's forwarders do — service
+//! `forwarder`, labels `p2p:true` plus the node's name, its socket by fd,
+//! a token for the registry — so nsmgr can pick it.
 
 mod registry_support;
 
@@ -11,9 +12,11 @@ use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use examples::svid::TestCa;
 use nsm_api::inode::InodeUrl;
+use nsm_api::tls::Identity;
 use nsm_tests::process::{ChildGuard, bin};
-use registry_support::{Seen, start_registry};
+use registry_support::{Seen, start_registry_with};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -48,6 +51,34 @@ fn manifest_env(from: &[(&str, &str)]) -> Vec<(String, String)> {
     out
 }
 
+/// The go-spiffe Workload API server of tests/workload_api.rs on `socket`,
+/// serving the SVID files in `dir`; `None` (skipped) where it is not built
+/// outside CI.
+fn workload_api(socket: &std::path::Path, dir: &std::path::Path) -> Option<ChildGuard> {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent()?.parent()?.join("spiffe-workload-api-fake");
+    if !bin.is_file() {
+        let why = format!(
+            "{} not built: tests/run.sh builds it with Go",
+            bin.display()
+        );
+        assert!(!nsm_tests::in_ci(), "{why}; CI=true, so this is a failure");
+        eprintln!("SKIPPED {why}");
+        return None;
+    }
+    let mut cmd = Command::new(bin);
+    cmd.args(["-socket", socket.to_str()?, "-dir", dir.to_str()?])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = ChildGuard::spawn(&mut cmd);
+    let end = Instant::now() + WAIT;
+    while !socket.exists() {
+        assert!(Instant::now() < end, "the Workload API did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(child)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_with_the_manifests_environment_and_registers_as_nsm_forwarders_do() {
     if !nsm_tests::require_root("forwarder_registration") {
@@ -65,13 +96,32 @@ async fn starts_with_the_manifests_environment_and_registers_as_nsm_forwarders_d
     ] {
         assert!(names.contains(&var), "the manifest sets {var}: {names:?}");
     }
-    // Host paths into the scratch directory; SPIRE's socket is not here, so
-    // the identity is the one exception (the Workload API has its own test).
+    // Host paths (nsmgr's socket, ours, SPIRE's) into the scratch directory.
     let moved = |v: &str| {
         let file = v.rsplit('/').next().unwrap();
         format!("unix://{}", dir.join(file).display())
     };
-    let registry = start_registry(&dir.join("nsm.io.sock"), Duration::from_secs(60));
+    let ca = TestCa::new("k8s.nsm").unwrap();
+    let svids = dir.join("svids");
+    std::fs::create_dir_all(&svids).unwrap();
+    ca.write(
+        &ca.issue("/ns/nsm-system/pod/forwarder-plugin-node-a")
+            .unwrap(),
+        &svids,
+    )
+    .unwrap();
+    let Some(_agent) = workload_api(&dir.join("agent.sock"), &svids) else {
+        return;
+    };
+    let nsmgr = Identity::new(
+        ca.material(&ca.issue("/ns/nsm-system/pod/nsmgr").unwrap())
+            .unwrap(),
+    );
+    let registry = start_registry_with(
+        &dir.join("nsm.io.sock"),
+        Duration::from_secs(60),
+        Some(nsmgr),
+    );
     let mut cmd = Command::new(bin("forwarder-plugin"));
     cmd.arg("serve")
         .args(["--state-dir", dir.join("state").to_str().unwrap()])
@@ -79,8 +129,7 @@ async fn starts_with_the_manifests_environment_and_registers_as_nsm_forwarders_d
         .env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in &env {
         match k.as_str() {
-            "NSM_LISTEN_ON" | "NSM_CONNECT_TO" => cmd.env(k, moved(v)),
-            "SPIFFE_ENDPOINT_SOCKET" => cmd.env("NSM_INSECURE", "true"),
+            "NSM_LISTEN_ON" | "NSM_CONNECT_TO" | "SPIFFE_ENDPOINT_SOCKET" => cmd.env(k, moved(v)),
             _ => cmd.env(k, v),
         };
     }
@@ -109,6 +158,8 @@ async fn starts_with_the_manifests_environment_and_registers_as_nsm_forwarders_d
         nse,
         fd_inode,
         dialable,
+        peer,
+        claims,
         ..
     }) = registry.endpoints().first().cloned()
     else {
@@ -122,6 +173,20 @@ async fn starts_with_the_manifests_environment_and_registers_as_nsm_forwarders_d
     let md = std::fs::metadata(&listen).unwrap();
     assert_eq!(fd_inode, Some(InodeUrl::new(md.dev(), md.ino())));
     assert!(dialable, "nsmgr can dial the forwarder through the fd");
+    let me = "spiffe://k8s.nsm/ns/nsm-system/pod/forwarder-plugin-node-a".to_owned();
+    assert_eq!(
+        peer.as_ref(),
+        Some(&me),
+        "mTLS with the Workload API's SVID"
+    );
+    assert_eq!(
+        claims,
+        Some((
+            me,
+            vec!["spiffe://k8s.nsm/ns/nsm-system/pod/nsmgr".to_owned()]
+        )),
+        "its token, for the registry"
+    );
     assert!(child.terminate(WAIT).is_some_and(|s| s.success()));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -61,6 +61,7 @@ async fn registers_its_services_then_itself_by_fd_and_refreshes_before_expiry() 
         dialable,
         path_metadata,
         token,
+        ..
     }) = registry.endpoints().first().cloned()
     else {
         unreachable!()

@@ -501,6 +501,52 @@ async fn a_rotated_svid_is_presented_at_the_next_handshake() {
     );
 }
 
+/// SVID files rewritten (as SPIRE's helper rotates them) are reloaded
+/// without a restart: new connections get the new SVID, and a connection
+/// opened before goes on working.
+#[tokio::test]
+async fn rotated_svid_files_are_reloaded_and_open_connections_survive() {
+    use nsm_api::networkservice::network_service_client::NetworkServiceClient;
+
+    let ca = TestCa::new(TRUST_DOMAIN).unwrap();
+    let dir = Scratch::new();
+    let files = ca.write(&ca.issue("/nse/v1").unwrap(), &dir.0).unwrap();
+    let served = Identity::from_files(files, Duration::from_millis(100)).unwrap();
+    let server = start(Some(served), false).await;
+    let client = identity(&ca, "/nsc");
+    let (d, tokens) = dialer(&server, Some(&client));
+
+    let before = d.dial(Instant::now() + WAIT).await.unwrap();
+    assert_eq!(
+        before.server().unwrap().id.to_string(),
+        "spiffe://cluster.local/nse/v1"
+    );
+    let mut open = NetworkServiceClient::new(before.channel());
+    let call = |tokens: &TokenIssuer| {
+        let mut req = tonic::Request::new(request());
+        nsm_api::metadata::insert_token(req.metadata_mut(), &tokens.issue().unwrap());
+        req
+    };
+    open.request(call(&tokens)).await.expect("before rotation");
+
+    ca.write(&ca.issue("/nse/v2").unwrap(), &dir.0).unwrap();
+    let end = std::time::Instant::now() + WAIT;
+    loop {
+        let now = d.dial(Instant::now() + WAIT).await.unwrap();
+        if now.server().unwrap().id.to_string() == "spiffe://cluster.local/nse/v2" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the new SVID was not served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    open.request(call(&tokens))
+        .await
+        .expect("the connection opened before the rotation still works");
+}
+
 #[tokio::test]
 async fn a_silent_client_does_not_hold_up_the_handshakes_of_others() {
     let ca = TestCa::new(TRUST_DOMAIN).unwrap();

@@ -37,6 +37,9 @@ pub enum Seen {
         dialable: bool,
         path_metadata: bool,
         token: bool,
+        /// Under TLS: the caller's SPIFFE ID, and its token's `sub` and `aud`.
+        peer: Option<String>,
+        claims: Option<(String, Vec<String>)>,
     },
     Unregister(NetworkServiceEndpoint),
 }
@@ -94,7 +97,15 @@ impl NetworkServiceEndpointRegistry for FakeRegistry {
         req: Request<NetworkServiceEndpoint>,
     ) -> Result<Response<NetworkServiceEndpoint>, Status> {
         let (path_metadata, token) = md_ok(req.metadata());
-        let fds = Peer::of(req.extensions()).fds;
+        let claims = req
+            .metadata()
+            .get("nsm-client-token")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|t| nsm_api::authorize::decode(t).ok())
+            .map(|c| (c.sub, c.aud));
+        let caller = Peer::of(req.extensions());
+        let peer = caller.svid.as_ref().map(|s| s.id.to_string());
+        let fds = caller.fds;
         let mut nse = req.into_inner();
         let (mut fd_inode, mut dialable) = (None, false);
         if let (Ok(url), Some(fds)) = (nse.url.parse::<InodeUrl>(), fds)
@@ -114,6 +125,8 @@ impl NetworkServiceEndpointRegistry for FakeRegistry {
             dialable,
             path_metadata,
             token,
+            peer,
+            claims,
         });
         nse.expiration_time = Some(nsm_api::path::to_timestamp(SystemTime::now() + self.expiry));
         let mut resp = Response::new(nse);
@@ -159,6 +172,15 @@ impl Drop for Running {
 }
 
 pub fn start_registry(socket: &Path, expiry: Duration) -> Running {
+    start_registry_with(socket, expiry, None)
+}
+
+/// [`start_registry`], over mTLS with `tls`'s SVID when given.
+pub fn start_registry_with(
+    socket: &Path,
+    expiry: Duration,
+    tls: Option<std::sync::Arc<nsm_api::tls::Identity>>,
+) -> Running {
     let fake = FakeRegistry {
         seen: Arc::default(),
         expiry,
@@ -166,11 +188,19 @@ pub fn start_registry(socket: &Path, expiry: Duration) -> Running {
     let (listener, file) = nsm_api::listen::bind_unix(socket, None).unwrap();
     let seen = fake.seen.clone();
     let task = tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .add_service(NetworkServiceRegistryServer::new(fake.clone()))
-            .add_service(NetworkServiceEndpointRegistryServer::new(fake))
-            .serve_with_incoming(nsm_api::grpcfd::incoming(listener))
-            .await;
+            .add_service(NetworkServiceEndpointRegistryServer::new(fake));
+        let incoming = nsm_api::grpcfd::incoming(listener);
+        let _ = match tls {
+            Some(id) => {
+                let cfg = id.server_config().unwrap();
+                router
+                    .serve_with_incoming(nsm_api::transport::secure::secure_incoming(incoming, cfg))
+                    .await
+            }
+            None => router.serve_with_incoming(incoming).await,
+        };
     });
     Running {
         seen,
