@@ -4,7 +4,9 @@
 //! kept connection per worker — with placement sidecar (no rules) and, as root,
 //! placement proxy (every call adds or removes the connection's interface in
 //! the NSE's table, also beside 500 open connections); then resident memory
-//! per 1,000 open connections.
+//! per 1,000 open connections. The same pairs over mTLS with SPIFFE SVIDs
+//! and NSM's default policies (signed, chained tokens) show what security
+//! costs per call.
 //!
 //! `cargo bench -p nse --bench control_plane`
 
@@ -49,7 +51,17 @@ impl Placement {
 
 impl NseProcess {
     fn spawn(placement: Placement) -> Self {
-        let tag = format!("nse-bench-{}-{}", std::process::id(), placement.name());
+        Self::spawn_with(placement, None)
+    }
+
+    /// With `svid`, the NSE serves mTLS (default policies) with those files.
+    fn spawn_with(placement: Placement, svid: Option<&nsm_api::tls::SvidFiles>) -> Self {
+        let tag = format!(
+            "nse-bench-{}-{}{}",
+            std::process::id(),
+            placement.name(),
+            if svid.is_some() { "-tls" } else { "" }
+        );
         let dir = std::env::temp_dir().join(&tag);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -76,9 +88,15 @@ impl NseProcess {
             }
             None => Command::new(BIN),
         };
+        cmd.env_clear();
+        match svid {
+            Some(f) => cmd
+                .env("NSM_SVID_CERT_FILE", &f.cert)
+                .env("NSM_SVID_KEY_FILE", &f.key)
+                .env("NSM_TRUST_BUNDLE_FILE", &f.bundle),
+            None => cmd.env("NSM_INSECURE", "true"),
+        };
         let child = cmd
-            .env_clear()
-            .env("NSM_INSECURE", "true")
             .env("NSM_CONFIG", &config)
             .env("NSM_NAME", "bench-nse")
             .env("NSM_LISTEN_ON", format!("unix://{}", socket.display()))
@@ -317,6 +335,100 @@ async fn open(socket: &Path, first: u64, count: u64) -> Vec<Connection> {
     out
 }
 
+/// The forwarder's side of the mTLS rows: its SVID, its tokens, and the
+/// client's segment-0 token made out to it.
+struct Secure {
+    dialer: nsm_api::transport::Dialer,
+    tokens: nsm_api::token::TokenIssuer,
+    nsc_token: String,
+}
+
+impl Secure {
+    fn new(ca: &examples::svid::TestCa, socket: &Path) -> Secure {
+        use nsm_api::tls::Identity;
+        let id = |p: &str| Identity::new(ca.material(&ca.issue(p).unwrap()).unwrap());
+        let (fwd, nsc) = (id("/fwd"), id("/nsc"));
+        let m = fwd.current();
+        let fwd_peer = nsm_api::tls::PeerSvid {
+            id: m.id.clone(),
+            not_after: m.not_after,
+            leaf: m.leaf.clone(),
+        };
+        Secure {
+            dialer: nsm_api::transport::Dialer::new(
+                nsm_api::transport::Target::Unix(socket.to_owned()),
+                Duration::from_secs(5),
+            )
+            .with_tls(Some(&fwd))
+            .unwrap(),
+            tokens: nsm_api::token::TokenIssuer::svid(fwd.clone(), Duration::from_secs(600)),
+            nsc_token: nsm_api::token::TokenIssuer::svid(nsc, Duration::from_secs(600))
+                .issue_for(Some(&fwd_peer))
+                .unwrap()
+                .jwt,
+        }
+    }
+
+    /// One Request+Close pair, each on a fresh mTLS connection.
+    async fn pair(&self, n: u64) -> Duration {
+        let start = Instant::now();
+        let mut msg = request(n).into_inner();
+        if let Some(path) = msg.connection.as_mut().and_then(|c| c.path.as_mut()) {
+            path.path_segments.remove(1);
+            path.index = 1;
+            path.path_segments[0].token = self.nsc_token.clone();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let conn = self
+            .dialer
+            .request(msg, &self.tokens, deadline)
+            .await
+            .expect("Request over mTLS")
+            .conn;
+        self.dialer
+            .close(conn, &self.tokens, deadline)
+            .await
+            .expect("Close over mTLS");
+        start.elapsed()
+    }
+}
+
+async fn run_secure(secure: Arc<Secure>, concurrency: usize, pairs: usize) -> Row {
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (secure, next) = (secure.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= pairs as u64 {
+                        return lat;
+                    }
+                    lat.push(secure.pair(3_000_000 + n).await);
+                }
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for w in workers {
+        lat.extend(w.await.unwrap());
+    }
+    let wall = start.elapsed();
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    Row {
+        placement: "sidecar",
+        mode: "mTLS+policies",
+        concurrency,
+        pairs: lat.len(),
+        per_sec: lat.len() as f64 / wall.as_secs_f64(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+    }
+}
+
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -343,6 +455,24 @@ async fn main() {
     for mode in [Mode::FreshConnection, Mode::KeptConnection] {
         rows.push(run(&nse, mode, 1, 2_000).await);
         rows.push(run(&nse, mode, 64, 10_000).await);
+    }
+    // The same fresh-connection pairs over mTLS, tokens signed and checked.
+    {
+        let ca = examples::svid::TestCa::new("k8s.nsm").unwrap();
+        let dir = std::env::temp_dir().join(format!("nse-bench-svid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = ca.write(&ca.issue("/nse").unwrap(), &dir).unwrap();
+        let tls_nse = NseProcess::spawn_with(Placement::Sidecar, Some(&files));
+        let secure = Arc::new(Secure::new(&ca, &tls_nse.socket));
+        let end = Instant::now() + Duration::from_secs(10);
+        while !tls_nse.socket.exists() {
+            assert!(Instant::now() < end, "the mTLS NSE did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        run_secure(secure.clone(), 8, 300).await; // warm-up
+        rows.push(run_secure(secure.clone(), 1, 1_000).await);
+        rows.push(run_secure(secure, 64, 5_000).await);
+        let _ = std::fs::remove_dir_all(&dir);
     }
     // Placement proxy: every Request and Close changes the one table of
     // the NSE's namespace (needs root for the namespace and the rules).

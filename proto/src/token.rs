@@ -9,9 +9,10 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use p256::pkcs8::EncodePrivateKey;
-use rand::RngCore;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 
 use crate::tls::{Identity, PeerSvid};
 
@@ -20,7 +21,7 @@ pub enum TokenError {
     #[error("cannot make an ephemeral P-256 key: {0}")]
     Key(String),
     #[error("cannot sign a token: {0}")]
-    Sign(#[from] jsonwebtoken::errors::Error),
+    Sign(String),
     #[error("cannot sign a token: our SVID expired at {0}")]
     Expired(String),
 }
@@ -43,15 +44,18 @@ pub struct Token {
 
 /// Who signs: an ephemeral key under a name, or our current SVID.
 enum Signer {
-    Ephemeral { key: EncodingKey, subject: String },
+    Ephemeral {
+        key: Arc<EcdsaKeyPair>,
+        subject: String,
+    },
     Svid(Arc<Identity>),
 }
 
 /// Signs tokens for `lifetime` each.
 pub struct TokenIssuer {
     signer: Signer,
-    header: Header,
     lifetime: Duration,
+    rng: SystemRandom,
 }
 
 impl std::fmt::Debug for TokenIssuer {
@@ -63,28 +67,24 @@ impl std::fmt::Debug for TokenIssuer {
     }
 }
 
+/// `{"alg":"ES256","typ":"JWT"}`, base64url: every token's header.
+const HEADER: &str = "eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCJ9";
+
 impl TokenIssuer {
     /// An issuer with a fresh random P-256 key (NSM_INSECURE mode).
     pub fn ephemeral(subject: &str, lifetime: Duration) -> Result<Self, TokenError> {
-        // p256 0.13 uses rand_core 0.6; draw the scalar with our rand and
-        // retry the (astronomically rare) out-of-range values.
-        let mut bytes = [0u8; 32];
-        let secret = loop {
-            rand::rng().fill_bytes(&mut bytes);
-            if let Ok(k) = p256::SecretKey::from_slice(&bytes) {
-                break k;
-            }
-        };
-        let der = secret
-            .to_pkcs8_der()
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|e| TokenError::Key(e.to_string()))?;
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
             .map_err(|e| TokenError::Key(e.to_string()))?;
         Ok(TokenIssuer {
             signer: Signer::Ephemeral {
-                key: EncodingKey::from_ec_der(der.as_bytes()),
+                key: Arc::new(key),
                 subject: subject.to_owned(),
             },
-            header: Header::new(Algorithm::ES256),
             lifetime,
+            rng,
         })
     }
 
@@ -93,8 +93,8 @@ impl TokenIssuer {
     pub fn svid(identity: Arc<Identity>, lifetime: Duration) -> Self {
         TokenIssuer {
             signer: Signer::Svid(identity),
-            header: Header::new(Algorithm::ES256),
             lifetime,
+            rng: SystemRandom::new(),
         }
     }
 
@@ -133,16 +133,12 @@ impl TokenIssuer {
     pub fn issue_for(&self, peer: Option<&PeerSvid>) -> Result<Token, TokenError> {
         let now = SystemTime::now();
         let mut until = now + self.lifetime;
-        let material;
         let (key, subject) = match &self.signer {
             Signer::Ephemeral { key, subject } => (key.clone(), subject.clone()),
             Signer::Svid(identity) => {
-                material = identity.current();
-                until = until.min(material.not_after);
-                (
-                    EncodingKey::from_ec_der(&material.key_pkcs8),
-                    material.id.to_string(),
-                )
+                let m = identity.current();
+                until = until.min(m.not_after);
+                (m.signing_key.clone(), m.id.to_string())
             }
         };
         if let Some(p) = peer {
@@ -165,9 +161,14 @@ impl TokenIssuer {
             iat,
             exp,
         };
-        let jwt = jsonwebtoken::encode(&self.header, &claims, &key)?;
+        let body = serde_json::to_vec(&claims).map_err(|e| TokenError::Sign(e.to_string()))?;
+        let signed = format!("{HEADER}.{}", URL_SAFE_NO_PAD.encode(body));
+        // ES256 in JWS is the fixed 64-byte r || s form.
+        let sig = key
+            .sign(&self.rng, signed.as_bytes())
+            .map_err(|e| TokenError::Sign(e.to_string()))?;
         Ok(Token {
-            jwt,
+            jwt: format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())),
             expires: UNIX_EPOCH + Duration::from_secs(exp),
         })
     }
@@ -183,7 +184,7 @@ mod tests {
         let before = SystemTime::now();
         let t = issuer.issue().unwrap();
         let data = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(&t.jwt).unwrap();
-        assert_eq!(data.header.alg, Algorithm::ES256);
+        assert_eq!(data.header.alg, jsonwebtoken::Algorithm::ES256);
         assert_eq!(data.claims["sub"], "nse-1");
         let exp = data.claims["exp"].as_u64().unwrap();
         assert_eq!(UNIX_EPOCH + Duration::from_secs(exp), t.expires);

@@ -2,8 +2,7 @@
 //! (`io.jwt.decode`) and verify an ES256 signature with a certificate's key
 //! (`io.jwt.verify_es256`), over P-256 directly.
 
-use p256::ecdsa::signature::Verifier;
-use p256::ecdsa::{Signature, VerifyingKey};
+use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -99,10 +98,15 @@ pub fn verify_es256(token: &str, cert: &CertificateDer<'_>) -> Result<(), JwtErr
     }
     let (_, x) =
         X509Certificate::from_der(cert.as_ref()).map_err(|e| JwtError::Key(e.to_string()))?;
-    let key = VerifyingKey::from_sec1_bytes(&x.public_key().subject_public_key.data)
-        .map_err(|e| JwtError::Key(e.to_string()))?;
-    let sig =
-        Signature::from_slice(&b64(p.signature, "signature")?).map_err(|_| JwtError::Signature)?;
-    key.verify(p.signed.as_bytes(), &sig)
+    let spki = x.public_key();
+    if spki.algorithm.algorithm != x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY {
+        return Err(JwtError::Key(format!(
+            "{} is not an EC key",
+            spki.algorithm.algorithm
+        )));
+    }
+    let sig = b64(p.signature, "signature")?;
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &spki.subject_public_key.data)
+        .verify(p.signed.as_bytes(), &sig)
         .map_err(|_| JwtError::Signature)
 }

@@ -76,8 +76,10 @@ pub struct Material {
     pub not_after: SystemTime,
     /// Our chain and key, for TLS.
     pub certified: Arc<CertifiedKey>,
-    /// Our key as PKCS#8 DER (EC P-256), for signing tokens.
+    /// Our key as PKCS#8 DER (EC P-256).
     pub key_pkcs8: Vec<u8>,
+    /// The same key, ready to sign tokens (ES256).
+    pub signing_key: Arc<ring::signature::EcdsaKeyPair>,
     /// Our leaf certificate, DER.
     pub leaf: CertificateDer<'static>,
     /// Roots of our trust domain's bundle.
@@ -151,6 +153,14 @@ impl Material {
             &provider(),
         )
         .map_err(|e| material("the SVID certificate and key", e))?;
+        let signing_key = Arc::new(
+            ring::signature::EcdsaKeyPair::from_pkcs8(
+                &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &key_pkcs8,
+                &ring::rand::SystemRandom::new(),
+            )
+            .map_err(|e| material("the SVID key", e))?,
+        );
         let (id, not_after) = verify::leaf_facts(&leaf)?;
         if bundle.is_empty() {
             return Err(material("the trust bundle", "no CA certificate in it"));
@@ -166,6 +176,7 @@ impl Material {
             not_after,
             certified: Arc::new(certified),
             key_pkcs8,
+            signing_key,
             leaf,
             roots: Arc::new(roots),
         })

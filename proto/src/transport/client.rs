@@ -302,11 +302,11 @@ impl Session {
                 after: left,
             };
         }
-        // A status tonic made from a broken connection (the peer refused
-        // our TLS, or spoke none): the connection failed, not the call.
-        if status.code() == tonic::Code::Unknown
-            && let Some(cause) = std::error::Error::source(&status)
-        {
+        // A status tonic made here from a broken connection (the peer
+        // refused our TLS, or spoke none; h2 or hyper's error is its source,
+        // as Unknown, Internal or Cancelled — a server's own status has no
+        // source): the connection failed, not the call.
+        if let Some(cause) = std::error::Error::source(&status) {
             return CallError::Dial {
                 target: self.target.clone(),
                 why: error_chain(cause),
