@@ -12,13 +12,13 @@ use forwarder_plugin::hop::{
     client_capture, client_redirect, policies, veth_plan,
 };
 use forwarder_plugin::netns::NetnsId;
-use forwarder_plugin::rules::capture::CAPTURE_VERSION;
 use forwarder_plugin::rules::plan::{Action, Family, OwnChain};
 use forwarder_plugin::rules::spec::{Mark, Mode, OUTBOUND_MARK, Port, SPEC_VERSION, Selection};
 use forwarder_plugin::rules::{CaptureSpec, Plan, PortRange, RedirectSpec};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nsm_api::connection::Connection;
 use nsm_api::connectioncontext::{ConnectionContext, IpContext, PolicyRoute, Route};
+use nsm_api::contract::capture::CAPTURE_VERSION;
 use proptest::prelude::*;
 use serde_json::Value;
 

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 
-use forwarder_plugin::rules::spec::Port;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nse::mesh_proxy::config::Placement;
 use nse::mesh_proxy::labels::{
@@ -19,6 +18,7 @@ use nsm_api::connectioncontext::{
     ConnectionContext, DnsConfig, DnsContext, EthernetContext, IpContext, IpNeighbor, PolicyRoute,
     Route,
 };
+use nsm_api::contract::redirect::Port;
 use nsm_api::networkservice::NetworkServiceRequest;
 use proptest::prelude::*;
 

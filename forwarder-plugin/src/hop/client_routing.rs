@@ -32,9 +32,7 @@ use crate::link::{RULE_PRIORITY, RouteSpec, RuleSpec, VethPlan};
 use crate::rules::plan::Family;
 use crate::rules::{CaptureSpec, Plan, PortRange};
 
-/// `connection.context.extra_context` key of the endpoint's capture spec
-/// (JSON, version 1) for the CLIENT's namespace.
-pub const CLIENT_CAPTURE_KEY: &str = "mesh-proxy.v1/client-capture";
+pub use nsm_api::contract::CLIENT_CAPTURE_KEY;
 
 /// First table (and mark) number of slot 0: "mp" in ASCII, far from the
 /// small numbers people pick by hand.

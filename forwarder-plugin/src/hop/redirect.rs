@@ -7,45 +7,10 @@ use serde::{Deserialize, Serialize};
 use super::error::{HopError, Result};
 use crate::rules::{BackendKind, Owner, Plan, RedirectSpec};
 
-/// `connection.context.extra_context` key holding a JSON redirect spec
-/// (version 1) for the CLIENT's namespace. Versioned in the key itself, so
-/// a later format gets a new key and old hops ignore it instead of misreading it.
-pub const CLIENT_REDIRECT_KEY: &str = "mesh-proxy.v1/client-redirect";
-
-/// Every `extra_context` key of the endpoint↔hop contract starts so.
-pub const CONTRACT_PREFIX: &str = "mesh-proxy.";
-
-/// `extra_context` key by which a hop tells the endpoint (through nsmgr)
-/// which client-side work it does: a comma-separated list of features.
-/// A forwarder that does not set it (NSM's own) applies none of our keys,
-/// so an endpoint can fall back to what NSM can express, or refuse.
-pub const FORWARDER_FEATURES_KEY: &str = "mesh-proxy.v1/forwarder-features";
-/// Feature: applies [`CLIENT_REDIRECT_KEY`] specs.
-pub const FEATURE_CLIENT_REDIRECT: &str = "client-redirect";
-/// Feature: applies [`super::CLIENT_CAPTURE_KEY`] specs.
-pub const FEATURE_CLIENT_CAPTURE: &str = "client-capture";
-
-/// Prepares a Request for the next hop: removes every key of the contract
-/// the caller sent (only an endpoint's answer may ask for client-side work,
-/// and only this hop may say what it does), then announces this hop's
-/// features.
-pub fn announce_features(conn: &mut Connection) {
-    let ctx = conn.context.get_or_insert_default();
-    ctx.extra_context
-        .retain(|k, _| !k.starts_with(CONTRACT_PREFIX));
-    ctx.extra_context.insert(
-        FORWARDER_FEATURES_KEY.to_owned(),
-        format!("{FEATURE_CLIENT_REDIRECT},{FEATURE_CLIENT_CAPTURE}"),
-    );
-}
-
-/// Whether the Request's `extra_context` announces `feature`.
-pub fn has_feature(conn: &Connection, feature: &str) -> bool {
-    conn.context
-        .as_ref()
-        .and_then(|c| c.extra_context.get(FORWARDER_FEATURES_KEY))
-        .is_some_and(|v| v.split(',').any(|f| f.trim() == feature))
-}
+pub use nsm_api::contract::{
+    CLIENT_REDIRECT_KEY, CONTRACT_PREFIX, FEATURE_CLIENT_CAPTURE, FEATURE_CLIENT_REDIRECT,
+    FORWARDER_FEATURES_KEY, announce_features, has_feature,
+};
 
 /// The validated redirect spec the endpoint asked for, if any. An absent or
 /// blank value means no rules.

@@ -34,18 +34,19 @@ pub mod nft;
 pub mod plan;
 mod policy_route;
 pub mod render;
-pub mod spec;
+/// The redirect spec, part of the endpoint↔hop contract in nsm-api.
+pub use nsm_api::contract::redirect as spec;
 
 use std::io::Write;
 use std::sync::Mutex;
 
 use crate::netns::Netns;
 
-pub use capture::{CaptureError, CaptureSpec, PortRange};
 pub use drift::{Drift, DriftItem};
 pub use error::RulesError;
 pub use iptables::Variant;
 pub use names::Owner;
+pub use nsm_api::contract::capture::{CaptureError, CaptureSpec, PortRange};
 pub use plan::Plan;
 pub use policy_route::RT_PROTO;
 pub use spec::{RedirectSpec, SPEC_VERSION, SpecError};

@@ -18,9 +18,9 @@
 use std::net::IpAddr;
 
 use forwarder_plugin::hop::MAX_POLICY_ROUTES;
-use forwarder_plugin::rules::{CaptureSpec, PortRange};
 use ipnet::IpNet;
 use nsm_api::connectioncontext::{IpContext, PolicyRoute, Route};
+use nsm_api::contract::{CaptureSpec, PortRange};
 
 use super::config::{CaptureConfig, POLICY_DEFAULT_PORTS};
 

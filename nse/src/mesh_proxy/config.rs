@@ -26,10 +26,11 @@
 use std::path::Path;
 
 use forwarder_plugin::hop::BackendName;
-use forwarder_plugin::rules::capture::{MAX_CIDRS, MAX_EXCLUDE_CIDRS, MAX_PORTS};
-use forwarder_plugin::rules::spec::{Mode, Port, Selection};
-use forwarder_plugin::rules::{Owner, Plan, PortRange, RedirectSpec};
+use forwarder_plugin::rules::{Owner, Plan};
 use ipnet::IpNet;
+use nsm_api::contract::capture::{MAX_CIDRS, MAX_EXCLUDE_CIDRS, MAX_PORTS};
+use nsm_api::contract::redirect::{Mode, Port, Selection};
+use nsm_api::contract::{PortRange, RedirectSpec};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 

@@ -11,8 +11,8 @@
 
 use std::collections::HashMap;
 
-use forwarder_plugin::rules::spec::Port;
 use ipnet::IpNet;
+use nsm_api::contract::redirect::Port;
 
 use super::config::{Placement, parse_cidr};
 

@@ -37,13 +37,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use forwarder_plugin::netns::NetnsError;
-use forwarder_plugin::rules::{Plan, RedirectSpec, RulesError, SpecError};
+use forwarder_plugin::rules::{Plan, RulesError};
 use nsm_api::connection::Connection;
 use nsm_api::connectioncontext::IpContext;
+use nsm_api::contract::{RedirectSpec, SpecError};
 use nsm_api::mechanism::MechanismExt;
 
-pub use forwarder_plugin::hop::{CLIENT_CAPTURE_KEY, CLIENT_REDIRECT_KEY};
-use forwarder_plugin::hop::{
+pub use nsm_api::contract::{CLIENT_CAPTURE_KEY, CLIENT_REDIRECT_KEY};
+use nsm_api::contract::{
     FEATURE_CLIENT_CAPTURE, FEATURE_CLIENT_REDIRECT, FORWARDER_FEATURES_KEY, has_feature,
 };
 
@@ -232,12 +233,12 @@ impl NetworkFunction for MeshProxy {
                     ipv6: capture::has_ipv6(ip),
                 };
                 let exclude = &o.exclude_outbound_cidrs;
-                if exclude.len() > forwarder_plugin::rules::capture::MAX_EXCLUDE_CIDRS {
+                if exclude.len() > nsm_api::contract::capture::MAX_EXCLUDE_CIDRS {
                     return Err(rejected(format!(
                         "label {:?}: {} CIDRs, at most {}",
                         labels::EXCLUDE_OUTBOUND_CIDRS,
                         exclude.len(),
-                        forwarder_plugin::rules::capture::MAX_EXCLUDE_CIDRS
+                        nsm_api::contract::capture::MAX_EXCLUDE_CIDRS
                     )));
                 }
                 // Everything that can be refused is decided before the rules change.

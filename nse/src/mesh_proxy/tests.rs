@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use forwarder_plugin::rules::spec::Port;
 use nsm_api::connection::Mechanism;
 use nsm_api::connectioncontext::{ConnectionContext, IpContext, Route};
+use nsm_api::contract::redirect::Port;
 
 use super::*;
 

@@ -223,7 +223,7 @@ impl RedirectSpec {
 
     /// Checks everything serde cannot: value ranges of values built in code,
     /// and combinations that cannot work. Called by every constructor above
-    /// and by [`super::plan::Plan::new`], so nothing invalid reaches a kernel.
+    /// and by forwarder-plugin's `Plan::new`, so nothing invalid reaches a kernel.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.version != SPEC_VERSION {
             return Err(SpecError::Version {
@@ -412,7 +412,7 @@ impl RedirectSpec {
 /// we refuse anything that would need quoting there, and iptables' `+`
 /// wildcard (istio#58781 was an injection through this field).
 pub fn validate_interface(name: &str) -> Result<(), String> {
-    nsm_api::mechanism::validate_interface_name(name).map_err(|e| e.to_string())?;
+    crate::mechanism::validate_interface_name(name).map_err(|e| e.to_string())?;
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@')))
@@ -749,5 +749,5 @@ mod cidr_list {
 }
 
 #[cfg(test)]
-#[path = "spec_tests.rs"]
+#[path = "redirect_tests.rs"]
 mod tests;
