@@ -124,7 +124,14 @@ async fn plumbs_refreshes_and_closes_like_an_nsm_forwarder() {
         ("LOCAL", "KERNEL")
     );
     assert!(pref.parameters.is_empty(), "{pref:?}");
-    assert_eq!(token.as_deref(), Some(fwd.token.as_str()));
+    // The per-RPC token is the hop's own, fresh for this call.
+    let sub = |t: &str| nsm_api::authorize::decode(t).map(|c| c.sub).ok();
+    assert_eq!(
+        token.as_deref().and_then(sub),
+        Some("fwd-test".to_owned()),
+        "{token:?}"
+    );
+    assert_eq!(sub(&fwd.token), Some("fwd-test".to_owned()));
     assert_eq!(req.connection.as_ref().unwrap().id, fwd.id);
 
     // Client end: nsm-1 with the src address and src routes.
