@@ -284,6 +284,27 @@ async fn run(nse: &NseProcess, mode: Mode, concurrency: usize, pairs: usize) -> 
             })
         })
         .collect();
+    let placement = if nse.netns.is_some() {
+        "proxy"
+    } else {
+        "sidecar"
+    };
+    let mode = match mode {
+        Mode::FreshConnection => "fresh conn/call",
+        Mode::KeptConnection => "kept conn",
+    };
+    tally(workers, start, placement, mode, concurrency).await
+}
+
+/// The workers' latencies as a row: pairs/s over the wall time since
+/// `start`, p50 and p99.
+async fn tally(
+    workers: Vec<tokio::task::JoinHandle<Vec<Duration>>>,
+    start: Instant,
+    placement: &'static str,
+    mode: &'static str,
+    concurrency: usize,
+) -> Row {
     let mut lat = Vec::new();
     for w in workers {
         lat.extend(w.await.unwrap());
@@ -292,15 +313,8 @@ async fn run(nse: &NseProcess, mode: Mode, concurrency: usize, pairs: usize) -> 
     lat.sort();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
     Row {
-        placement: if nse.netns.is_some() {
-            "proxy"
-        } else {
-            "sidecar"
-        },
-        mode: match mode {
-            Mode::FreshConnection => "fresh conn/call",
-            Mode::KeptConnection => "kept conn",
-        },
+        placement,
+        mode,
         concurrency,
         pairs: lat.len(),
         per_sec: lat.len() as f64 / wall.as_secs_f64(),
@@ -411,22 +425,7 @@ async fn run_secure(secure: Arc<Secure>, concurrency: usize, pairs: usize) -> Ro
             })
         })
         .collect();
-    let mut lat = Vec::new();
-    for w in workers {
-        lat.extend(w.await.unwrap());
-    }
-    let wall = start.elapsed();
-    lat.sort();
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-    Row {
-        placement: "sidecar",
-        mode: "mTLS+policies",
-        concurrency,
-        pairs: lat.len(),
-        per_sec: lat.len() as f64 / wall.as_secs_f64(),
-        p50: pct(0.50),
-        p99: pct(0.99),
-    }
+    tally(workers, start, "sidecar", "mTLS+policies", concurrency).await
 }
 
 fn nix_is_root() -> bool {
