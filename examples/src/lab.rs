@@ -146,6 +146,11 @@ pub struct LabConfig {
     /// CA ([`crate::svid::TestCa`]) and hands each process SVID files, as
     /// SPIRE would. `false`: `NSM_INSECURE=true` everywhere.
     pub secure: bool,
+    /// NSM's manager (`unix://…` of an nsmgr): when set, the NSE and the
+    /// forwarder register with it (`NSM_CONNECT_TO`) and the forwarder sends
+    /// Requests on to it, as in an NSM cluster; unset, the forwarder's next
+    /// hop is the NSE itself.
+    pub manager: Option<String>,
 }
 
 impl Default for LabConfig {
@@ -159,6 +164,7 @@ impl Default for LabConfig {
             forwarder_args: Vec::new(),
             say: |_| {},
             secure: true,
+            manager: None,
         }
     }
 }
@@ -399,6 +405,9 @@ impl Lab {
             .env("NSM_LISTEN_ON", self.nse_url())
             .env("NSM_SERVICE_NAMES", "mesh-proxy")
             .env("NSM_CIDR_PREFIX", &self.config.cidr_prefix);
+        if let Some(manager) = &self.config.manager {
+            cmd.env("NSM_CONNECT_TO", manager);
+        }
         for (k, v) in &self.config.nse_env {
             cmd.env(k, v);
         }
@@ -420,7 +429,10 @@ impl Lab {
         self.control_env(&mut cmd, "forwarder", FORWARDER_SPIFFE_PATH)?;
         cmd.arg("serve")
             .args(["--listen-on", &self.forwarder_url()])
-            .args(["--next-hop", &self.nse_url()])
+            .args(match &self.config.manager {
+                Some(manager) => ["--connect-to".to_owned(), manager.clone()],
+                None => ["--next-hop".to_owned(), self.nse_url()],
+            })
             .args([
                 "--state-dir",
                 &self.dir.join("forwarder-state").display().to_string(),

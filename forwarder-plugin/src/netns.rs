@@ -153,6 +153,7 @@ impl Netns {
     /// Adopts a descriptor received from elsewhere (e.g. over grpcfd), checking
     /// that it really is a network namespace.
     pub fn from_fd(fd: OwnedFd, what: &str) -> Result<Netns, NetnsError> {
+        let fd = reopen_o_path(fd, what)?;
         if !is_netns(fd.as_fd()) {
             return Err(NetnsError::NotNetns {
                 what: what.to_owned(),
@@ -429,10 +430,33 @@ fn netns_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
 /// first, so the ioctl below never reaches another driver) and of type net.
 /// (Reading `/proc/self/fd/N` is not enough: a bind-mounted namespace such as
 /// `/run/netns/x` reads back as its mount path, not `net:[ino]`.)
+fn on_nsfs(fd: BorrowedFd<'_>) -> bool {
+    nix::sys::statfs::fstatfs(fd).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+}
+
+/// grpcfd (how NSM's Go components pass files) sends every file as an
+/// `O_PATH` descriptor, on which ioctl and setns fail with EBADF. Such a
+/// descriptor of an nsfs file is reopened through its own `/proc/self/fd`
+/// link, which names the same namespace (what NSM's Go side does with it);
+/// anything else is left as it is for [`is_netns`] to refuse. Checking nsfs
+/// first means a hostile `O_PATH` fd of a FIFO is never opened (that open
+/// would block).
+fn reopen_o_path(fd: OwnedFd, what: &str) -> Result<OwnedFd, NetnsError> {
+    let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0);
+    if flags & libc::O_PATH == 0 || !on_nsfs(fd.as_fd()) {
+        return Ok(fd);
+    }
+    let link = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    File::open(&link)
+        .map(OwnedFd::from)
+        .map_err(|source| NetnsError::Open {
+            path: what.into(),
+            source,
+        })
+}
+
 fn is_netns(fd: BorrowedFd<'_>) -> bool {
-    let on_nsfs = nix::sys::statfs::fstatfs(fd)
-        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
-    if !on_nsfs {
+    if !on_nsfs(fd) {
         return false;
     }
     // SAFETY: NS_GET_NSTYPE takes no argument and only reads the namespace
@@ -501,6 +525,41 @@ mod tests {
             Netns::open(&ns.inode_url().to_string()).unwrap().id(),
             ns.id()
         );
+    }
+
+    /// How NSM's Go components (grpcfd) pass a namespace: an O_PATH fd.
+    #[test]
+    fn an_o_path_fd_of_a_netns_is_taken_as_grpcfd_sends_it() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path_fd = |p: &Path| -> OwnedFd {
+            File::options()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(p)
+                .unwrap()
+                .into()
+        };
+        let ns = Netns::from_fd(path_fd(Path::new("/proc/thread-self/ns/net")), "o_path")
+            .unwrap_or_else(|e| panic!("an O_PATH netns fd: {e}"));
+        assert_eq!(ns.id(), Netns::current().unwrap().id());
+        // Usable: a thread enters it.
+        assert_eq!(ns.run(|| 7).unwrap(), 7);
+
+        // An O_PATH fd of anything else is refused, a FIFO without opening it.
+        let dir = std::env::temp_dir().join(format!("netns-opath-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        for p in [fifo.as_path(), Path::new("/proc/thread-self/ns/uts")] {
+            let e = Netns::from_fd(path_fd(p), "other").unwrap_err();
+            assert!(
+                matches!(e, NetnsError::NotNetns { .. }),
+                "{}: {e}",
+                p.display()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

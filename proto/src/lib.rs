@@ -33,6 +33,7 @@ pub mod registry {
 pub mod authorize;
 pub mod chain;
 pub mod contract;
+pub mod discover;
 pub mod duration;
 pub mod env;
 pub mod grpcfd;

@@ -96,6 +96,17 @@ impl MonitorHub {
         self.send(ConnectionEventType::Update, conn);
     }
 
+    /// Broadcasts connection `id` as it was last sent, with state DOWN (its
+    /// next hop is gone: NSM's clients heal on it). False if unknown.
+    pub fn mark_down(&self, id: &str) -> bool {
+        let Some(mut conn) = self.lock().connections.get(id).cloned() else {
+            return false;
+        };
+        conn.state = crate::connection::State::Down as i32;
+        self.update(&conn);
+        true
+    }
+
     /// Forgets and broadcasts a DELETE for this connection.
     pub fn delete(&self, conn: &Connection) {
         self.send(ConnectionEventType::Delete, conn);

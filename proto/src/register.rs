@@ -254,6 +254,21 @@ impl Registrar {
                     );
                     next
                 }
+                Err(RegisterError::Status { status, .. })
+                    if status.code() == tonic::Code::PermissionDenied =>
+                {
+                    // Policy, not weather: say why, and ask again seldom.
+                    backoff = MAX_BACKOFF;
+                    let wait = jitter(backoff);
+                    tracing::error!(
+                        name = %self.reg.endpoint.name,
+                        registry = %self.dialer.url(),
+                        reason = status.message(),
+                        retry_in = ?wait,
+                        "cannot register: refused (PermissionDenied); NSM's registry keeps a name with the identity that registered it first, so another identity may hold this name"
+                    );
+                    wait
+                }
                 Err(e) => {
                     let wait = jitter(backoff);
                     tracing::warn!(registry = %self.dialer.url(), error = %e, retry_in = ?wait, "cannot register");

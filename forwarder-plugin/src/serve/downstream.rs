@@ -8,7 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nsm_api::connection::{Connection, Mechanism};
+use nsm_api::connection::monitor_connection_client::MonitorConnectionClient;
+use nsm_api::connection::{
+    Connection, ConnectionEvent, Mechanism, MonitorScopeSelector, PathSegment,
+};
 use nsm_api::grpcfd::FdChannel;
 use nsm_api::inode::InodeUrl;
 use nsm_api::mechanism::{self as mech, MechanismExt};
@@ -85,6 +88,20 @@ impl NextHop {
         )
     }
 
+    /// The same client for another target (an endpoint discovered in NSM's registry).
+    pub fn to(&self, target: Target) -> Result<NextHop, TlsError> {
+        Ok(NextHop {
+            dialer: Dialer::new(target, self.dialer.dial_timeout()).with_tls(self.tls.as_ref())?,
+            tls: self.tls.clone(),
+            tokens: self.tokens.clone(),
+        })
+    }
+
+    /// The dialer of the configured next hop, for other services it serves (nsmgr's registry).
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
+    }
+
     pub fn url(&self) -> &str {
         self.dialer.url()
     }
@@ -113,6 +130,43 @@ impl NextHop {
             fds,
             _answer: answer,
         })
+    }
+
+    /// Subscribes to the next hop's MonitorConnections for the connection
+    /// whose path segment is `segment` (our own, id and name), as NSM's
+    /// monitor client does; the stream ends or fails when the next hop goes.
+    pub async fn watch(
+        &self,
+        segment: PathSegment,
+        deadline: Instant,
+    ) -> Result<tonic::Streaming<ConnectionEvent>, DownstreamError> {
+        let session = self.dialer.dial(deadline).await?;
+        let token = self.tokens.issue_for(session.server()).map_err(|e| {
+            DownstreamError::Call(CallError::Dial {
+                target: self.url().to_owned(),
+                why: format!("cannot sign a token: {e}"),
+            })
+        })?;
+        let mut req = tonic::Request::new(MonitorScopeSelector {
+            path_segments: vec![PathSegment {
+                id: segment.id,
+                name: segment.name,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        nsm_api::metadata::insert_token(req.metadata_mut(), &token);
+        let url = self.url().to_owned();
+        MonitorConnectionClient::new(session.channel())
+            .monitor_connections(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| {
+                DownstreamError::Call(CallError::Status {
+                    target: url,
+                    status,
+                })
+            })
     }
 
     /// Closes `conn` downstream (a fresh connection too).

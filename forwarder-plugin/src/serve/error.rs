@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 
 use super::client_side::ClientError;
 use super::downstream::DownstreamError;
+use super::route::RouteError;
 use crate::hop::HopError;
 use crate::link::LinkError;
 use crate::netns::NetnsError;
@@ -25,6 +26,8 @@ pub enum ForwardError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Downstream(#[from] DownstreamError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
     #[error(transparent)]
     Hop(#[from] HopError),
     #[error("internal error: {0}")]
@@ -45,6 +48,7 @@ impl ForwardError {
                     Code::FailedPrecondition
                 }
             },
+            ForwardError::Route(e) => e.code(),
             ForwardError::Hop(e) => hop_code(e),
             ForwardError::Internal(_) => Code::Internal,
         }

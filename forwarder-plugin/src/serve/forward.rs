@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nsm_api::connection::{Connection, Mechanism};
 use nsm_api::grpcfd::FdChannel;
 use nsm_api::mechanism::MechanismExt;
+use nsm_api::monitor::MonitorHub;
 use nsm_api::path::{ConnectionExt, from_timestamp, to_timestamp};
 use nsm_api::token::TokenIssuer;
 use prost::Message;
@@ -19,6 +20,8 @@ use tokio::time::Instant;
 use super::client_side::{client_mechanism, client_netns};
 use super::downstream::{Accepted, CallToken, NextHop};
 use super::error::ForwardError;
+use super::route::{Routed, Router};
+use super::watch::Watches;
 use crate::hop::{Hop, HopRecord, PlumbRequest, Session};
 use crate::link::{LinkError, Links};
 use crate::netns::Netns;
@@ -33,7 +36,9 @@ struct Client<'a> {
 
 pub struct Forwarder {
     hop: Arc<Hop>,
-    next_hop: NextHop,
+    router: Router,
+    /// Each connection's endpoint, watched for its death (NSM heal).
+    watches: Watches,
     issuer: Arc<TokenIssuer>,
     dial_timeout: Duration,
     /// Bound on a Close downstream.
@@ -43,14 +48,16 @@ pub struct Forwarder {
 impl Forwarder {
     pub fn new(
         hop: Arc<Hop>,
-        next_hop: NextHop,
+        router: Router,
+        monitor: MonitorHub,
         issuer: Arc<TokenIssuer>,
         dial_timeout: Duration,
         close_timeout: Duration,
     ) -> Forwarder {
         Forwarder {
             hop,
-            next_hop,
+            router,
+            watches: Watches::new(monitor),
             issuer,
             dial_timeout,
             close_timeout,
@@ -98,7 +105,14 @@ impl Forwarder {
             .and_then(decode_downstream)
             .and_then(|c| c.mechanism);
         let asked = std::time::Instant::now();
-        let accepted = self.next_hop.request(down, deadline).await?;
+        let routed = self.router.route(&mut down, deadline).await?;
+        let next_hop = &routed.hop;
+        let ours = down
+            .path
+            .as_ref()
+            .and_then(|p| p.path_segments.get(p.index as usize))
+            .cloned();
+        let accepted = next_hop.request(down, deadline).await?;
         let downstream = asked.elapsed();
         match self
             .plumb(
@@ -108,21 +122,26 @@ impl Forwarder {
                     links: client_links,
                     mechanism: &client_mech,
                 },
-                &accepted,
+                (next_hop, &accepted),
                 expires,
                 caller_id,
                 downstream,
             )
             .await
         {
-            Ok(conn) => Ok(conn),
+            Ok(conn) => {
+                if let Some(ours) = ours {
+                    self.watches.start(conn.id.clone(), routed, ours);
+                }
+                Ok(conn)
+            }
             Err(e) => {
                 // A refresh that fails keeps the established connection (NSM's
                 // begin); a new one the endpoint accepted must not linger there.
                 if known.is_none() {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let timeout = left.max(self.dial_timeout);
-                    if let Err(ce) = self.next_hop.close(accepted.conn.clone(), timeout).await {
+                    if let Err(ce) = next_hop.close(accepted.conn.clone(), timeout).await {
                         tracing::warn!(%id, error = %ce, "cannot Close the refused connection downstream");
                     }
                 }
@@ -135,13 +154,14 @@ impl Forwarder {
         &self,
         id: &str,
         client: Client<'_>,
-        accepted: &Accepted,
+        // The endpoint's answer and the hop it came from (its fds are there).
+        (next_hop, accepted): (&NextHop, &Accepted),
         expires: Option<SystemTime>,
         caller_id: Option<String>,
         downstream: Duration,
     ) -> Result<Connection, ForwardError> {
         let started = std::time::Instant::now();
-        let (endpoint_mech, endpoint) = self.next_hop.endpoint_netns(accepted).await?;
+        let (endpoint_mech, endpoint) = next_hop.endpoint_netns(accepted).await?;
         let client_mech = client.mechanism;
         let client_if = client_mech.interface_name().unwrap_or_default();
         // If that failed, the hop opens one itself (and says why it cannot).
@@ -151,7 +171,7 @@ impl Forwarder {
         };
         let endpoint_if = endpoint_mech.interface_name().unwrap_or_default();
         let session = Session {
-            next_hop: Some(self.next_hop.url().to_owned()),
+            next_hop: Some(self.router.configured().url().to_owned()),
             downstream: Some(hex(&accepted.conn.encode_to_vec())),
             expires_unix: expires
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -204,6 +224,7 @@ impl Forwarder {
         token: &CallToken,
         fallback: Option<Connection>,
     ) -> Result<(), ForwardError> {
+        self.watches.stop(id);
         let record = self.hop.record(id);
         let undone = match &record {
             Some(_) => self.hop.unplumb(id).await.map(|_| ()),
@@ -227,12 +248,21 @@ impl Forwarder {
         });
         if let Some(mut down) = down {
             set_own_token(&mut down, token);
-            let next = match &record {
-                Some(r) => self.next_hop_of(r),
-                None => self.next_hop.clone(),
+            let deadline = Instant::now() + self.close_timeout;
+            // `Routed` holds the endpoint's socket fd until the Close is sent.
+            let next = match record.as_ref().and_then(|r| self.recorded_next_hop(r)) {
+                Some(hop) => Ok(Routed::to(hop)),
+                None => self.router.route_close(&down, deadline).await,
             };
-            if let Err(e) = next.close(down, self.close_timeout).await {
-                tracing::warn!(%id, error = %e, "Close downstream failed; the endpoint expires the connection itself");
+            match next {
+                Ok(next) => {
+                    if let Err(e) = next.hop.close(down, self.close_timeout).await {
+                        tracing::warn!(%id, error = %e, "Close downstream failed; the endpoint expires the connection itself");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "no next hop to Close; the endpoint expires the connection itself");
+                }
             }
         }
         undone.map_err(ForwardError::from)
@@ -252,28 +282,25 @@ impl Forwarder {
         self.close(id, &token, None).await
     }
 
-    fn next_hop_of(&self, record: &HopRecord) -> NextHop {
-        match record
+    /// The next hop a connection was recorded with, when it is not the
+    /// configured one (`None`: route as for a new Request).
+    fn recorded_next_hop(&self, record: &HopRecord) -> Option<NextHop> {
+        let configured = self.router.configured();
+        let path = record
             .session
             .next_hop
             .as_deref()
-            .and_then(|u| u.strip_prefix("unix://"))
-        {
-            Some(path) if path != self.next_hop_path() => {
-                match self.next_hop.at(&PathBuf::from(path)) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::warn!(%path, error = %e, "cannot make a client for the recorded next hop; using the configured one");
-                        self.next_hop.clone()
-                    }
-                }
-            }
-            _ => self.next_hop.clone(),
+            .and_then(|u| u.strip_prefix("unix://"))?;
+        if path == configured.url().trim_start_matches("unix://") {
+            return None;
         }
-    }
-
-    fn next_hop_path(&self) -> &str {
-        self.next_hop.url().trim_start_matches("unix://")
+        match configured.at(&PathBuf::from(path)) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(%path, error = %e, "cannot make a client for the recorded next hop; using the configured one");
+                None
+            }
+        }
     }
 }
 

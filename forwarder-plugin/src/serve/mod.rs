@@ -12,7 +12,9 @@ pub mod elements;
 pub mod error;
 pub mod forward;
 pub mod register;
+pub mod route;
 pub mod server;
+pub mod watch;
 
 pub use config::{ConfigError, EXIT_CONFIG, ServeArgs, ServeConfig};
 pub use error::ForwardError;

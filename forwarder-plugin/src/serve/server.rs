@@ -26,6 +26,7 @@ use super::downstream::NextHop;
 use super::elements::{Adopt, Forward, Rejoin};
 use super::error::ForwardError;
 use super::forward::Forwarder;
+use super::route::Router;
 use crate::hop::{Hop, HopError, HopOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,14 +69,17 @@ impl ForwarderHop {
             identity.clone(),
             issuer.clone(),
         )?;
+        let registry = next_hop.dialer().clone();
+        let router = Router::new(next_hop, registry, issuer.clone());
+        let monitor = MonitorHub::new();
         let forwarder = Arc::new(Forwarder::new(
             hop,
-            next_hop,
+            router,
+            monitor.clone(),
             issuer.clone(),
             cfg.dial_timeout,
             cfg.request_timeout,
         ));
-        let monitor = MonitorHub::new();
         let elements: Vec<Arc<dyn Element<ForwardError>>> = vec![
             Arc::new(Rejoin::new(cfg.name.clone(), forwarder.clone())),
             Arc::new(UpdatePath::new(cfg.name.clone())),
