@@ -529,10 +529,16 @@ impl Lab {
         Ok(pod)
     }
 
-    /// nsc-init options for a client of this lab (with its own SVID,
+    /// nsc-init options for a client of this lab (connecting to nsmgr in an
+    /// NSM lab, else to the forwarder; with its own SVID,
     /// `spiffe://k8s.nsm/ns/default/pod/<name>`, in a secure lab).
     pub fn nsc_options(&self, name: &str) -> Result<NscOptions, LabError> {
-        let mut opts = NscOptions::new(&self.forwarder_url(), name);
+        // In an NSM lab clients ask nsmgr, as pods do; else the forwarder.
+        let connect_to = match &self.config.manager {
+            Some(manager) => manager.clone(),
+            None => self.forwarder_url(),
+        };
+        let mut opts = NscOptions::new(&connect_to, name);
         opts.identity =
             self.identity_env(&format!("nsc-{name}"), &format!("/ns/default/pod/{name}"))?;
         Ok(opts)

@@ -471,3 +471,31 @@ fn nsm_heals_the_client_when_our_endpoint_is_killed_and_restarted() {
     });
     assert!(gone, "nsm-1 is gone from the client after Close");
 }
+
+/// The other way round: our nsc-init, through NSM's nsmgr (which picks our
+/// forwarder), to our endpoint; the interface comes up, TCP goes through
+/// the proxy, and its Close on SIGTERM leaves nothing in the client.
+#[test]
+fn our_nsc_init_through_nsms_nsmgr() {
+    let Some((lab, domain)) = lab_in_domain(true) else {
+        return;
+    };
+    let ns = lab.client().unwrap();
+    let opts = lab.nsc_options(CLIENT).unwrap();
+    let (mut nsc, up) = examples::nsc::watch(&ns, &opts, &lab.dir.join("nsc-init.log"), REQUEST)
+        .unwrap_or_else(|e| panic!("nsc-init through nsmgr: {e}{}", domain.logs(&lab)));
+    assert_eq!(up.iface, "nsm-1");
+    let addrs = inspect::addresses(&ns, "nsm-1").unwrap();
+    assert!(
+        up.src.iter().all(|a| addrs.contains(a)),
+        "nsm-1 has {:?}: {addrs:?}",
+        up.src
+    );
+    assert_proxied(&lab, &domain, &ns);
+    let status = nsc.terminate(REQUEST).unwrap_or_else(|e| panic!("{e}"));
+    assert!(status.success(), "nsc-init closed: {}", nsc.tail());
+    assert!(
+        inspect::link(&ns, "nsm-1").unwrap().is_none(),
+        "nsm-1 is gone after nsc-init's Close"
+    );
+}
