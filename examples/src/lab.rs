@@ -404,7 +404,9 @@ impl Lab {
         cmd.env("NSM_NAME", "mesh-proxy-nse")
             .env("NSM_LISTEN_ON", self.nse_url())
             .env("NSM_SERVICE_NAMES", "mesh-proxy")
-            .env("NSM_CIDR_PREFIX", &self.config.cidr_prefix);
+            .env("NSM_CIDR_PREFIX", &self.config.cidr_prefix)
+            // A restart adopts what the previous run left (fail closed).
+            .env("NSM_STATE_DIR", self.dir.join("nse-state"));
         if let Some(manager) = &self.config.manager {
             cmd.env("NSM_CONNECT_TO", manager);
         }

@@ -253,6 +253,19 @@ impl Netns {
         })
     }
 
+    /// The cookie of the calling thread's namespace ([`Netns::cookie`]
+    /// without entering anything: no `CAP_SYS_ADMIN` needed).
+    pub fn current_cookie() -> std::io::Result<u64> {
+        let sock = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Datagram,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+        netns_cookie(sock.as_fd())
+    }
+
     /// Runs `f` on a fresh OS thread that has entered this namespace; the
     /// thread exits afterwards, so no other code ever runs in the wrong netns.
     /// Sockets created by `f` stay bound to this namespace.

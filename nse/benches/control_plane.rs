@@ -103,6 +103,7 @@ impl NseProcess {
             // 32,768 pairs: more than the benchmark ever holds.
             .env("NSM_CIDR_PREFIX", "198.18.0.0/16")
             .env("NSM_LOG_LEVEL", "WARN")
+            .env("NSM_STATE_DIR", dir.join("state"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

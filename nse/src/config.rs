@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -23,6 +23,8 @@ use crate::mesh_proxy::config::FunctionConfig;
 pub const EXIT_CONFIG: u8 = 64;
 
 pub const DEFAULT_LISTEN_ON: &str = "unix:///tmp/mesh-proxy-nse/listen.on.sock";
+/// Where the endpoint records its live connections by default (`NSM_STATE_DIR`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/mesh-proxy-nse";
 
 /// Longest unix socket path (`sun_path` is 108 bytes with the NUL).
 const MAX_UNIX_PATH: usize = 107;
@@ -140,6 +142,10 @@ pub struct Args {
     #[arg(long, env = "NSM_CONFIG", value_name = "FILE", default_value = "")]
     pub config: String,
 
+    /// Where the endpoint records what its table holds per connection, so that a restart adopts it instead of deleting it (their traffic never bypasses the proxy); one file per network namespace; empty: record nothing (a restart removes the table until clients refresh).
+    #[arg(long, env = "NSM_STATE_DIR", value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: String,
+
     /// Group (name or number) of the unix socket, which is 0660 in a directory others cannot write to; empty: the process's group.
     #[arg(
         long,
@@ -197,6 +203,8 @@ pub struct Config {
     pub server_policies: Policies,
     /// The mesh-proxy function (`NSM_CONFIG`), defaults without a file.
     pub function: FunctionConfig,
+    /// `NSM_STATE_DIR` (absolute), `None` when empty.
+    pub state_dir: Option<PathBuf>,
     /// Group of the unix socket (`NSM_SOCKET_GROUP`); `None`: the process's.
     pub socket_group: Option<u32>,
 }
@@ -360,6 +368,17 @@ impl TryFrom<Args> for Config {
             name: parse_name(&a.name).map_err(|r| invalid("NSM_NAME", "name", r))?,
             listen_on: parse_listen_on(&a.listen_on)
                 .map_err(|r| invalid("NSM_LISTEN_ON", "listen-on", r))?,
+            state_dir: match a.state_dir.trim() {
+                "" => None,
+                d if Path::new(d).is_absolute() => Some(PathBuf::from(d)),
+                d => {
+                    return Err(invalid(
+                        "NSM_STATE_DIR",
+                        "state-dir",
+                        format!("{d:?} is not an absolute path"),
+                    ));
+                }
+            },
             socket_group: match a.socket_group.trim() {
                 "" => None,
                 g => Some(

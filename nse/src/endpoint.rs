@@ -169,6 +169,31 @@ impl Endpoint {
         self.netns.url()
     }
 
+    /// Gives connection `id` (adopted from a previous run) its addresses
+    /// back in IPAM before any new connection can take them; a refresh of it
+    /// then keeps them.
+    pub fn reserve(
+        &self,
+        id: &str,
+        src: Vec<String>,
+        dst: Vec<String>,
+    ) -> Result<(), crate::ipam::IpamError> {
+        let mut ip = nsm_api::connectioncontext::IpContext {
+            src_ip_addrs: src,
+            dst_ip_addrs: dst,
+            ..Default::default()
+        };
+        let pending = self.ipam.prepare(id, &mut ip)?;
+        self.ipam.commit(pending);
+        Ok(())
+    }
+
+    /// Forgets an adopted connection that will not come back (its
+    /// interface is gone): its addresses return to IPAM.
+    pub fn forget(&self, id: &str) {
+        self.ipam.release(id);
+    }
+
     pub fn stats(&self) -> EndpointStats {
         EndpointStats {
             connections: self.begin.connections(),

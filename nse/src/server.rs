@@ -26,7 +26,7 @@ pub enum ServeError {
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
     #[error("mesh-proxy function: {0}")]
-    MeshProxy(#[source] forwarder_plugin::netns::NetnsError),
+    MeshProxy(#[source] crate::mesh_proxy::StartError),
     #[error(transparent)]
     Listen(#[from] nsm_api::listen::ListenError),
     #[error(transparent)]
@@ -147,13 +147,39 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         "mesh-proxy function"
     );
     let identity = config.identity.open(nsm_api::tls::IDENTITY_WAIT).await?;
-    let mesh_proxy = Arc::new(MeshProxy::start(function).map_err(ServeError::MeshProxy)?);
+    let mesh_proxy = Arc::new(
+        MeshProxy::start(function, config.state_dir.as_deref()).map_err(ServeError::MeshProxy)?,
+    );
     let functions: Vec<Arc<dyn NetworkFunction>> = vec![mesh_proxy.clone()];
     let options = EndpointOptions {
         identity: identity.clone(),
         ..EndpointOptions::from(&config)
     };
     let endpoint = Arc::new(Endpoint::with_functions(&options, functions)?);
+    let adopted = mesh_proxy.adopted_addresses();
+    for (id, src, dst) in &adopted {
+        if let Err(e) = endpoint.reserve(id, src.clone(), dst.clone()) {
+            tracing::warn!(%id, error = %e, "cannot give an adopted connection its addresses back");
+        }
+    }
+    if !adopted.is_empty() {
+        // Adopted connections never heard of again leave once their
+        // interface is gone (their client went while we were away).
+        let (mp, ep) = (mesh_proxy.clone(), endpoint.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::mesh_proxy::ADOPTED_PRUNE_PERIOD).await;
+                let (gone, left) = mp.prune_adopted().await;
+                for id in gone {
+                    tracing::info!(%id, "an adopted connection's interface is gone: forgotten");
+                    ep.forget(&id);
+                }
+                if left == 0 {
+                    break;
+                }
+            }
+        });
+    }
     tracing::info!(
         name = %config.name,
         services = ?config.service_names,

@@ -48,8 +48,9 @@ pub const MAX_CONCURRENT_CALLS: usize = 1024;
 /// Open connections one server accepts at once; beyond it a new connection
 /// is closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// Open MonitorConnections streams one server keeps.
-pub const MAX_MONITOR_SUBSCRIBERS: usize = 256;
+/// Open MonitorConnections streams one server keeps: as many as connections,
+/// since a forwarder watches each connection's endpoint with one (as NSM's do).
+pub const MAX_MONITOR_SUBSCRIBERS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {

@@ -95,7 +95,12 @@ struct BadConfig {
     want: &'static str,
 }
 
-const BAD_CONFIGS: [BadConfig; 9] = [
+const BAD_CONFIGS: [BadConfig; 10] = [
+    BadConfig {
+        env: &[("NSM_STATE_DIR", "relative/state")],
+        args: &[],
+        want: "NSM_STATE_DIR (--state-dir): \"relative/state\" is not an absolute path",
+    },
     BadConfig {
         env: &[("NSM_SOCKET_GROUP", "no-such-group-here")],
         args: &[],

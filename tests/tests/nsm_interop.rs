@@ -371,6 +371,7 @@ fn nsms_registry_refuses_our_name_to_another_identity() {
         .env("NSM_REGISTER_SERVICE", "false")
         .env("NSM_CIDR_PREFIX", "198.18.1.0/24")
         .env("NSM_LISTEN_ON", unix(&lab.dir.join("impostor.sock")))
+        .env("NSM_STATE_DIR", lab.dir.join("impostor-state"))
         .env("NSM_CONNECT_TO", domain.url());
     let mut impostor = Process::spawn("impostor", &mut cmd, &lab.dir.join("impostor.log"))
         .unwrap_or_else(|e| panic!("{e}"));

@@ -32,11 +32,12 @@ pub mod capture;
 pub mod config;
 pub mod labels;
 pub mod own_rules;
+pub mod state;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use forwarder_plugin::netns::NetnsError;
 use forwarder_plugin::rules::{Plan, RulesError};
 use nsm_api::connection::Connection;
 use nsm_api::connectioncontext::IpContext;
@@ -52,6 +53,7 @@ use crate::chain::functions::{FunctionError, NetworkFunction};
 use config::{FunctionConfig, Method, Placement};
 use labels::Overrides;
 use own_rules::{Live, OwnRules};
+use state::StateFile;
 
 /// The function's name in logs and errors.
 pub const NAME: &str = "mesh-proxy";
@@ -77,17 +79,44 @@ fn failed(reason: impl Into<String>) -> FunctionError {
     }
 }
 
+/// How often adopted connections are checked for a vanished interface.
+pub const ADOPTED_PRUNE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Netns(#[from] forwarder_plugin::netns::NetnsError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+}
+
 impl MeshProxy {
-    /// The function for `config`, after removing its table from the NSE's
-    /// netns: after a restart no connection is known yet, and clients get
-    /// their rules back when they refresh. Without `CAP_NET_ADMIN` only
-    /// placement sidecar works (and there is nothing to clean up).
-    pub fn start(config: FunctionConfig) -> Result<MeshProxy, NetnsError> {
-        let own = Arc::new(OwnRules::new(&config)?);
+    /// The function for `config`. Its table in the NSE's netns is adopted
+    /// from the state file under `state_dir` (the connections a previous run
+    /// recorded whose interfaces still exist keep their capture, so a
+    /// restart never lets their traffic past the proxy), or removed when
+    /// nothing is recorded. Without `CAP_NET_ADMIN` only placement sidecar
+    /// works (and there is nothing to adopt).
+    pub fn start(
+        config: FunctionConfig,
+        state_dir: Option<&Path>,
+    ) -> Result<MeshProxy, StartError> {
+        let mut own = OwnRules::new(&config)?;
         let net_admin = capability::effective(capability::CAP_NET_ADMIN);
+        if let Some(dir) = state_dir.filter(|_| net_admin) {
+            let table = own.table();
+            own = own.with_state(StateFile::open(dir, &table)?);
+        }
+        let own = Arc::new(own);
         if net_admin {
-            if let Err(e) = own.cleanup() {
-                tracing::warn!(table = %own.table(), error = %e, "cannot remove the redirect rules of a previous run");
+            match own.adopt() {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(table = %own.table(), connections = n, "adopted the connections a previous run left in the table");
+                }
+                Err(e) => {
+                    tracing::warn!(table = %own.table(), error = %e, "cannot adopt or remove the redirect rules of a previous run");
+                }
             }
         } else {
             tracing::warn!(
@@ -110,6 +139,25 @@ impl MeshProxy {
         if let Err(e) = self.own.release() {
             tracing::warn!(table = %self.own.table(), error = %e, "cannot remove the redirect rules at exit");
         }
+    }
+
+    /// The connections adopted at start (id, `src_ip_addrs`,
+    /// `dst_ip_addrs`), whose addresses IPAM must keep for them.
+    pub fn adopted_addresses(&self) -> Vec<(String, Vec<String>, Vec<String>)> {
+        self.own
+            .adopted()
+            .into_iter()
+            .map(|(id, l)| (id, l.src, l.dst))
+            .collect()
+    }
+
+    /// Drops adopted connections whose interface is gone (see
+    /// [`OwnRules::prune_adopted`]): their ids, and how many remain.
+    pub async fn prune_adopted(&self) -> (Vec<String>, usize) {
+        let own = self.own.clone();
+        tokio::task::spawn_blocking(move || own.prune_adopted())
+            .await
+            .unwrap_or_default()
     }
 
     /// The interfaces whose traffic the NSE's netns hands to the proxy now.
@@ -231,6 +279,8 @@ impl NetworkFunction for MeshProxy {
                 let entry = Live {
                     interface,
                     ipv6: capture::has_ipv6(ip),
+                    src: ip.src_ip_addrs.clone(),
+                    dst: ip.dst_ip_addrs.clone(),
                 };
                 let exclude = &o.exclude_outbound_cidrs;
                 if exclude.len() > nsm_api::contract::capture::MAX_EXCLUDE_CIDRS {

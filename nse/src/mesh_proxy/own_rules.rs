@@ -11,9 +11,13 @@
 //! The table stays when the last connection leaves: its empty set captures
 //! nothing, and the next connection is again one element away (deleting and
 //! re-creating the table, hooks and all, costs ~1 ms per round). It is
-//! removed at start-up (after a restart no connection is known, and clients
-//! get their rules back with their next refresh) and when the NSE stops with
-//! no connection left ([`OwnRules::release`]). IPv6 capture, once some
+//! removed when the NSE stops with no connection left ([`OwnRules::release`]).
+//! With a state file ([`super::state`]) a restarted NSE adopts the
+//! connections recorded there whose interfaces still exist
+//! ([`OwnRules::adopt`]): their traffic keeps going to the proxy through the
+//! restart; those never heard of again leave the set once their interface is
+//! gone. Without one, start-up removes the table (clients get their rules
+//! back with their next refresh). IPv6 capture, once some
 //! connection needed it, stays while the table does (it is restricted to
 //! the set's interfaces like IPv4).
 
@@ -24,14 +28,21 @@ use forwarder_plugin::netns::{Netns, NetnsError};
 use forwarder_plugin::rules::{self, Backend, BackendOptions, Outcome, Plan, RulesError};
 
 use super::config::FunctionConfig;
+use super::state::StateFile;
 
 /// What the table needs of one connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Live {
     /// The NSE-side interface (the KERNEL mechanism's `name`).
     pub interface: String,
     /// The connection has IPv6 addresses, so IPv6 is captured too.
     pub ipv6: bool,
+    /// Its addresses (`src_ip_addrs`, `dst_ip_addrs`), so that after a
+    /// restart IPAM gives them back to it, not to a new connection.
+    #[serde(default)]
+    pub src: Vec<String>,
+    #[serde(default)]
+    pub dst: Vec<String>,
 }
 
 pub struct OwnRules {
@@ -39,6 +50,8 @@ pub struct OwnRules {
     netns: Netns,
     backend: Box<dyn Backend>,
     state: Mutex<State>,
+    /// Where the live connections are recorded (none: not kept).
+    file: Option<StateFile>,
 }
 
 #[derive(Default)]
@@ -49,6 +62,9 @@ struct State {
     /// `None` when unknown — nothing applied yet, or a failure that could
     /// not be undone: the next change then applies everything.
     applied: Option<Plan>,
+    /// Connections adopted at start and not heard of since: they leave
+    /// when their interface is gone ([`OwnRules::prune_adopted`]).
+    adopted: BTreeSet<String>,
 }
 
 impl State {
@@ -93,7 +109,99 @@ impl OwnRules {
             netns: Netns::current()?,
             backend,
             state: Mutex::new(State::default()),
+            file: None,
         })
+    }
+
+    /// Records the live connections in `file` from now on.
+    pub fn with_state(mut self, file: StateFile) -> OwnRules {
+        self.file = Some(file);
+        self
+    }
+
+    /// Records `live`; an error is logged: the kernel is what counts, and
+    /// the record is rewritten with the next change.
+    fn record(&self, live: &BTreeMap<String, Live>) {
+        if let Some(f) = &self.file
+            && let Err(e) = f.save(live)
+        {
+            tracing::error!(error = %e, "cannot record the live connections; a restart may not adopt them");
+        }
+    }
+
+    /// Start-up: takes over the connections recorded by a previous run whose
+    /// interfaces still exist, and makes the table hold exactly them (none:
+    /// removes the table). Returns how many were adopted.
+    pub fn adopt(&self) -> Result<usize, RulesError> {
+        let recorded = match &self.file {
+            None => BTreeMap::new(),
+            Some(f) => match f.load() {
+                Ok((conns, why)) => {
+                    if let Some(why) = why {
+                        tracing::warn!(state = %f.path().display(), why, "not adopting a state file");
+                    }
+                    conns
+                }
+                Err(e) => {
+                    // Unknown: keep the kernel's table as it is (fail closed);
+                    // the first change writes what is live.
+                    tracing::error!(error = %e, "cannot read the state file: the table is kept as it is");
+                    return Ok(0);
+                }
+            },
+        };
+        let live: BTreeMap<String, Live> = recorded
+            .into_iter()
+            .filter(|(_, l)| interface_exists(&l.interface))
+            .collect();
+        let mut st = self.lock();
+        if live.is_empty() {
+            self.backend.cleanup(&self.netns)?;
+            *st = State::default();
+            self.record(&live);
+            return Ok(0);
+        }
+        let ipv6 = live.values().any(|l| l.ipv6);
+        let plan = self.plan(live.values().map(|l| l.interface.clone()), ipv6)?;
+        self.write(&plan)?;
+        st.adopted = live.keys().cloned().collect();
+        st.applied = Some(self.plan([], ipv6)?);
+        st.live = live;
+        self.record(&st.live);
+        Ok(st.live.len())
+    }
+
+    /// The adopted connections not heard of since, with what they hold.
+    pub fn adopted(&self) -> Vec<(String, Live)> {
+        let st = self.lock();
+        st.adopted
+            .iter()
+            .filter_map(|id| st.live.get(id).map(|l| (id.clone(), l.clone())))
+            .collect()
+    }
+
+    /// Drops adopted connections whose interface is gone (their client
+    /// left while we were away). Returns their ids and how many are still
+    /// adopted.
+    pub fn prune_adopted(&self) -> (Vec<String>, usize) {
+        let gone: Vec<(String, Live)> = {
+            let st = self.lock();
+            st.adopted
+                .iter()
+                .filter_map(|id| st.live.get(id).map(|l| (id.clone(), l.clone())))
+                .filter(|(_, l)| !interface_exists(&l.interface))
+                .collect()
+        };
+        let mut dropped = Vec::new();
+        for (id, _) in gone {
+            match self.update(&id, None) {
+                Ok(()) => dropped.push(id),
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "cannot drop an adopted connection whose interface is gone")
+                }
+            }
+        }
+        (dropped, self.lock().adopted.len())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -123,6 +231,7 @@ impl OwnRules {
     /// it if it drifted. Removing an unknown id touches nothing.
     pub fn update(&self, id: &str, entry: Option<Live>) -> Result<(), RulesError> {
         let mut st = self.lock();
+        st.adopted.remove(id);
         let old = st.live.get(id).cloned();
         let (add, remove, ipv6) = match (&entry, &old) {
             (None, None) => return Ok(()),
@@ -148,6 +257,13 @@ impl OwnRules {
                 (Vec::new(), remove, st.ipv6())
             }
         };
+        // Recorded before an interface joins (a crash then leaves an entry
+        // too many, still captured), and after one leaves (below).
+        if let Some(e) = &entry {
+            let mut next = st.live.clone();
+            next.insert(id.to_owned(), e.clone());
+            self.record(&next);
+        }
         // The rules alone (no member): what decides between a membership
         // change and a full apply, without work per open connection.
         let rules_only = self.plan([], ipv6)?;
@@ -170,6 +286,7 @@ impl OwnRules {
         };
         if let Err(e) = written {
             self.restore(&mut st);
+            self.record(&st.live);
             return Err(e);
         }
         match entry {
@@ -177,6 +294,7 @@ impl OwnRules {
             None => st.live.remove(id),
         };
         st.applied = Some(rules_only);
+        self.record(&st.live);
         Ok(())
     }
 
@@ -223,6 +341,7 @@ impl OwnRules {
         let mut st = self.lock();
         self.backend.cleanup(&self.netns)?;
         *st = State::default();
+        self.record(&st.live);
         Ok(())
     }
 
@@ -248,4 +367,9 @@ impl OwnRules {
     pub fn table(&self) -> String {
         format!("inet {}", self.config.rules.owner.nft_table())
     }
+}
+
+/// Whether a link named `name` exists in the calling thread's namespace.
+fn interface_exists(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
 }

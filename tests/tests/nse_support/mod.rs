@@ -124,6 +124,7 @@ impl Nse {
             .env("NSM_NAME", &name)
             .env("NSM_LISTEN_ON", format!("unix://{}", socket.display()))
             .env("NSM_LOG_LEVEL", "DEBUG")
+            .env("NSM_STATE_DIR", dir.path().join("state"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));

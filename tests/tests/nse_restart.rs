@@ -1,0 +1,107 @@
+//! A control-plane crash never lets a client's traffic past the proxy:
+//! mesh-proxy-nse is killed (SIGKILL) while a client's connection is up and
+//! started again as it was; it adopts the connection its previous run
+//! recorded (`NSM_STATE_DIR`), so the client's TCP keeps going through the
+//! proxy — before the restart, and at once after it. The connection's Close
+//! then leaves the endpoint's namespace as it was, and new clients are
+//! served as before.
+
+use std::time::Duration;
+
+use examples::inspect;
+use examples::lab::{Lab, LabConfig, NSE_UPLINK, server_addr};
+use examples::namespace::Namespace;
+use examples::nsc;
+use examples::proxy::ProxyKind;
+use examples::traffic::http_get;
+use nix::sys::signal::Signal;
+
+const UP: Duration = Duration::from_secs(20);
+const IO: Duration = Duration::from_secs(5);
+
+/// TCP from `client` reaches the server through the endpoint's proxy.
+fn assert_proxied(lab: &Lab, client: &Namespace, when: &str) {
+    let ex = http_get(client, server_addr(), IO)
+        .unwrap_or_else(|e| panic!("{when}: TCP from the client: {e}{}", lab.logs()));
+    assert_eq!(
+        ex.server_saw.ip(),
+        NSE_UPLINK,
+        "{when}: the server must see the proxy (the endpoint's address), not the client{}",
+        lab.logs()
+    );
+}
+
+#[test]
+fn a_restarted_endpoint_keeps_its_clients_behind_the_proxy() {
+    if !nsm_tests::require_root("nse_restart") {
+        return;
+    }
+    let mut lab = Lab::start(LabConfig {
+        proxy: ProxyKind::Builtin,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("lab: {e}"));
+    let before = inspect::snapshot(&lab.nse_ns).unwrap();
+    let client = lab.client().unwrap();
+    let opts = lab.nsc_options("web-0").unwrap();
+    let (mut held, _) = nsc::watch(&client, &opts, &lab.dir.join("nsc.log"), UP)
+        .unwrap_or_else(|e| panic!("nsc-init: {e}{}", lab.logs()));
+    assert_proxied(&lab, &client, "before the crash");
+
+    let nse = lab.nse().unwrap();
+    nse.signal(Signal::SIGKILL);
+    nse.wait(UP).unwrap_or_else(|e| panic!("{e}"));
+    assert_proxied(&lab, &client, "while the endpoint is down");
+
+    let log_len = lab.nse().unwrap().log().len();
+    lab.start_nse().unwrap_or_else(|e| panic!("{e}"));
+    let line = lab
+        .nse()
+        .unwrap()
+        .wait_until("its start-up", UP, |p| {
+            let log = p.log();
+            let new = &log[log_len..];
+            new.lines()
+                .find(|l| l.contains("adopted the connections") || l.contains("serving "))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        line.contains("adopted the connections") && line.contains("connections=1"),
+        "the restarted endpoint adopts the one live connection: {line}"
+    );
+    assert_proxied(&lab, &client, "right after the restart");
+
+    // A new client is served by the restarted endpoint, through the proxy.
+    let other = lab.client().unwrap();
+    let (mut second, _) = nsc::watch(
+        &other,
+        &lab.nsc_options("web-1").unwrap(),
+        &lab.dir.join("nsc-1.log"),
+        UP,
+    )
+    .unwrap_or_else(|e| panic!("a new client after the restart: {e}{}", lab.logs()));
+    assert_proxied(&lab, &other, "a new client after the restart");
+
+    // Close of both: the adopted one leaves the table once its interface is gone.
+    for (who, p) in [("web-0", &mut held), ("web-1", &mut second)] {
+        let st = p.terminate(UP).unwrap_or_else(|e| panic!("{e}"));
+        assert!(st.success(), "{who}'s nsc-init closed: {}", p.tail());
+    }
+    let mut left = Vec::new();
+    let settled = (0..100).any(|_| {
+        let after = inspect::snapshot(&lab.nse_ns).unwrap();
+        match inspect::diff_but_idle_nse_table(&lab.nse_ns, &before, &after) {
+            Ok(d) if d.is_empty() => return true,
+            Ok(d) => left = d,
+            Err(e) => left = vec![e],
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        false
+    });
+    assert!(
+        settled,
+        "the endpoint's namespace after Close: {left:?}{}",
+        lab.logs()
+    );
+}
