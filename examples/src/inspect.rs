@@ -223,6 +223,31 @@ pub fn snapshot(ns: &Namespace) -> Result<NsState, InspectError> {
 /// The NSE's redirect table (mesh-proxy-nse's default owner).
 pub const NSE_TABLE: &str = "mesh_proxy_nse";
 
+/// Waits up to `timeout` for the endpoint's namespace to be back to
+/// `before`, its idle table aside ([`diff_but_idle_nse_table`]); Err with
+/// what is still different.
+pub fn wait_nse_back_to(
+    ns: &Namespace,
+    before: &NsState,
+    timeout: std::time::Duration,
+) -> Result<(), Vec<String>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = match snapshot(ns) {
+            Ok(after) => match diff_but_idle_nse_table(ns, before, &after) {
+                Ok(d) if d.is_empty() => return Ok(()),
+                Ok(d) => d,
+                Err(e) => vec![e],
+            },
+            Err(e) => vec![e.to_string()],
+        };
+        if std::time::Instant::now() >= deadline {
+            return Err(left);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// What changed between `before` and `after` in the endpoint's namespace,
 /// leaving out the NSE's idle redirect table: after its last Close the NSE
 /// keeps that table for the next connection, with an empty interface set, so

@@ -185,23 +185,7 @@ impl Netns {
                 .map(|m| m.dev() == id.dev && m.ino() == id.ino)
                 .unwrap_or(false)
         };
-        let named = std::fs::read_dir("/run/netns")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path());
-        let procs = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .bytes()
-                    .all(|b| b.is_ascii_digit())
-            })
-            .map(|e| e.path().join("ns/net"));
-        for p in named.chain(procs) {
+        for p in netns_paths() {
             if matches(&p) {
                 // Re-check after opening: the process may have exited or changed namespace.
                 if let Ok(ns) = Self::open_path(&p)
@@ -214,6 +198,21 @@ impl Netns {
         Err(NetnsError::NotFound {
             spec: id.to_string(),
         })
+    }
+
+    /// The network namespaces that exist now, as far as names and processes
+    /// show (`/run/netns/*`, every `/proc/<pid>/ns/net`): what NSM's
+    /// forwarders scan to notice a dead pod. For monitoring only — never an
+    /// authority to act in a namespace.
+    pub fn live_ids() -> std::collections::HashSet<NetnsId> {
+        netns_paths()
+            .filter_map(|p| {
+                std::fs::metadata(p).ok().map(|m| NetnsId {
+                    dev: m.dev(),
+                    ino: m.ino(),
+                })
+            })
+            .collect()
     }
 
     pub fn id(&self) -> NetnsId {
@@ -443,6 +442,27 @@ fn netns_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
 /// first, so the ioctl below never reaches another driver) and of type net.
 /// (Reading `/proc/self/fd/N` is not enough: a bind-mounted namespace such as
 /// `/run/netns/x` reads back as its mount path, not `net:[ino]`.)
+/// Where namespaces show: `/run/netns/*`, then every process's `/proc/<pid>/ns/net`.
+fn netns_paths() -> impl Iterator<Item = PathBuf> {
+    let named = std::fs::read_dir(NETNS_RUN_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    let procs = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .as_encoded_bytes()
+                .iter()
+                .all(u8::is_ascii_digit)
+        })
+        .map(|e| e.path().join("ns/net"));
+    named.chain(procs)
+}
+
 fn on_nsfs(fd: BorrowedFd<'_>) -> bool {
     nix::sys::statfs::fstatfs(fd).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
 }

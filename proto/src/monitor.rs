@@ -107,6 +107,15 @@ impl MonitorHub {
         true
     }
 
+    /// Forgets connection `id` and broadcasts a DELETE of it as last sent.
+    pub fn forget(&self, id: &str) -> bool {
+        let Some(conn) = self.lock().connections.get(id).cloned() else {
+            return false;
+        };
+        self.delete(&conn);
+        true
+    }
+
     /// Forgets and broadcasts a DELETE for this connection.
     pub fn delete(&self, conn: &Connection) {
         self.send(ConnectionEventType::Delete, conn);

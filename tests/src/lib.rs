@@ -59,3 +59,23 @@ pub fn unique(prefix: &str) -> String {
     let pid = std::process::id();
     format!("{prefix}{:05x}{:04x}", pid & 0xfffff, n & 0xffff)
 }
+
+/// A program tests/run.sh builds with Go into the target directory (beside
+/// the workspace's binaries), or `None` (skipped, with the reason) where it
+/// is not built outside CI; under CI=true its absence is a failure.
+pub fn go_bin(name: &str, source: &str) -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join(name);
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = format!(
+        "{} not built: tests/run.sh builds it from {source} with Go",
+        path.display()
+    );
+    if in_ci() {
+        panic!("{why}; CI=true, so this is a failure, not a skip");
+    }
+    eprintln!("SKIPPED {why}");
+    None
+}

@@ -88,20 +88,10 @@ fn a_restarted_endpoint_keeps_its_clients_behind_the_proxy() {
         let st = p.terminate(UP).unwrap_or_else(|e| panic!("{e}"));
         assert!(st.success(), "{who}'s nsc-init closed: {}", p.tail());
     }
-    let mut left = Vec::new();
-    let settled = (0..100).any(|_| {
-        let after = inspect::snapshot(&lab.nse_ns).unwrap();
-        match inspect::diff_but_idle_nse_table(&lab.nse_ns, &before, &after) {
-            Ok(d) if d.is_empty() => return true,
-            Ok(d) => left = d,
-            Err(e) => left = vec![e],
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        false
-    });
-    assert!(
-        settled,
-        "the endpoint's namespace after Close: {left:?}{}",
-        lab.logs()
-    );
+    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(10)) {
+        panic!(
+            "the endpoint's namespace after Close: {left:?}{}",
+            lab.logs()
+        );
+    }
 }

@@ -34,20 +34,7 @@ const REGISTRY_SPIFFE_PATH: &str = "/ns/nsm-system/pod/registry";
 
 /// `nsm-domain`, or `None` (skipped) where it is not built outside CI.
 fn domain_bin() -> Option<PathBuf> {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent()?.parent()?.join(DOMAIN_BIN);
-    if path.is_file() {
-        return Some(path);
-    }
-    let why = format!(
-        "{} not built: tests/run.sh builds it from tests/go/nsm-domain with Go",
-        path.display()
-    );
-    if nsm_tests::in_ci() {
-        panic!("{why}; CI=true, so this is a failure, not a skip");
-    }
-    eprintln!("SKIPPED {why}");
-    None
+    nsm_tests::go_bin(DOMAIN_BIN, "tests/go/nsm-domain")
 }
 
 /// NSM's control plane of one node: its registry and its nsmgr.

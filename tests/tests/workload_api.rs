@@ -17,20 +17,7 @@ const FAKE: &str = "spiffe-workload-api-fake";
 
 /// The Go server, or `None` (skipped) where Go could not build it outside CI.
 fn fake_bin() -> Option<PathBuf> {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent()?.parent()?.join(FAKE);
-    if path.is_file() {
-        return Some(path);
-    }
-    let why = format!(
-        "{} not built: tests/run.sh builds it with Go",
-        path.display()
-    );
-    if nsm_tests::in_ci() {
-        panic!("{why}; CI=true, so this is a failure, not a skip");
-    }
-    eprintln!("SKIPPED {why}");
-    None
+    nsm_tests::go_bin(FAKE, "tests/go/workload-api")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

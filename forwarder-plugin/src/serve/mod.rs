@@ -7,6 +7,7 @@
 
 pub mod client_side;
 pub mod config;
+pub mod dead_clients;
 pub mod downstream;
 pub mod elements;
 pub mod error;

@@ -253,6 +253,10 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let hop = Arc::new(ForwarderHop::new(cfg, identity.clone())?);
     hop.arm_adopted_expiry().await;
+    let dead_clients = tokio::spawn(super::dead_clients::watch(
+        hop.forwarder.clone(),
+        hop.monitor.clone(),
+    ));
 
     let listen = nsm_api::transport::Listen::Unix {
         path: cfg.listen_on.clone(),
@@ -274,6 +278,7 @@ pub async fn serve(
         registration.stop().await;
     };
     nsm_api::transport::serve(&listen, identity, handler, hop.monitor.clone(), shutdown).await?;
+    dead_clients.abort();
     if cfg.cleanup_on_exit {
         hop.cleanup_all().await;
     } else {
