@@ -100,6 +100,15 @@ pub struct Cli {
     )]
     pub log_level: String,
 
+    /// Log lines as text or json (one object per line); SIGUSR1 switches to TRACE, SIGUSR2 back.
+    #[arg(
+        long,
+        env = "NSM_LOG_FORMAT",
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub log_format: String,
+
     /// NSM's identity settings (SPIFFE Workload API, SVID files, or insecure).
     #[command(flatten)]
     pub identity: IdentityArgs,
@@ -174,6 +183,7 @@ pub struct Config {
     /// NSM_LABELS plus the client-info labels; URL labels are merged per request.
     pub labels: BTreeMap<String, String>,
     pub log_level: tracing::Level,
+    pub log_format: nsm_api::logging::LogFormat,
     pub validate: Option<Validate>,
     pub watch: bool,
     /// Where our SVID comes from; `Source::Insecure` only when asked.
@@ -218,6 +228,8 @@ pub enum ConfigError {
     Labels(String),
     #[error("NSM_LOG_LEVEL {0:?}: expected TRACE, DEBUG, INFO, WARN or ERROR")]
     LogLevel(String),
+    #[error("NSM_LOG_FORMAT: {0}")]
+    LogFormat(String),
     #[error("{var} {value:?}: expected true or false")]
     Bool { var: &'static str, value: String },
     #[error("{0}")]
@@ -345,6 +357,7 @@ impl Config {
             max_token_lifetime,
             labels,
             log_level: parse_log_level(&cli.log_level)?,
+            log_format: cli.log_format.parse().map_err(ConfigError::LogFormat)?,
             validate,
             watch: parse_bool("NSC_WATCH", cli.watch.as_deref())?,
             identity,

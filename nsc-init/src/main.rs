@@ -34,18 +34,7 @@ fn main() -> ExitCode {
         Err(e) => return exit::Failure::from(e).report(),
     };
     // Our own events at NSM_LOG_LEVEL; the gRPC stack's only at TRACE.
-    let filter = if cfg.log_level == tracing::Level::TRACE {
-        "trace".to_owned()
-    } else {
-        format!("warn,nsc_init={}", cfg.log_level)
-    };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_target(false)
-        // Colour only for people; kubelet logs keep plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let logging = nsm_api::logging::init(cfg.log_level, cfg.log_format, own_events, false);
     // On the main thread, before any runtime thread exists.
     let netns = match request::OwnNetns::open() {
         Ok(n) => n,
@@ -58,8 +47,23 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return exit::Failure::Setup(format!("tokio runtime: {e}")).report(),
     };
-    match rt.block_on(run::run(cfg, netns)) {
+    let run = async {
+        if let Err(e) = logging.switch_on_signals() {
+            tracing::warn!(error = %e, "no log level switching on SIGUSR1/SIGUSR2");
+        }
+        run::run(cfg, netns).await
+    };
+    match rt.block_on(run) {
         Ok(()) => ExitCode::from(exit::code::OK),
         Err(f) => f.report(),
+    }
+}
+
+/// nsc-init's events at `level`, the gRPC stack's only at TRACE.
+fn own_events(level: tracing::Level) -> String {
+    if level == tracing::Level::TRACE {
+        "trace".to_owned()
+    } else {
+        format!("warn,nsc_init={level}")
     }
 }

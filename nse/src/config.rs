@@ -138,6 +138,15 @@ pub struct Args {
     )]
     pub log_level: String,
 
+    /// Log lines as text or json (one object per line); SIGUSR1 switches to TRACE, SIGUSR2 back.
+    #[arg(
+        long,
+        env = "NSM_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: String,
+
     /// The mesh-proxy function's YAML file (placement, proxy port, capture CIDRs, sidecar spec; see nse/README.md); empty: defaults.
     #[arg(long, env = "NSM_CONFIG", value_name = "FILE", default_value = "")]
     pub config: String,
@@ -197,6 +206,7 @@ pub struct Config {
     pub max_token_lifetime: Duration,
     pub payload: String,
     pub log_level: tracing::Level,
+    pub log_format: nsm_api::logging::LogFormat,
     /// Where our SVID comes from; `Source::Insecure` only when asked.
     pub identity: Source,
     /// NSM's policies checked on every caller's path (`NSM_SERVER_POLICIES`).
@@ -426,6 +436,10 @@ impl TryFrom<Args> for Config {
             payload: parse_payload(&a.payload).map_err(|r| invalid("NSM_PAYLOAD", "payload", r))?,
             log_level: parse_log_level(&a.log_level)
                 .map_err(|r| invalid("NSM_LOG_LEVEL", "log-level", r))?,
+            log_format: a
+                .log_format
+                .parse()
+                .map_err(|r: String| invalid("NSM_LOG_FORMAT", "log-format", r))?,
             identity: a.identity.source()?,
             server_policies: a
                 .policies

@@ -1,6 +1,5 @@
 //! mesh-proxy-nse: configuration, logging, then [`nse::server::run`].
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use nse::config::{Config, EXIT_CONFIG};
@@ -13,11 +12,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_max_level(config.log_level)
-        .init();
+    let logging = nsm_api::logging::init(
+        config.log_level,
+        config.log_format,
+        nsm_api::logging::all_targets,
+        true,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -28,7 +28,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(nse::server::run(config)) {
+    let run = async {
+        if let Err(e) = logging.switch_on_signals() {
+            tracing::warn!(error = %e, "no log level switching on SIGUSR1/SIGUSR2");
+        }
+        nse::server::run(config).await
+    };
+    match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mesh-proxy-nse: {e}");

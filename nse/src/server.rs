@@ -162,24 +162,27 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             tracing::warn!(%id, error = %e, "cannot give an adopted connection its addresses back");
         }
     }
-    if !adopted.is_empty() {
-        // Adopted connections never heard of again leave once their
-        // interface is gone (their client went while we were away).
+    // Every second: the table is put back if it drifted (fail closed), and
+    // adopted connections never heard of again leave once their interface
+    // is gone (their client went while we were away).
+    let maintenance = {
         let (mp, ep) = (mesh_proxy.clone(), endpoint.clone());
+        let mut adopted = !adopted.is_empty();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(crate::mesh_proxy::ADOPTED_PRUNE_PERIOD).await;
-                let (gone, left) = mp.prune_adopted().await;
-                for id in gone {
-                    tracing::info!(%id, "an adopted connection's interface is gone: forgotten");
-                    ep.forget(&id);
+                tokio::time::sleep(crate::mesh_proxy::MAINTENANCE_PERIOD).await;
+                if adopted {
+                    let (gone, left) = mp.prune_adopted().await;
+                    for id in gone {
+                        tracing::info!(%id, "an adopted connection's interface is gone: forgotten");
+                        ep.forget(&id);
+                    }
+                    adopted = left > 0;
                 }
-                if left == 0 {
-                    break;
-                }
+                mp.reconcile().await;
             }
-        });
-    }
+        })
+    };
     tracing::info!(
         name = %config.name,
         services = ?config.service_names,
@@ -213,6 +216,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         shutdown,
     )
     .await;
+    maintenance.abort();
     let release = tokio::task::spawn_blocking(move || mesh_proxy.release());
     if let Err(e) = release.await {
         tracing::warn!(error = %e, "releasing the mesh-proxy rules failed");

@@ -40,6 +40,7 @@ pub mod grpcfd;
 pub mod inode;
 pub mod limits;
 pub mod listen;
+pub mod logging;
 pub mod mechanism;
 pub mod metadata;
 pub mod monitor;

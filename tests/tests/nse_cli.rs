@@ -342,3 +342,60 @@ async fn stale_socket_is_replaced_and_signals_remove_it() {
         );
     }
 }
+
+/// As NSM's components do: SIGUSR1 switches the log to TRACE and SIGUSR2
+/// back to the configured level, and neither stops the endpoint (their
+/// default action would kill it); `NSM_LOG_FORMAT=json` writes one JSON
+/// object per line.
+#[tokio::test]
+async fn sigusr1_traces_sigusr2_restores_and_json_lines_parse() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    const SVC: &str = "networkservice.NetworkService";
+    let nse = Nse::start(&[("NSM_LOG_LEVEL", "INFO"), ("NSM_LOG_FORMAT", "json")]).await;
+    let events = || -> Vec<serde_json::Value> {
+        nse.log()
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line: {l}: {e}"))
+            })
+            .collect()
+    };
+    let traced = |evs: &[serde_json::Value]| evs.iter().filter(|e| e["level"] == "TRACE").count();
+    let switched_to = |evs: &[serde_json::Value], level: &str| {
+        evs.iter()
+            .any(|e| e["fields"]["message"] == "log level" && e["fields"]["level"] == level)
+    };
+    assert!(!events().is_empty(), "the endpoint logs JSON lines");
+    assert_eq!(traced(&events()), 0, "INFO: no TRACE lines yet");
+
+    let pid = Pid::from_raw(nse.pid() as i32);
+    kill(pid, Signal::SIGUSR1).unwrap();
+    let mut ok = false;
+    for _ in 0..100 {
+        // Calls make TRACE events (the gRPC stack's) once TRACE is on.
+        assert_eq!(nse.health(SVC).await.unwrap(), ServingStatus::Serving);
+        if switched_to(&events(), "TRACE") && traced(&events()) > 0 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "SIGUSR1: TRACE lines: {}", nse.log());
+
+    kill(pid, Signal::SIGUSR2).unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        if switched_to(&events(), "INFO") {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "SIGUSR2: back to INFO: {}", nse.log());
+    let after = traced(&events());
+    assert_eq!(nse.health(SVC).await.unwrap(), ServingStatus::Serving);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(traced(&events()), after, "no TRACE lines after SIGUSR2");
+}

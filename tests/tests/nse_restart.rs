@@ -95,3 +95,41 @@ fn a_restarted_endpoint_keeps_its_clients_behind_the_proxy() {
         );
     }
 }
+
+/// A ruleset flushed behind the endpoint's back (an operator, another
+/// agent) is put back within about a second while a connection is live:
+/// the client's TCP goes through the proxy again without any refresh.
+#[test]
+fn a_flushed_ruleset_is_restored_while_connections_live() {
+    if !nsm_tests::require_root("nse_restart") {
+        return;
+    }
+    let mut lab = Lab::start(LabConfig {
+        proxy: ProxyKind::Builtin,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("lab: {e}"));
+    let client = lab.client().unwrap();
+    let (_held, _) = nsc::watch(
+        &client,
+        &lab.nsc_options("web-0").unwrap(),
+        &lab.dir.join("nsc.log"),
+        UP,
+    )
+    .unwrap_or_else(|e| panic!("nsc-init: {e}{}", lab.logs()));
+    assert_proxied(&lab, &client, "before the flush");
+    lab.nse_ns.exec(&["nft", "flush", "ruleset"]).unwrap();
+    let restored = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        lab.nse_ns
+            .exec(&["nft", "list", "table", "inet", "mesh_proxy_nse"])
+            .is_ok_and(|t| t.contains("elements"))
+    });
+    assert!(restored, "the endpoint's table is back{}", lab.logs());
+    assert_proxied(&lab, &client, "after the flush");
+    let log = lab.nse().unwrap().log();
+    assert!(
+        log.contains("repaired the redirect rules"),
+        "the endpoint says it repaired them: {log}"
+    );
+}

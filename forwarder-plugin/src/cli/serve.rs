@@ -13,11 +13,12 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_max_level(cfg.log_level)
-        .init();
+    let logging = nsm_api::logging::init(
+        cfg.log_level,
+        cfg.log_format,
+        nsm_api::logging::all_targets,
+        true,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -28,7 +29,13 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(forwarder_plugin::serve::run(cfg)) {
+    let run = async {
+        if let Err(e) = logging.switch_on_signals() {
+            tracing::warn!(error = %e, "no log level switching on SIGUSR1/SIGUSR2");
+        }
+        forwarder_plugin::serve::run(cfg).await
+    };
+    match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("forwarder-plugin serve: {e}");

@@ -92,6 +92,10 @@ pub struct ServeArgs {
     #[arg(long, env = "NSM_LOG_LEVEL", default_value = "INFO")]
     pub log_level: String,
 
+    /// Log lines as text or json (one object per line); SIGUSR1 switches to TRACE, SIGUSR2 back.
+    #[arg(long, env = "NSM_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+
     /// Backend for the client-side redirect rules: nft or iptables.
     #[arg(long, default_value = "nft")]
     pub backend: String,
@@ -124,6 +128,7 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     pub max_token_lifetime: Duration,
     pub log_level: tracing::Level,
+    pub log_format: nsm_api::logging::LogFormat,
     pub backend: BackendName,
     pub state_dir: PathBuf,
     pub cleanup_on_exit: bool,
@@ -267,6 +272,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 .map_err(invalid("NSM_MAX_TOKEN_LIFETIME", "max-token-lifetime"))?,
             log_level: parse_log_level(&a.log_level)
                 .map_err(invalid("NSM_LOG_LEVEL", "log-level"))?,
+            log_format: a
+                .log_format
+                .parse()
+                .map_err(invalid("NSM_LOG_FORMAT", "log-format"))?,
             backend: parse_backend(&a.backend).map_err(|reason| ConfigError::Flag {
                 flag: "backend",
                 reason,

@@ -12,11 +12,9 @@ use std::time::Duration;
 
 use nsm_api::connection::{ConnectionEventType, PathSegment, State};
 use nsm_api::monitor::MonitorHub;
-use nsm_api::transport::CallError;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::downstream::DownstreamError;
 use super::route::Routed;
 
 /// How long subscribing to the endpoint's monitor may take.
@@ -43,13 +41,13 @@ impl Watches {
         let task = tokio::spawn(async move {
             let deadline = Instant::now() + SUBSCRIBE_TIMEOUT;
             let why = match next.hop.watch(segment.clone(), deadline).await {
-                // An endpoint that answers but will not be watched (no
-                // monitor, too many streams) is alive: no heal, just no watch.
-                Err(DownstreamError::Call(CallError::Status { status, .. })) => {
-                    tracing::warn!(%id, %status, "the endpoint refuses to be watched: its death will not be noticed before the connection expires");
+                // Not watched (no monitor, too many streams, slow to
+                // answer): as NSM's monitor, no verdict on a watch that never
+                // started — only a stream that breaks means the endpoint died.
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "cannot watch the endpoint: its death will not be noticed before the connection expires");
                     return;
                 }
-                Err(e) => format!("cannot watch it: {e}"),
                 Ok(mut stream) => loop {
                     match stream.message().await {
                         Ok(Some(ev)) if gone(&ev, &segment) => {

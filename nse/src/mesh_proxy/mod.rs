@@ -79,8 +79,9 @@ fn failed(reason: impl Into<String>) -> FunctionError {
     }
 }
 
-/// How often adopted connections are checked for a vanished interface.
-pub const ADOPTED_PRUNE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often adopted connections are checked for a vanished interface, and
+/// the table for drift (a ruleset flushed behind our back).
+pub const MAINTENANCE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -149,6 +150,18 @@ impl MeshProxy {
             .into_iter()
             .map(|(id, l)| (id, l.src, l.dst))
             .collect()
+    }
+
+    /// Repairs the table if it drifted ([`OwnRules::reconcile`]).
+    pub async fn reconcile(&self) {
+        if !self.net_admin {
+            return;
+        }
+        let own = self.own.clone();
+        let res = tokio::task::spawn_blocking(move || own.reconcile()).await;
+        if let Ok(Err(e)) = res {
+            tracing::warn!(table = %self.own.table(), error = %e, "cannot restore the redirect rules");
+        }
     }
 
     /// Drops adopted connections whose interface is gone (see

@@ -171,6 +171,17 @@ impl OwnRules {
         Ok(st.live.len())
     }
 
+    /// Makes the kernel hold the table the live connections need again if it
+    /// drifted (a ruleset flushed behind our back): a read when it did not.
+    /// Nothing live: nothing to keep.
+    pub fn reconcile(&self) -> Result<(), RulesError> {
+        let mut st = self.lock();
+        if st.live.is_empty() {
+            return Ok(());
+        }
+        self.refresh(&mut st)
+    }
+
     /// The adopted connections not heard of since, with what they hold.
     pub fn adopted(&self) -> Vec<(String, Live)> {
         let st = self.lock();
