@@ -57,9 +57,14 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Number of open file descriptors of a process (`/proc/<pid>/fd`).
+/// Number of open file descriptors of a process (`/proc/<pid>/fd`). Panics
+/// when they cannot be counted (e.g. the process died), so that a leak check
+/// never passes by reading nothing.
 pub fn fd_count(pid: u32) -> usize {
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')));
+    assert!(alive, "process {pid} is gone: its fds cannot be counted");
     std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+        .unwrap_or_else(|e| panic!("cannot count the fds of process {pid}: {e}"))
+        .count()
 }

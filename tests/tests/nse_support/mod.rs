@@ -97,6 +97,12 @@ impl Nse {
             .map_or_else(|| dir.path().join("nse.sock"), PathBuf::from);
         let log = dir.path().join("nse.log");
         let name = nsm_tests::unique("nse-");
+        // Without root only placement sidecar can run: a skip of the proxy
+        // placement that must not pass silently in CI.
+        assert!(
+            is_root() || !nsm_tests::in_ci(),
+            "the NSE suites need root for placement proxy; CI=true, so this is a failure, not a fallback to sidecar"
+        );
         let netns = opts
             .netns
             .or_else(|| is_root().then(|| TestNetns::new("nse")));

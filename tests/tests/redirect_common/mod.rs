@@ -163,8 +163,17 @@ pub struct State {
     pub routes: String,
 }
 
+/// `argv`'s stdout in `ns`; a tool that fails panics, so that two snapshots
+/// that both read nothing never compare equal.
 fn out(ns: &TestNetns, argv: &[&str]) -> String {
     let o = ns.exec(argv);
+    assert!(
+        o.status.success(),
+        "{argv:?} in {} failed ({}): {}",
+        ns.name(),
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
