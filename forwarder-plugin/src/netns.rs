@@ -236,20 +236,11 @@ impl Netns {
     /// made inside it. What proves, after a restart, that the namespace
     /// found by inode is the one recorded.
     pub fn cookie(&self) -> Result<u64, NetnsError> {
-        self.run(|| {
-            let sock = nix::sys::socket::socket(
-                nix::sys::socket::AddressFamily::Unix,
-                nix::sys::socket::SockType::Datagram,
-                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .map_err(std::io::Error::from)?;
-            netns_cookie(sock.as_fd())
-        })?
-        .map_err(|source| NetnsError::Cookie {
-            id: self.id,
-            source,
-        })
+        self.run(Netns::current_cookie)?
+            .map_err(|source| NetnsError::Cookie {
+                id: self.id,
+                source,
+            })
     }
 
     /// The cookie of the calling thread's namespace ([`Netns::cookie`]

@@ -151,6 +151,15 @@ pub struct Args {
     #[arg(long, env = "NSM_CONFIG", value_name = "FILE", default_value = "")]
     pub config: String,
 
+    /// Where to serve Prometheus metrics (`GET /metrics`), host:port; empty: not served.
+    #[arg(
+        long,
+        env = "NSM_METRICS_LISTEN_ON",
+        value_name = "ADDR",
+        default_value = ""
+    )]
+    pub metrics_listen_on: String,
+
     /// Where the endpoint records what its table holds per connection, so that a restart adopts it instead of deleting it (their traffic never bypasses the proxy); one file per network namespace; empty: record nothing (a restart removes the table until clients refresh).
     #[arg(long, env = "NSM_STATE_DIR", value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: String,
@@ -215,6 +224,8 @@ pub struct Config {
     pub function: FunctionConfig,
     /// `NSM_STATE_DIR` (absolute), `None` when empty.
     pub state_dir: Option<PathBuf>,
+    /// `NSM_METRICS_LISTEN_ON`, `None` when empty.
+    pub metrics_listen_on: Option<SocketAddr>,
     /// Group of the unix socket (`NSM_SOCKET_GROUP`); `None`: the process's.
     pub socket_group: Option<u32>,
 }
@@ -378,6 +389,16 @@ impl TryFrom<Args> for Config {
             name: parse_name(&a.name).map_err(|r| invalid("NSM_NAME", "name", r))?,
             listen_on: parse_listen_on(&a.listen_on)
                 .map_err(|r| invalid("NSM_LISTEN_ON", "listen-on", r))?,
+            metrics_listen_on: match a.metrics_listen_on.trim() {
+                "" => None,
+                addr => Some(addr.parse().map_err(|e| {
+                    invalid(
+                        "NSM_METRICS_LISTEN_ON",
+                        "metrics-listen-on",
+                        format!("{addr:?}: {e} (expected host:port, e.g. 0.0.0.0:9090)"),
+                    )
+                })?),
+            },
             state_dir: match a.state_dir.trim() {
                 "" => None,
                 d if Path::new(d).is_absolute() => Some(PathBuf::from(d)),

@@ -89,6 +89,7 @@ pub struct Endpoint {
     ipam: Arc<P2pIpam>,
     monitor: MonitorHub,
     netns: Arc<OwnNetns>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Endpoint {
@@ -133,31 +134,51 @@ impl Endpoint {
             ipam,
             monitor,
             netns,
+            metrics: Arc::default(),
         })
+    }
+
+    /// What the endpoint counts (served by [`crate::metrics::serve`]).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// Runs a Request through the chain. The chain runs in its own task, so
     /// a caller that goes away (or whose deadline passes) cannot cut it
     /// half-way: it completes or rolls back, as sdk's chain does.
     pub async fn request(&self, ctx: Ctx<NseError>, req: Req) -> Result<Connection, NseError> {
+        let started = std::time::Instant::now();
         let head = self.head.clone();
-        tokio::spawn(async move {
+        let res = tokio::spawn(async move {
             let mut ctx = ctx;
             head.request(&mut ctx, req).await
         })
         .await
-        .map_err(|e| NseError::Internal(format!("request task failed: {e}")))?
+        .map_err(|e| NseError::Internal(format!("request task failed: {e}")))
+        .and_then(|r| r);
+        self.observe("Request", res.as_ref().err(), started);
+        res
+    }
+
+    fn observe(&self, method: &'static str, err: Option<&NseError>, started: std::time::Instant) {
+        let code = err.map_or(tonic::Code::Ok, NseError::code);
+        self.metrics
+            .observe(method, code, started.elapsed(), self.begin.connections());
     }
 
     /// Runs a Close through the chain (in its own task, as [`Endpoint::request`]).
     pub async fn close(&self, ctx: Ctx<NseError>, conn: Connection) -> Result<(), NseError> {
+        let started = std::time::Instant::now();
         let head = self.head.clone();
-        tokio::spawn(async move {
+        let res = tokio::spawn(async move {
             let mut ctx = ctx;
             head.close(&mut ctx, conn).await
         })
         .await
-        .map_err(|e| NseError::Internal(format!("close task failed: {e}")))?
+        .map_err(|e| NseError::Internal(format!("close task failed: {e}")))
+        .and_then(|r| r);
+        self.observe("Close", res.as_ref().err(), started);
+        res
     }
 
     pub fn monitor(&self) -> &MonitorHub {

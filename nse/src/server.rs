@@ -156,6 +156,14 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         ..EndpointOptions::from(&config)
     };
     let endpoint = Arc::new(Endpoint::with_functions(&options, functions)?);
+    let metrics = config.metrics_listen_on.map(|addr| {
+        let m = endpoint.metrics().clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, m).await {
+                tracing::error!(%addr, error = %e, "cannot serve metrics");
+            }
+        })
+    });
     let adopted = mesh_proxy.adopted_addresses();
     for (id, src, dst) in &adopted {
         if let Err(e) = endpoint.reserve(id, src.clone(), dst.clone()) {
@@ -217,6 +225,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     )
     .await;
     maintenance.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let release = tokio::task::spawn_blocking(move || mesh_proxy.release());
     if let Err(e) = release.await {
         tracing::warn!(error = %e, "releasing the mesh-proxy rules failed");

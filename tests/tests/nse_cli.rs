@@ -95,7 +95,12 @@ struct BadConfig {
     want: &'static str,
 }
 
-const BAD_CONFIGS: [BadConfig; 10] = [
+const BAD_CONFIGS: [BadConfig; 11] = [
+    BadConfig {
+        env: &[("NSM_METRICS_LISTEN_ON", "9090")],
+        args: &[],
+        want: "NSM_METRICS_LISTEN_ON (--metrics-listen-on): \"9090\": invalid socket address syntax (expected host:port",
+    },
     BadConfig {
         env: &[("NSM_STATE_DIR", "relative/state")],
         args: &[],

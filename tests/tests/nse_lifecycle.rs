@@ -323,3 +323,83 @@ async fn interleaved_request_and_close_end_consistent() {
     let (_, state) = nse.monitor(MonitorScopeSelector::default()).await;
     assert_eq!(state.connections.contains_key(&nse_id), open, "{events:?}");
 }
+
+/// `NSM_METRICS_LISTEN_ON`: Prometheus text on `GET /metrics` — Requests and
+/// Closes by gRPC code, their latency histogram, the connections now.
+#[tokio::test]
+async fn metrics_count_calls_by_code_and_connections() {
+    if !is_root() {
+        eprintln!("SKIPPED metrics test: needs root for the NSE's own namespace");
+        assert!(!nsm_tests::in_ci(), "CI=true: needs root");
+        return;
+    }
+    let nse = Nse::start(&[("NSM_METRICS_LISTEN_ON", "127.0.0.1:9465")]).await;
+    let ns = nse.netns.as_ref().expect("its namespace");
+    let scrape = || {
+        // Inside the NSE's namespace: its 127.0.0.1.
+        let out = ns.exec_ok(&[
+            "bash",
+            "-c",
+            "exec 3<>/dev/tcp/127.0.0.1/9465 && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
+        ]);
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        out
+    };
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    };
+    let (conn, _) = nse.request(req_p()).await.expect("Request");
+    let mut bad = req_p();
+    bad.connection.as_mut().unwrap().network_service = "no-such-service".into();
+    let refused = nse.request(bad).await.unwrap_err();
+    let text = scrape();
+    assert_eq!(
+        value(
+            &text,
+            r#"nsm_endpoint_calls_total{method="Request",code="Ok"} "#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!(
+                r#"nsm_endpoint_calls_total{{method="Request",code="{:?}"}} "#,
+                refused.code()
+            )
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "nsm_endpoint_connections "),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"nsm_endpoint_call_duration_seconds_count{method="Request"} "#
+        ),
+        Some(2.0),
+        "{text}"
+    );
+
+    nse.close(conn).await.expect("Close");
+    let text = scrape();
+    assert_eq!(
+        value(
+            &text,
+            r#"nsm_endpoint_calls_total{method="Close",code="Ok"} "#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "nsm_endpoint_connections "),
+        Some(0.0),
+        "{text}"
+    );
+}

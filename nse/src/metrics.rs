@@ -1,0 +1,146 @@
+//! The endpoint's Prometheus metrics, served as text on `GET /metrics` at
+//! `NSM_METRICS_LISTEN_ON` (off by default): Requests and Closes by gRPC
+//! code, their latency, and the connections established now.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Longest request head read from a scraper.
+const MAX_HEAD: usize = 8 * 1024;
+/// How long a scraper may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: &'static str,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    calls: Family<CallLabels, Counter>,
+    latency: Family<MethodLabels, Histogram>,
+    connections: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let calls = Family::<CallLabels, Counter>::default();
+        let latency = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            // 0.5 ms … ~4 s.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0005, 2.0, 14,
+            ))
+        });
+        let connections = Gauge::default();
+        let mut registry = Registry::with_prefix("nsm_endpoint");
+        registry.register(
+            "calls",
+            "Requests and Closes answered, by method and gRPC code",
+            calls.clone(),
+        );
+        registry.register(
+            "call_duration_seconds",
+            "How long Requests and Closes took",
+            latency.clone(),
+        );
+        registry.register(
+            "connections",
+            "Connections established now",
+            connections.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            calls,
+            latency,
+            connections,
+        }
+    }
+}
+
+impl Metrics {
+    /// One answered call: `method` is "Request" or "Close".
+    pub fn observe(
+        &self,
+        method: &'static str,
+        code: tonic::Code,
+        took: Duration,
+        connections: usize,
+    ) {
+        self.calls
+            .get_or_create(&CallLabels {
+                method,
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&MethodLabels { method })
+            .observe(took.as_secs_f64());
+        self.connections
+            .set(i64::try_from(connections).unwrap_or(i64::MAX));
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `addr` (HTTP/1.x, one response per connection)
+/// until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: std::sync::Arc<Metrics>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics on GET /metrics");
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(READ_TIMEOUT, async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+            let (status, body) = if line.starts_with(b"GET /metrics ") {
+                ("200 OK", metrics.encode())
+            } else {
+                ("404 Not Found", "GET /metrics\n".to_owned())
+            };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(reply.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,180 @@
+//! Chaos: the endpoint or the forwarder is killed (SIGKILL) while many
+//! clients' Requests are in flight, then started again as it was. Whatever
+//! each client was told must hold: a connection reported established still
+//! sends its TCP through the proxy (adopted by the restarted process), a
+//! refused one left nothing in the client; Close of every established one
+//! leaves the endpoint's namespace as it was and no client an interface.
+
+use std::time::Duration;
+
+use examples::direct_client::DirectClient;
+use examples::inspect;
+use examples::lab::{Lab, LabConfig, NSE_UPLINK, server_addr};
+use examples::namespace::Namespace;
+use examples::proxy::ProxyKind;
+use examples::traffic::http_get;
+use forwarder_plugin::netns::Netns;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const CLIENTS: usize = 40;
+const UP: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Victim {
+    Endpoint,
+    Forwarder,
+}
+
+/// The endpoint answers fast (the forwarder's plumbing is most of a
+/// Request): it is killed at the first answer, when the burst has reached it
+/// but not all of it is plumbed; the forwarder once a third are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_killed_during_concurrent_requests() {
+    chaos(Victim::Endpoint, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarder_killed_during_concurrent_requests() {
+    chaos(Victim::Forwarder, CLIENTS / 3).await;
+}
+
+async fn chaos(victim: Victim, kill_at: usize) {
+    if !nsm_tests::require_root("chaos") {
+        return;
+    }
+    let mut lab = Lab::start(LabConfig {
+        proxy: ProxyKind::Builtin,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("lab: {e}"));
+    let before = inspect::snapshot(&lab.nse_ns).unwrap();
+    let identity = lab.identity("/ns/default/pod/chaos").unwrap();
+    let client = DirectClient::new(
+        &lab.forwarder_socket(),
+        "chaos",
+        Duration::from_secs(600),
+        identity.as_ref(),
+    )
+    .unwrap();
+    let spaces: Vec<Namespace> = (0..CLIENTS).map(|_| lab.client().unwrap()).collect();
+    let handles: Vec<Netns> = spaces
+        .iter()
+        .map(|ns| Netns::open(ns.name()).unwrap())
+        .collect();
+
+    let pid = Pid::from_raw(match victim {
+        Victim::Endpoint => lab.nse().unwrap().pid(),
+        Victim::Forwarder => lab.forwarder().unwrap().pid(),
+    } as i32);
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let killer = {
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            while answered.load(std::sync::atomic::Ordering::SeqCst) < kill_at
+                && start.elapsed() < UP
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            kill(pid, Signal::SIGKILL).unwrap();
+            answered.load(std::sync::atomic::Ordering::SeqCst)
+        })
+    };
+    let requests = handles.iter().enumerate().map(|(i, netns)| {
+        let (client, answered) = (&client, answered.clone());
+        async move {
+            let res = client
+                .request(netns, &format!("chaos-{i}"), "mesh-proxy", "nsm-1", &[])
+                .await;
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            res
+        }
+    });
+    let results = futures::future::join_all(requests).await;
+    let at = killer.await.unwrap();
+    let established = results.iter().filter(|r| r.is_ok()).count();
+    eprintln!("{victim:?} killed after {at} answers: {established} of {CLIENTS} established");
+    assert!(established > 0, "the kill must land inside the burst");
+
+    let proc = match victim {
+        Victim::Endpoint => lab.nse(),
+        Victim::Forwarder => lab.forwarder(),
+    }
+    .unwrap();
+    proc.wait(UP).unwrap_or_else(|e| panic!("{e}"));
+    let log_len = proc.log().len();
+    match victim {
+        Victim::Endpoint => lab.start_nse(),
+        Victim::Forwarder => lab.start_forwarder(),
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    match victim {
+        Victim::Endpoint => lab.nse(),
+        Victim::Forwarder => lab.forwarder(),
+    }
+    .unwrap()
+    .wait_until("its start-up", UP, |p| {
+        p.log()[log_len..].contains("serving ").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let proxied = |i: usize, ns: &Namespace, what: &str| {
+        let ex = http_get(ns, server_addr(), Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("chaos-{i} {what}: TCP from it: {e}{}", lab.logs()));
+        assert_eq!(
+            ex.server_saw.ip(),
+            NSE_UPLINK,
+            "chaos-{i} {what}: its TCP goes through the proxy{}",
+            lab.logs()
+        );
+    };
+    let mut conns = Vec::new();
+    for (i, ((ns, netns), res)) in spaces.iter().zip(&handles).zip(results).enumerate() {
+        let conn = match res {
+            Ok(conn) => {
+                proxied(i, ns, "was established");
+                conn
+            }
+            Err(e) => {
+                // The endpoint died under it: the forwarder rolled back. (The
+                // forwarder itself dying may leave its plumbing, which it
+                // adopts: the client's retry below takes it back.)
+                if victim == Victim::Endpoint {
+                    assert!(
+                        inspect::link(ns, "nsm-1").unwrap().is_none(),
+                        "chaos-{i} was refused ({e}) but has an interface"
+                    );
+                }
+                // As NSM's clients do: ask again, with the same id.
+                let conn = client
+                    .request(netns, &format!("chaos-{i}"), "mesh-proxy", "nsm-1", &[])
+                    .await
+                    .unwrap_or_else(|e| panic!("chaos-{i}'s retry: {e}{}", lab.logs()));
+                proxied(i, ns, "retried");
+                conn
+            }
+        };
+        conns.push(conn);
+    }
+
+    for (i, conn) in conns.iter().enumerate() {
+        client
+            .close(conn)
+            .await
+            .unwrap_or_else(|e| panic!("Close of chaos-{i}: {e}{}", lab.logs()));
+    }
+    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(15)) {
+        panic!(
+            "the endpoint's namespace after every Close: {left:?}{}",
+            lab.logs()
+        );
+    }
+    for ns in &spaces {
+        assert!(
+            inspect::link(ns, "nsm-1").unwrap().is_none(),
+            "{} keeps nsm-1",
+            ns.name()
+        );
+    }
+}
