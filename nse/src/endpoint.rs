@@ -89,7 +89,7 @@ pub struct Endpoint {
     ipam: Arc<P2pIpam>,
     monitor: MonitorHub,
     netns: Arc<OwnNetns>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<nsm_api::metrics::CallMetrics>,
 }
 
 impl Endpoint {
@@ -134,12 +134,12 @@ impl Endpoint {
             ipam,
             monitor,
             netns,
-            metrics: Arc::default(),
+            metrics: Arc::new(nsm_api::metrics::CallMetrics::new("nsm_endpoint")),
         })
     }
 
-    /// What the endpoint counts (served by [`crate::metrics::serve`]).
-    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+    /// What the endpoint counts (served by [`nsm_api::metrics::serve`]).
+    pub fn metrics(&self) -> &Arc<nsm_api::metrics::CallMetrics> {
         &self.metrics
     }
 

@@ -18,7 +18,6 @@ pub mod error;
 pub mod ipam;
 pub mod mechanism;
 pub mod mesh_proxy;
-pub mod metrics;
 pub mod netns;
 pub mod register;
 pub mod server;

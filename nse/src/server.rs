@@ -159,7 +159,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let metrics = config.metrics_listen_on.map(|addr| {
         let m = endpoint.metrics().clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, m).await {
+            if let Err(e) = nsm_api::metrics::serve(addr, m).await {
                 tracing::error!(%addr, error = %e, "cannot serve metrics");
             }
         })

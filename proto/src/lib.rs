@@ -43,6 +43,7 @@ pub mod listen;
 pub mod logging;
 pub mod mechanism;
 pub mod metadata;
+pub mod metrics;
 pub mod monitor;
 pub mod nsurl;
 pub mod path;

@@ -55,17 +55,7 @@ fn manifest_env(from: &[(&str, &str)]) -> Vec<(String, String)> {
 /// serving the SVID files in `dir`; `None` (skipped) where it is not built
 /// outside CI.
 fn workload_api(socket: &std::path::Path, dir: &std::path::Path) -> Option<ChildGuard> {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent()?.parent()?.join("spiffe-workload-api-fake");
-    if !bin.is_file() {
-        let why = format!(
-            "{} not built: tests/run.sh builds it with Go",
-            bin.display()
-        );
-        assert!(!nsm_tests::in_ci(), "{why}; CI=true, so this is a failure");
-        eprintln!("SKIPPED {why}");
-        return None;
-    }
+    let bin = nsm_tests::go_bin("spiffe-workload-api-fake", "tests/go/workload-api")?;
     let mut cmd = Command::new(bin);
     cmd.args(["-socket", socket.to_str()?, "-dir", dir.to_str()?])
         .stdout(Stdio::null())
@@ -130,6 +120,8 @@ async fn starts_with_the_manifests_environment_and_registers_as_nsm_forwarders_d
     for (k, v) in &env {
         match k.as_str() {
             "NSM_LISTEN_ON" | "NSM_CONNECT_TO" | "SPIFFE_ENDPOINT_SOCKET" => cmd.env(k, moved(v)),
+            // The pod's port, on this host's loopback only (and a free port).
+            "NSM_METRICS_LISTEN_ON" => cmd.env(k, "127.0.0.1:0"),
             _ => cmd.env(k, v),
         };
     }

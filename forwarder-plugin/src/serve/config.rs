@@ -96,6 +96,10 @@ pub struct ServeArgs {
     #[arg(long, env = "NSM_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 
+    /// Where to serve Prometheus metrics (`GET /metrics`), host:port; empty: not served.
+    #[arg(long, env = "NSM_METRICS_LISTEN_ON", default_value = "")]
+    pub metrics_listen_on: String,
+
     /// Backend for the client-side redirect rules: nft or iptables.
     #[arg(long, default_value = "nft")]
     pub backend: String,
@@ -129,6 +133,8 @@ pub struct ServeConfig {
     pub max_token_lifetime: Duration,
     pub log_level: tracing::Level,
     pub log_format: nsm_api::logging::LogFormat,
+    /// `NSM_METRICS_LISTEN_ON`, `None` when empty.
+    pub metrics_listen_on: Option<std::net::SocketAddr>,
     pub backend: BackendName,
     pub state_dir: PathBuf,
     pub cleanup_on_exit: bool,
@@ -276,6 +282,14 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 .log_format
                 .parse()
                 .map_err(invalid("NSM_LOG_FORMAT", "log-format"))?,
+            metrics_listen_on: match a.metrics_listen_on.trim() {
+                "" => None,
+                addr => Some(addr.parse().map_err(|e| {
+                    invalid("NSM_METRICS_LISTEN_ON", "metrics-listen-on")(format!(
+                        "{addr:?}: {e} (expected host:port, e.g. 0.0.0.0:9091)"
+                    ))
+                })?),
+            },
             backend: parse_backend(&a.backend).map_err(|reason| ConfigError::Flag {
                 flag: "backend",
                 reason,

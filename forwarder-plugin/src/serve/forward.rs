@@ -11,9 +11,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nsm_api::connection::{Connection, Mechanism};
 use nsm_api::grpcfd::FdChannel;
 use nsm_api::mechanism::MechanismExt;
+use nsm_api::metrics::CallMetrics;
 use nsm_api::monitor::MonitorHub;
 use nsm_api::path::{ConnectionExt, from_timestamp, to_timestamp};
 use nsm_api::token::TokenIssuer;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prost::Message;
 use tokio::time::Instant;
 
@@ -34,11 +38,19 @@ struct Client<'a> {
     mechanism: &'a Mechanism,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
 pub struct Forwarder {
     hop: Arc<Hop>,
     router: Router,
     /// Each connection's endpoint, watched for its death (NSM heal).
     watches: Watches,
+    metrics: Arc<CallMetrics>,
+    /// How long plumbing took (veth, addresses, routes, rules), by backend.
+    plumb_seconds: Family<BackendLabel, Histogram>,
     issuer: Arc<TokenIssuer>,
     dial_timeout: Duration,
     /// Bound on a Close downstream.
@@ -54,14 +66,31 @@ impl Forwarder {
         dial_timeout: Duration,
         close_timeout: Duration,
     ) -> Forwarder {
+        let metrics = Arc::new(CallMetrics::new("nsm_forwarder"));
+        let plumb_seconds = Family::<BackendLabel, Histogram>::new_with_constructor(|| {
+            // 0.25 ms … ~2 s.
+            Histogram::new(exponential_buckets(0.00025, 2.0, 14))
+        });
+        metrics.register(
+            "plumb_duration_seconds",
+            "How long a Request's plumbing took here (veth, addresses, routes, rules), by rules backend",
+            plumb_seconds.clone(),
+        );
         Forwarder {
             hop,
             router,
             watches: Watches::new(monitor),
+            metrics,
+            plumb_seconds,
             issuer,
             dial_timeout,
             close_timeout,
         }
+    }
+
+    /// What the forwarder counts (served by [`nsm_api::metrics::serve`]).
+    pub fn metrics(&self) -> &Arc<CallMetrics> {
+        &self.metrics
     }
 
     pub fn hop(&self) -> &Arc<Hop> {
@@ -192,6 +221,11 @@ impl Forwarder {
                 session,
             })
             .await?;
+        self.plumb_seconds
+            .get_or_create(&BackendLabel {
+                backend: done.record.backend.to_string(),
+            })
+            .observe(started.elapsed().as_secs_f64());
         tracing::info!(
             %id,
             client_if,

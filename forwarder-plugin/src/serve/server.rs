@@ -14,6 +14,7 @@ use nsm_api::chain::updatepath::UpdatePath;
 use nsm_api::chain::updatetoken::UpdateToken;
 use nsm_api::chain::{Ctx, Element, Next, Req};
 use nsm_api::connection::Connection;
+use nsm_api::metrics::CallMetrics;
 use nsm_api::monitor::MonitorHub;
 use nsm_api::networkservice::NetworkServiceRequest;
 use nsm_api::networkservice::network_service_server::NetworkService;
@@ -48,6 +49,7 @@ pub struct ForwarderHop {
     head: Next<ForwardError>,
     forwarder: Arc<Forwarder>,
     monitor: MonitorHub,
+    metrics: Arc<CallMetrics>,
 }
 
 impl ForwarderHop {
@@ -93,6 +95,7 @@ impl ForwarderHop {
         ];
         Ok(ForwarderHop {
             head: Next::chain(elements),
+            metrics: forwarder.metrics().clone(),
             forwarder,
             monitor,
         })
@@ -109,13 +112,28 @@ impl ForwarderHop {
         ctx: Ctx<ForwardError>,
         req: Req,
     ) -> Result<Connection, ForwardError> {
+        let started = std::time::Instant::now();
         let head = self.head.clone();
-        tokio::spawn(async move {
+        let res = tokio::spawn(async move {
             let mut ctx = ctx;
             head.request(&mut ctx, req).await
         })
         .await
-        .map_err(|e| ForwardError::Internal(format!("request task failed: {e}")))?
+        .map_err(|e| ForwardError::Internal(format!("request task failed: {e}")))
+        .and_then(|r| r);
+        self.observe("Request", res.as_ref().err(), started);
+        res
+    }
+
+    fn observe(
+        &self,
+        method: &'static str,
+        err: Option<&ForwardError>,
+        started: std::time::Instant,
+    ) {
+        let code = err.map_or(tonic::Code::Ok, ForwardError::code);
+        self.metrics
+            .observe(method, code, started.elapsed(), self.hop().len());
     }
 
     pub async fn close(
@@ -123,13 +141,17 @@ impl ForwarderHop {
         ctx: Ctx<ForwardError>,
         conn: Connection,
     ) -> Result<(), ForwardError> {
+        let started = std::time::Instant::now();
         let head = self.head.clone();
-        tokio::spawn(async move {
+        let res = tokio::spawn(async move {
             let mut ctx = ctx;
             head.close(&mut ctx, conn).await
         })
         .await
-        .map_err(|e| ForwardError::Internal(format!("close task failed: {e}")))?
+        .map_err(|e| ForwardError::Internal(format!("close task failed: {e}")))
+        .and_then(|r| r);
+        self.observe("Close", res.as_ref().err(), started);
+        res
     }
 
     /// Connections a previous run plumbed and nobody refreshed since are
@@ -253,6 +275,14 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let hop = Arc::new(ForwarderHop::new(cfg, identity.clone())?);
     hop.arm_adopted_expiry().await;
+    let metrics = cfg.metrics_listen_on.map(|addr| {
+        let m = hop.metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = nsm_api::metrics::serve(addr, m).await {
+                tracing::error!(%addr, error = %e, "cannot serve metrics");
+            }
+        })
+    });
     let dead_clients = tokio::spawn(super::dead_clients::watch(
         hop.forwarder.clone(),
         hop.monitor.clone(),
@@ -279,6 +309,9 @@ pub async fn serve(
     };
     nsm_api::transport::serve(&listen, identity, handler, hop.monitor.clone(), shutdown).await?;
     dead_clients.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     if cfg.cleanup_on_exit {
         hop.cleanup_all().await;
     } else {

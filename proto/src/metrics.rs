@@ -1,6 +1,8 @@
-//! The endpoint's Prometheus metrics, served as text on `GET /metrics` at
-//! `NSM_METRICS_LISTEN_ON` (off by default): Requests and Closes by gRPC
-//! code, their latency, and the connections established now.
+//! Prometheus metrics every hop of ours keeps, served as text on
+//! `GET /metrics` at `NSM_METRICS_LISTEN_ON` (off by default): Requests and
+//! Closes by gRPC code, their latency, and the connections established now,
+//! under a prefix per program; a program registers more of its own
+//! ([`CallMetrics::register`]).
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -30,15 +32,17 @@ struct MethodLabels {
     method: &'static str,
 }
 
-pub struct Metrics {
+pub struct CallMetrics {
     registry: Mutex<Registry>,
     calls: Family<CallLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
     connections: Gauge,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+impl CallMetrics {
+    /// Metrics named `<prefix>_calls_total`, `<prefix>_call_duration_seconds`,
+    /// `<prefix>_connections`.
+    pub fn new(prefix: &str) -> Self {
         let calls = Family::<CallLabels, Counter>::default();
         let latency = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
             // 0.5 ms … ~4 s.
@@ -47,7 +51,7 @@ impl Default for Metrics {
             ))
         });
         let connections = Gauge::default();
-        let mut registry = Registry::with_prefix("nsm_endpoint");
+        let mut registry = Registry::with_prefix(prefix);
         registry.register(
             "calls",
             "Requests and Closes answered, by method and gRPC code",
@@ -63,16 +67,27 @@ impl Default for Metrics {
             "Connections established now",
             connections.clone(),
         );
-        Metrics {
+        CallMetrics {
             registry: Mutex::new(registry),
             calls,
             latency,
             connections,
         }
     }
-}
 
-impl Metrics {
+    /// Adds a metric of the program's own under the prefix.
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .register(name, help, metric);
+    }
+
     /// One answered call: `method` is "Request" or "Close".
     pub fn observe(
         &self,
@@ -107,7 +122,7 @@ impl Metrics {
 
 /// Serves `GET /metrics` on `addr` (HTTP/1.x, one response per connection)
 /// until the task is dropped.
-pub async fn serve(addr: SocketAddr, metrics: std::sync::Arc<Metrics>) -> std::io::Result<()> {
+pub async fn serve(addr: SocketAddr, metrics: std::sync::Arc<CallMetrics>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics on GET /metrics");
     loop {

@@ -1,0 +1,87 @@
+//! The forwarder's Prometheus metrics (`NSM_METRICS_LISTEN_ON`): its
+//! Requests and Closes by gRPC code, their latency, its plumbing time by
+//! rules backend, and the connections it holds.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use examples::lab::{Lab, LabConfig};
+use examples::nsc;
+use examples::proxy::ProxyKind;
+
+const ADDR: &str = "127.0.0.1:19466";
+
+fn scrape() -> String {
+    let mut s = std::net::TcpStream::connect(ADDR).expect("the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+#[test]
+fn the_forwarder_counts_calls_plumbing_and_connections() {
+    if !nsm_tests::require_root("forwarder_metrics") {
+        return;
+    }
+    let lab = Lab::start(LabConfig {
+        proxy: ProxyKind::Builtin,
+        forwarder_args: vec!["--metrics-listen-on".into(), ADDR.into()],
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("lab: {e}"));
+    let client = lab.client().unwrap();
+    let (mut held, _) = nsc::watch(
+        &client,
+        &lab.nsc_options("web-0").unwrap(),
+        &lab.dir.join("nsc.log"),
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("nsc-init: {e}{}", lab.logs()));
+    let text = scrape();
+    assert_eq!(
+        value(
+            &text,
+            r#"nsm_forwarder_calls_total{method="Request",code="Ok"} "#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"nsm_forwarder_plumb_duration_seconds_count{backend="nft"} "#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "nsm_forwarder_connections "),
+        Some(1.0),
+        "{text}"
+    );
+
+    let st = held.terminate(Duration::from_secs(20)).unwrap();
+    assert!(st.success(), "nsc-init closed: {}", held.tail());
+    let text = scrape();
+    assert_eq!(
+        value(
+            &text,
+            r#"nsm_forwarder_calls_total{method="Close",code="Ok"} "#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "nsm_forwarder_connections "),
+        Some(0.0),
+        "{text}"
+    );
+}
