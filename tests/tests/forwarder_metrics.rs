@@ -1,6 +1,7 @@
-//! The forwarder's Prometheus metrics (`NSM_METRICS_LISTEN_ON`): its
-//! Requests and Closes by gRPC code, their latency, its plumbing time by
-//! rules backend, and the connections it holds.
+//! The forwarder observed as NSM's components are: its Prometheus metrics
+//! (`NSM_METRICS_LISTEN_ON`: Requests and Closes by gRPC code, their
+//! latency, its plumbing time by rules backend, the connections it holds),
+//! and its log level switched by SIGUSR1/SIGUSR2 while it keeps serving.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use examples::lab::{Lab, LabConfig};
 use examples::nsc;
 use examples::proxy::ProxyKind;
+use nix::sys::signal::Signal;
 
 const ADDR: &str = "127.0.0.1:19466";
 
@@ -27,11 +29,11 @@ fn value(text: &str, series: &str) -> Option<f64> {
 }
 
 #[test]
-fn the_forwarder_counts_calls_plumbing_and_connections() {
+fn the_forwarder_is_observable_as_nsms_components_are() {
     if !nsm_tests::require_root("forwarder_metrics") {
         return;
     }
-    let lab = Lab::start(LabConfig {
+    let mut lab = Lab::start(LabConfig {
         proxy: ProxyKind::Builtin,
         forwarder_args: vec!["--metrics-listen-on".into(), ADDR.into()],
         ..Default::default()
@@ -84,4 +86,18 @@ fn the_forwarder_counts_calls_plumbing_and_connections() {
         Some(0.0),
         "{text}"
     );
+
+    // SIGUSR1: TRACE; SIGUSR2: back to the configured level; still serving.
+    let fwd = lab.forwarder().unwrap();
+    for (signal, level) in [(Signal::SIGUSR1, "TRACE"), (Signal::SIGUSR2, "INFO")] {
+        fwd.signal(signal);
+        fwd.wait_for_line(
+            &format!("log level {level}"),
+            Duration::from_secs(10),
+            |l| l.contains("log level") && l.contains(&format!("level={level}")),
+        )
+        .unwrap_or_else(|e| panic!("{signal}: {e}"));
+    }
+    assert!(fwd.try_status().is_none(), "the forwarder still runs");
+    scrape();
 }
