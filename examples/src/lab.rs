@@ -555,6 +555,27 @@ impl Lab {
             .collect()
     }
 
+    /// `GET /` from `client` to the server, which must have gone through the
+    /// endpoint's proxy: the server saw the endpoint's address, not the
+    /// client's. Err says what happened instead (with the lab's logs).
+    pub fn get_through_proxy(
+        &self,
+        client: &Namespace,
+        timeout: Duration,
+    ) -> Result<crate::traffic::Exchange, String> {
+        let ex = crate::traffic::http_get(client, server_addr(), timeout)
+            .map_err(|e| format!("TCP from {}: {e}{}", client.name(), self.logs()))?;
+        if ex.server_saw.ip() != NSE_UPLINK {
+            return Err(format!(
+                "the server saw {} from {}, not the proxy's {NSE_UPLINK}: the proxy was bypassed{}",
+                ex.server_saw,
+                client.name(),
+                self.logs()
+            ));
+        }
+        Ok(ex)
+    }
+
     /// The destination the proxy logged for a connection from `client`.
     pub fn proxy_saw(&self, client: SocketAddr) -> Option<SocketAddr> {
         find_in_log(&self.proxy.log(), client)

@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use crate::inode::InodeUrl;
-use crate::metadata;
 use crate::path::from_timestamp;
 use crate::register::PATH_METADATA;
 use crate::registry::network_service_endpoint_registry_client::NetworkServiceEndpointRegistryClient;
@@ -35,8 +34,6 @@ pub enum DiscoverError {
         target: String,
         status: tonic::Status,
     },
-    #[error("cannot sign a token: {0}")]
-    Token(String),
     #[error("registry {target} knows more than {MAX_FOUND} endpoints for the query")]
     TooMany { target: String },
     #[error("endpoint {name:?}: unusable URL {url:?}: {why}")]
@@ -82,15 +79,14 @@ pub async fn find(
         status,
     };
     let session = dialer.dial(deadline).await?;
-    let token = tokens
-        .issue_for(session.server())
-        .map_err(|e| DiscoverError::Token(e.to_string()))?;
-    let mut req = tonic::Request::new(NetworkServiceEndpointQuery {
-        network_service_endpoint: Some(query),
-        watch: false,
-    });
-    req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-    metadata::insert_token(req.metadata_mut(), &token);
+    let mut req = session.call(
+        NetworkServiceEndpointQuery {
+            network_service_endpoint: Some(query),
+            watch: false,
+        },
+        tokens,
+        deadline.saturating_duration_since(Instant::now()),
+    )?;
     if let Ok(v) = "{}".parse() {
         req.metadata_mut().insert(PATH_METADATA, v);
     }

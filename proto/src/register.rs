@@ -53,8 +53,6 @@ pub enum RegisterError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot sign a token: {0}")]
-    Token(String),
 }
 
 /// What to register.
@@ -112,13 +110,7 @@ impl Registrar {
         msg: T,
         left: Duration,
     ) -> Result<tonic::Request<T>, RegisterError> {
-        let token = self
-            .tokens
-            .issue_for(session.server())
-            .map_err(|e| RegisterError::Token(e.to_string()))?;
-        let mut req = tonic::Request::new(msg);
-        req.set_timeout(left);
-        metadata::insert_token(req.metadata_mut(), &token);
+        let mut req = session.call(msg, &self.tokens, left)?;
         let path = self
             .paths
             .lock()

@@ -9,10 +9,9 @@ use std::time::Duration;
 
 use examples::direct_client::DirectClient;
 use examples::inspect;
-use examples::lab::{Lab, LabConfig, NSE_UPLINK, server_addr};
+use examples::lab::{Lab, LabConfig};
 use examples::namespace::Namespace;
 use examples::proxy::ProxyKind;
-use examples::traffic::http_get;
 use forwarder_plugin::netns::Netns;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -120,14 +119,9 @@ async fn chaos(victim: Victim, kill_at: usize) {
     .unwrap_or_else(|e| panic!("{e}"));
 
     let proxied = |i: usize, ns: &Namespace, what: &str| {
-        let ex = http_get(ns, server_addr(), Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("chaos-{i} {what}: TCP from it: {e}{}", lab.logs()));
-        assert_eq!(
-            ex.server_saw.ip(),
-            NSE_UPLINK,
-            "chaos-{i} {what}: its TCP goes through the proxy{}",
-            lab.logs()
-        );
+        if let Err(e) = lab.get_through_proxy(ns, Duration::from_secs(5)) {
+            panic!("chaos-{i} {what}: {e}");
+        }
     };
     let mut conns = Vec::new();
     for (i, ((ns, netns), res)) in spaces.iter().zip(&handles).zip(results).enumerate() {

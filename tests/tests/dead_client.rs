@@ -8,10 +8,9 @@
 use std::time::Duration;
 
 use examples::inspect;
-use examples::lab::{Lab, LabConfig, NSE_UPLINK, server_addr};
+use examples::lab::{Lab, LabConfig};
 use examples::nsc;
 use examples::proxy::ProxyKind;
-use examples::traffic::http_get;
 use nix::sys::signal::Signal;
 
 const UP: Duration = Duration::from_secs(20);
@@ -37,9 +36,8 @@ fn a_dead_pods_connection_is_closed_without_waiting_for_expiry() {
         UP,
     )
     .unwrap_or_else(|e| panic!("nsc-init: {e}{}", lab.logs()));
-    let ex = http_get(&client, server_addr(), Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("TCP from the client: {e}{}", lab.logs()));
-    assert_eq!(ex.server_saw.ip(), NSE_UPLINK, "through the proxy");
+    lab.get_through_proxy(&client, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // The pod dies: no Close, and its namespace goes.
     nsc.signal(Signal::SIGKILL);

@@ -102,6 +102,11 @@ impl NextHop {
         &self.dialer
     }
 
+    /// Signs our tokens for the next hop.
+    pub fn tokens(&self) -> &TokenIssuer {
+        &self.tokens
+    }
+
     pub fn url(&self) -> &str {
         self.dialer.url()
     }
@@ -141,21 +146,15 @@ impl NextHop {
         deadline: Instant,
     ) -> Result<tonic::Streaming<ConnectionEvent>, DownstreamError> {
         let session = self.dialer.dial(deadline).await?;
-        let token = self.tokens.issue_for(session.server()).map_err(|e| {
-            DownstreamError::Call(CallError::Dial {
-                target: self.url().to_owned(),
-                why: format!("cannot sign a token: {e}"),
-            })
-        })?;
-        let mut req = tonic::Request::new(MonitorScopeSelector {
+        let selector = MonitorScopeSelector {
             path_segments: vec![PathSegment {
                 id: segment.id,
                 name: segment.name,
                 ..Default::default()
             }],
             ..Default::default()
-        });
-        nsm_api::metadata::insert_token(req.metadata_mut(), &token);
+        };
+        let req = session.signed(selector, &self.tokens)?;
         let url = self.url().to_owned();
         MonitorConnectionClient::new(session.channel())
             .monitor_connections(req)

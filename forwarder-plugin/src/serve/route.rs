@@ -9,15 +9,12 @@
 //! Not covered yet: a NetworkService's `matches` (label selection between
 //! endpoints) and interdomain names (`service@domain`).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use nsm_api::connection::Connection;
 use nsm_api::discover::{self, DiscoverError, EndpointSocket};
 use nsm_api::registry::NetworkServiceEndpoint;
 use nsm_api::tls::TlsError;
-use nsm_api::token::TokenIssuer;
-use nsm_api::transport::Dialer;
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -57,10 +54,8 @@ impl RouteError {
 
 /// Chooses each Request's next hop.
 pub struct Router {
-    /// `NSM_CONNECT_TO`: nsmgr, or an endpoint.
+    /// `NSM_CONNECT_TO`: nsmgr (whose registry it asks), or an endpoint.
     configured: NextHop,
-    registry: Dialer,
-    tokens: Arc<TokenIssuer>,
     mode: AtomicU8,
     turn: AtomicUsize,
 }
@@ -80,11 +75,9 @@ impl Routed {
 }
 
 impl Router {
-    pub fn new(configured: NextHop, registry: Dialer, tokens: Arc<TokenIssuer>) -> Router {
+    pub fn new(configured: NextHop) -> Router {
         Router {
             configured,
-            registry,
-            tokens,
             mode: AtomicU8::new(UNKNOWN),
             turn: AtomicUsize::new(0),
         }
@@ -120,10 +113,17 @@ impl Router {
                 ..Default::default()
             }
         };
-        let found = match discover::find(&self.registry, &self.tokens, query, deadline).await {
+        let found = match discover::find(
+            self.configured.dialer(),
+            self.configured.tokens(),
+            query,
+            deadline,
+        )
+        .await
+        {
             // Concurrent first Requests may all ask: each takes the answer.
             Err(e) if e.is_unimplemented() && self.mode.load(Ordering::Relaxed) != DISCOVER => {
-                tracing::info!(next_hop = %self.registry.url(), "the next hop serves no registry: it is the endpoint");
+                tracing::info!(next_hop = %self.configured.url(), "the next hop serves no registry: it is the endpoint");
                 self.mode.store(DIRECT, Ordering::Relaxed);
                 return Ok(self.direct());
             }
@@ -145,13 +145,13 @@ impl Router {
             (0, true) => {
                 return Err(RouteError::NoEndpoint {
                     service: conn.network_service.clone(),
-                    registry: self.registry.url().to_owned(),
+                    registry: self.configured.url().to_owned(),
                 });
             }
             (0, false) => {
                 return Err(RouteError::Gone {
                     name,
-                    registry: self.registry.url().to_owned(),
+                    registry: self.configured.url().to_owned(),
                 });
             }
             (n, _) => candidates[self.turn.fetch_add(1, Ordering::Relaxed) % n],

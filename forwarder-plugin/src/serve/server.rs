@@ -71,8 +71,7 @@ impl ForwarderHop {
             identity.clone(),
             issuer.clone(),
         )?;
-        let registry = next_hop.dialer().clone();
-        let router = Router::new(next_hop, registry, issuer.clone());
+        let router = Router::new(next_hop);
         let monitor = MonitorHub::new();
         let forwarder = Arc::new(Forwarder::new(
             hop,

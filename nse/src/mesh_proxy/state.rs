@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -21,6 +21,10 @@ use serde::{Deserialize, Serialize};
 use super::own_rules::Live;
 
 const VERSION: u32 = 1;
+/// More than this is no file of ours: as many connections as one server takes.
+const MAX_RECORDED: usize = nsm_api::limits::MAX_CONNECTIONS;
+/// Nor is a file larger than this (each entry is well under 1 KiB).
+const MAX_FILE: u64 = (MAX_RECORDED as u64) * 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -105,22 +109,28 @@ impl StateFile {
     /// namespace (cookie), another table or another version: empty, with
     /// the reason (the file is then set aside, never silently reused).
     pub fn load(&self) -> Result<(BTreeMap<String, Live>, Option<String>), StateError> {
-        let raw = match std::fs::read(&self.path) {
-            Ok(raw) => raw,
+        let io = |source| StateError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut raw = Vec::new();
+        match File::open(&self.path) {
+            // Read no more than a file of ours can be.
+            Ok(f) => f.take(MAX_FILE + 1).read_to_end(&mut raw).map_err(io)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok((BTreeMap::new(), None));
             }
-            Err(source) => {
-                return Err(StateError::Io {
-                    path: self.path.clone(),
-                    source,
-                });
-            }
+            Err(e) => return Err(io(e)),
         };
         let why = match serde_json::from_slice::<Recorded>(&raw) {
+            _ if raw.len() as u64 > MAX_FILE => format!("more than the {MAX_FILE} bytes of ours"),
             Err(e) => format!("unreadable: {e}"),
             Ok(r) if r.version != VERSION => format!("version {} (we write {VERSION})", r.version),
             Ok(r) if r.table != self.table => format!("table {} (ours: {})", r.table, self.table),
+            Ok(r) if r.connections.len() > MAX_RECORDED => format!(
+                "{} connections recorded, more than the {MAX_RECORDED} an endpoint holds",
+                r.connections.len()
+            ),
             Ok(r) if r.netns_cookie != self.cookie => {
                 "another network namespace's (its cookie differs)".to_owned()
             }

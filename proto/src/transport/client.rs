@@ -273,14 +273,10 @@ impl Session {
         self.channel.clone()
     }
 
-    /// `msg` with its deadline and our per-RPC token for this server (`aud`
-    /// its SPIFFE ID, as NSM's per-RPC credentials make it).
-    fn call<T>(
-        &self,
-        msg: T,
-        tokens: &TokenIssuer,
-        timeout: Duration,
-    ) -> Result<tonic::Request<T>, CallError> {
+    /// `msg` with our per-RPC token for this server (`aud` its SPIFFE ID,
+    /// as NSM's per-RPC credentials make it), for any call on this session
+    /// (a stream that must outlive a deadline takes it as it is).
+    pub fn signed<T>(&self, msg: T, tokens: &TokenIssuer) -> Result<tonic::Request<T>, CallError> {
         let token: Token =
             tokens
                 .issue_for(self.server.as_ref())
@@ -289,8 +285,19 @@ impl Session {
                     why: e.to_string(),
                 })?;
         let mut req = tonic::Request::new(msg);
-        req.set_timeout(timeout);
         metadata::insert_token(req.metadata_mut(), &token);
+        Ok(req)
+    }
+
+    /// [`Session::signed`] with `timeout` for the call.
+    pub fn call<T>(
+        &self,
+        msg: T,
+        tokens: &TokenIssuer,
+        timeout: Duration,
+    ) -> Result<tonic::Request<T>, CallError> {
+        let mut req = self.signed(msg, tokens)?;
+        req.set_timeout(timeout);
         Ok(req)
     }
 
