@@ -24,6 +24,11 @@ pub enum NseError {
     /// A network service this endpoint does not provide (`NSM_SERVICE_NAMES`).
     #[error("network service {service:?} is not served by this endpoint (serves: {serves})")]
     UnknownService { service: String, serves: String },
+    /// The caller's connection ended before our answer could go out on it.
+    #[error(
+        "the caller's connection ended before the answer (our netns fd cannot reach it: {0}); the new connection is rolled back"
+    )]
+    CallerGone(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -40,6 +45,7 @@ impl NseError {
             NseError::Ipam(IpamError::Exhausted { .. }) => Code::ResourceExhausted,
             NseError::Function(FunctionError::Precondition { .. }) => Code::FailedPrecondition,
             NseError::UnknownService { .. } => Code::NotFound,
+            NseError::CallerGone(_) => Code::Unavailable,
             NseError::Function(FunctionError::Failed { .. }) | NseError::Internal(_) => {
                 Code::Internal
             }

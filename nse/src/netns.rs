@@ -41,3 +41,9 @@ impl OwnNetns {
         self.file.as_fd()
     }
 }
+
+/// Whether a link named `name` exists in our netns (the process never
+/// leaves it, so any thread's view is ours).
+pub fn has_link(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
+}

@@ -403,3 +403,70 @@ async fn metrics_count_calls_by_code_and_connections() {
         "{text}"
     );
 }
+
+/// A forwarder builds the NSE's side of a connection after the NSE's answer;
+/// one that dies first (or whose answer was lost) never Closes it, and its
+/// retry comes with a new id. So past the caller's deadline (+5 s grace) a
+/// connection whose interface is not in the NSE's netns is closed, as at
+/// expiry: a DELETE, its addresses free again. One whose interface is there
+/// stays.
+#[tokio::test]
+async fn a_connection_whose_interface_never_appears_is_closed_after_the_deadline() {
+    if !nsm_tests::require_root("interface watch") {
+        return;
+    }
+    let nse = Nse::start(&[("NSM_CIDR_PREFIX", "198.18.1.100/30")]).await;
+    let (mut monitor, _) = nse.monitor(MonitorScopeSelector::default()).await;
+    // The token lives 10 minutes: only the missing interface can close it.
+    let md = || Metadata::expiring_in(Duration::from_secs(600), Some(Duration::from_secs(1)));
+    let start = Instant::now();
+    let (lost, _) = nse.request_with(req_p(), &md()).await.unwrap();
+    next_event(&mut monitor).await.unwrap();
+    let (built, _) = nse.request_with(req_p(), &md()).await.unwrap();
+    next_event(&mut monitor).await.unwrap();
+    let name = built
+        .mechanism
+        .as_ref()
+        .and_then(|m| m.parameters.get("name"))
+        .expect("the NSE names its interface")
+        .clone();
+    let netns = nse.netns.as_ref().expect("the NSE runs in its own netns");
+    let out = std::process::Command::new("ip")
+        .args(["-n", netns.name(), "link", "add", &name, "type", "veth"])
+        .args(["peer", "name", "built-peer"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let ev = next_event_within(&mut monitor, Duration::from_secs(15))
+        .await
+        .expect("DELETE of the connection nobody built");
+    let at = start.elapsed();
+    assert_eq!(kind(&ev), ConnectionEventType::Delete);
+    assert!(ev.connections.contains_key(&nse_segment(&lost).id));
+    assert!(
+        at >= Duration::from_secs(6),
+        "closed after {at:?}, before the deadline + grace"
+    );
+    assert!(
+        nse.log()
+            .contains("no forwarder built this connection's interface"),
+        "{}",
+        nse.log()
+    );
+    // Its address is free again; the built one keeps its own.
+    let (next, _) = nse.request_with(req_p(), &md()).await.unwrap();
+    assert_eq!(ip(&next).dst_ip_addrs, ip(&lost).dst_ip_addrs);
+    assert!(
+        next_event_within(&mut monitor, Duration::from_secs(8))
+            .await
+            .is_some_and(|ev| kind(&ev) == ConnectionEventType::Update
+                && ev.connections.contains_key(&nse_segment(&next).id)),
+    );
+    assert!(
+        next_event_within(&mut monitor, Duration::from_secs(3))
+            .await
+            .is_none(),
+        "the connection whose interface exists was closed too"
+    );
+}

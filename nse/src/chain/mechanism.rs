@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use nsm_api::chain::{Ctx, Element, Next, Req, path_mut};
@@ -15,7 +16,7 @@ use crate::error::NseError;
 use crate::mechanism::{
     SERVER_INTERFACE_METRIC, fill_kernel, generate_interface_name, interface_metric, select,
 };
-use crate::netns::OwnNetns;
+use crate::netns::{OwnNetns, has_link};
 
 pub struct KernelMechanism {
     netns: Arc<OwnNetns>,
@@ -56,18 +57,56 @@ impl KernelMechanism {
     }
 
     /// Queues our netns fd to go out with the response. A failure means the
-    /// caller's connection is gone, so the response cannot reach it either:
-    /// log it and let expiry clean up, as for any lost response.
-    fn send_netns(&self, ctx: &Ctx<NseError>, id: &str) {
-        let Some(fds) = &ctx.fds else { return };
+    /// caller's connection is gone, so the response cannot reach it either.
+    fn send_netns(&self, ctx: &Ctx<NseError>, id: &str) -> Result<(), String> {
+        let Some(fds) = &ctx.fds else { return Ok(()) };
         match fds.send_fd(self.netns.fd()) {
-            Ok(url) if url == self.netns.url() => {}
+            Ok(url) if url == self.netns.url() => Ok(()),
             Ok(url) => {
-                tracing::warn!(%id, %url, want = %self.netns.url(), "sent netns fd has another inode")
+                tracing::warn!(%id, %url, want = %self.netns.url(), "sent netns fd has another inode");
+                Ok(())
             }
-            Err(e) => tracing::warn!(%id, error = %e, "cannot queue the netns fd to the caller"),
+            Err(e) => Err(e.to_string()),
         }
     }
+}
+
+/// How long past its caller's deadline a new connection's interface may
+/// take to appear here (scheduling, a slow netlink).
+pub const PLUMBING_GRACE: Duration = Duration::from_secs(5);
+/// The deadline assumed when the caller sent none (NSM's default request timeout).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A forwarder builds our side of a new connection after our answer and
+/// before its own deadline; if it died first (or the answer was lost on
+/// the way), no Close will ever name this connection — a retry comes with a
+/// new id. So once the caller's deadline has passed, a connection whose
+/// interface is not in our netns is closed as at expiry, instead of holding
+/// its addresses and rules until then.
+fn watch_plumbing(ctx: &Ctx<NseError>, conn: &Connection) {
+    let (Some(events), Some(name)) = (
+        ctx.events.clone(),
+        conn.mechanism
+            .as_ref()
+            .and_then(|m| m.interface_name())
+            .map(str::to_owned),
+    ) else {
+        return;
+    };
+    let wait = match ctx.request_timeout {
+        t if t.is_zero() => DEFAULT_REQUEST_TIMEOUT,
+        t => t,
+    } + PLUMBING_GRACE;
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        if !has_link(&name) {
+            tracing::info!(id = %events.id(), interface = %name, "no forwarder built this connection's interface by its deadline: closing it");
+            // Unless it appeared meanwhile.
+            if let Err(e) = events.close(|| has_link(&name)).await {
+                tracing::warn!(id = %events.id(), error = %e, "closing the unplumbed connection failed");
+            }
+        }
+    });
 }
 
 #[async_trait]
@@ -108,8 +147,34 @@ impl Element<NseError> for KernelMechanism {
                 return Err(e);
             }
         };
-        self.send_netns(ctx, &conn.id);
-        Ok(conn)
+        match self.send_netns(ctx, &conn.id) {
+            Ok(()) => {
+                if ctx.fds.is_some() && !ctx.events.as_ref().is_some_and(|ev| ev.is_refresh()) {
+                    watch_plumbing(ctx, &conn);
+                }
+                Ok(conn)
+            }
+            // A refresh keeps what was established (its caller asks again);
+            // a new connection whose answer cannot go out is undone here, as
+            // no Close will ever name it (a retry comes with a new id).
+            Err(e) if ctx.events.as_ref().is_some_and(|ev| ev.is_refresh()) => {
+                tracing::warn!(id = %conn.id, error = %e, "cannot queue the netns fd to the caller of a refresh");
+                Ok(conn)
+            }
+            Err(e) => {
+                tracing::info!(id = %conn.id, error = %e, "the caller went before our answer: rolling the connection back");
+                let name = conn
+                    .mechanism
+                    .as_ref()
+                    .and_then(|m| m.interface_name())
+                    .map(str::to_owned);
+                if let Err(ce) = next.close(&mut Ctx::internal(), conn.clone()).await {
+                    tracing::warn!(id = %conn.id, error = %ce, "rolling back the unanswered connection failed");
+                }
+                self.release_name(&id, name.as_deref());
+                Err(NseError::CallerGone(e))
+            }
+        }
     }
 
     async fn close(
@@ -128,7 +193,9 @@ impl Element<NseError> for KernelMechanism {
         self.release_name(&id, name.as_deref());
         let res = next.close(ctx, conn).await;
         if kernel {
-            self.send_netns(ctx, &id);
+            if let Err(e) = self.send_netns(ctx, &id) {
+                tracing::warn!(%id, error = %e, "cannot queue the netns fd to the caller of a Close");
+            }
         }
         res
     }

@@ -152,7 +152,7 @@ impl OwnRules {
         };
         let live: BTreeMap<String, Live> = recorded
             .into_iter()
-            .filter(|(_, l)| interface_exists(&l.interface))
+            .filter(|(_, l)| crate::netns::has_link(&l.interface))
             .collect();
         let mut st = self.lock();
         if live.is_empty() {
@@ -200,7 +200,7 @@ impl OwnRules {
             st.adopted
                 .iter()
                 .filter_map(|id| st.live.get(id).map(|l| (id.clone(), l.clone())))
-                .filter(|(_, l)| !interface_exists(&l.interface))
+                .filter(|(_, l)| !crate::netns::has_link(&l.interface))
                 .collect()
         };
         let mut dropped = Vec::new();
@@ -378,9 +378,4 @@ impl OwnRules {
     pub fn table(&self) -> String {
         format!("inet {}", self.config.rules.owner.nft_table())
     }
-}
-
-/// Whether a link named `name` exists in the calling thread's namespace.
-fn interface_exists(name: &str) -> bool {
-    nix::net::if_::if_nametoindex(name).is_ok()
 }

@@ -97,6 +97,8 @@ pub struct ConnEvents<E> {
     id: String,
     entry: Arc<Entry>,
     next: Next<E>,
+    /// The connection was established before this event (a refresh, or a Close).
+    established: bool,
 }
 
 impl<E> Clone for ConnEvents<E> {
@@ -106,6 +108,7 @@ impl<E> Clone for ConnEvents<E> {
             id: self.id.clone(),
             entry: self.entry.clone(),
             next: self.next.clone(),
+            established: self.established,
         }
     }
 }
@@ -121,6 +124,13 @@ impl<E> std::fmt::Debug for ConnEvents<E> {
 impl<E: 'static> ConnEvents<E> {
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Whether the connection was established before this Request (a
+    /// refresh): a failure now must leave it as it was, while a new one
+    /// must leave nothing.
+    pub fn is_refresh(&self) -> bool {
+        self.established
     }
 
     /// Closes the connection through the rest of the chain with its last
@@ -183,6 +193,7 @@ impl<E: HopError> Element<E> for Begin {
                 id: id.clone(),
                 entry: entry.clone(),
                 next: next.clone(),
+                established: st.phase == Phase::Established,
             });
             return match next.request(ctx, req).await {
                 Ok(mut conn) => {
@@ -219,6 +230,7 @@ impl<E: HopError> Element<E> for Begin {
             id: id.clone(),
             entry: entry.clone(),
             next: next.clone(),
+            established: true,
         });
         let res = next.close(ctx, last).await;
         st.phase = Phase::Closed;
