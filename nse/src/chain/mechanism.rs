@@ -192,10 +192,8 @@ impl Element<NseError> for KernelMechanism {
             .map(str::to_owned);
         self.release_name(&id, name.as_deref());
         let res = next.close(ctx, conn).await;
-        if kernel {
-            if let Err(e) = self.send_netns(ctx, &id) {
-                tracing::warn!(%id, error = %e, "cannot queue the netns fd to the caller of a Close");
-            }
+        if kernel && let Err(e) = self.send_netns(ctx, &id) {
+            tracing::warn!(%id, error = %e, "cannot queue the netns fd to the caller of a Close");
         }
         res
     }
