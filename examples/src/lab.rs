@@ -72,6 +72,8 @@ const POD_BRIDGE: &str = "pods";
 /// Most pods one lab attaches.
 const MAX_PODS: u32 = 200;
 pub const SERVER_PORT: u16 = 8080;
+/// A second port of the server (the chain examples deny it).
+pub const SERVER_PORT_2: u16 = 8081;
 /// The server's subnet (what clients need a route to).
 pub const SERVER_NET: &str = "198.19.100.0/24";
 /// Where client addresses come from (`NSM_CIDR_PREFIX`).
@@ -252,6 +254,7 @@ impl Lab {
 
         let mut cmd = server_ns.command(process::bin("hello-server"));
         cmd.args(["--listen", &format!("0.0.0.0:{SERVER_PORT}")])
+            .args(["--listen", &format!("0.0.0.0:{SERVER_PORT_2}")])
             .args(["--listen", &format!("[{SERVER_IP6}]:{SERVER_PORT}")]);
         let mut server = Process::spawn("hello-server", &mut cmd, &dir.join("server.log"))?;
         proxy::wait_listening(&mut server, SERVER_PORT, READY_TIMEOUT)?;

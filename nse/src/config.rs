@@ -16,8 +16,8 @@ use nsm_api::duration;
 use nsm_api::env::{parse_bool, parse_labels, parse_log_level};
 use nsm_api::tls::{IdentityArgs, Source, SourceError};
 
+use crate::functions::config::FunctionsConfig;
 use crate::ipam::{Policy, parse_groups};
-use crate::mesh_proxy::config::FunctionConfig;
 
 /// `sysexits.h` EX_USAGE: the configuration is wrong.
 pub const EXIT_CONFIG: u8 = 64;
@@ -147,7 +147,7 @@ pub struct Args {
     )]
     pub log_format: String,
 
-    /// The mesh-proxy function's YAML file (placement, proxy port, capture CIDRs, sidecar spec; see nse/README.md); empty: defaults.
+    /// The network functions' YAML file: version 1, mesh-proxy alone (placement, proxy port, capture CIDRs, sidecar spec), or version 2, named functions (mesh-proxy, firewall) and chains of them; see nse/README.md. Empty: mesh-proxy's defaults.
     #[arg(long, env = "NSM_CONFIG", value_name = "FILE", default_value = "")]
     pub config: String,
 
@@ -220,8 +220,9 @@ pub struct Config {
     pub identity: Source,
     /// NSM's policies checked on every caller's path (`NSM_SERVER_POLICIES`).
     pub server_policies: Policies,
-    /// The mesh-proxy function (`NSM_CONFIG`), defaults without a file.
-    pub function: FunctionConfig,
+    /// The network functions and their chains (`NSM_CONFIG`); without a
+    /// file, mesh-proxy with its defaults.
+    pub functions: FunctionsConfig,
     /// `NSM_STATE_DIR` (absolute), `None` when empty.
     pub state_dir: Option<PathBuf>,
     /// `NSM_METRICS_LISTEN_ON`, `None` when empty.
@@ -343,12 +344,12 @@ fn parse_payload(s: &str) -> Result<String, String> {
     }
 }
 
-/// The function's file, or its defaults when the path is empty.
-fn parse_function_config(path: &str) -> Result<FunctionConfig, String> {
+/// The functions file, or mesh-proxy's defaults when the path is empty.
+fn parse_function_config(path: &str) -> Result<FunctionsConfig, String> {
     if path.trim().is_empty() {
-        return Ok(FunctionConfig::default());
+        return Ok(FunctionsConfig::default());
     }
-    FunctionConfig::load(std::path::Path::new(path)).map_err(|e| format!("{path}: {e}"))
+    FunctionsConfig::load(std::path::Path::new(path)).map_err(|e| format!("{path}: {e}"))
 }
 
 impl Config {
@@ -466,7 +467,7 @@ impl TryFrom<Args> for Config {
                 .policies
                 .policies()
                 .map_err(|e| invalid("NSM_SERVER_POLICIES", "server-policies", e.to_string()))?,
-            function: parse_function_config(&a.config)
+            functions: parse_function_config(&a.config)
                 .map_err(|r| invalid("NSM_CONFIG", "config", r))?,
         };
         Ok(cfg)
@@ -632,8 +633,9 @@ mod tests {
 
     #[test]
     fn function_config_from_a_file_or_defaults() {
+        use crate::functions::config::Kind;
         use crate::mesh_proxy::config::Placement;
-        assert_eq!(parse(&[]).unwrap().function, FunctionConfig::default());
+        assert_eq!(parse(&[]).unwrap().functions, FunctionsConfig::default());
         let path = std::env::temp_dir().join(format!("nse-config-{}.yaml", std::process::id()));
         std::fs::write(
             &path,
@@ -642,8 +644,11 @@ mod tests {
         .unwrap();
         let flag = format!("--config={}", path.display());
         let c = parse(&[&flag]).unwrap();
-        assert_eq!(c.function.placement, Placement::Sidecar);
-        assert_eq!(c.function.proxy.port.0, 15100);
+        let Kind::MeshProxy(m) = &c.functions.functions["mesh-proxy"] else {
+            panic!("version 1 is mesh-proxy")
+        };
+        assert_eq!(m.placement, Placement::Sidecar);
+        assert_eq!(m.proxy.port.0, 15100);
         std::fs::write(&path, "proxy:\n  mode: bridge\n").unwrap();
         let e = reason(&[&flag]);
         let _ = std::fs::remove_file(&path);

@@ -4,8 +4,8 @@
 //! `chains/endpoint`). NSM's generic ones come from [`nsm_api::chain`]:
 //! updatepath → authorize → begin → updatetoken → timeout → monitor → trimpath; then ours
 //! in [`chain`]: [`chain::mechanism`] (KERNEL, netns fd over grpcfd) →
-//! [`chain::ipam`] (point-to-point) → [`chain::functions`] (network functions:
-//! [`mesh_proxy`]), after [`chain::service`] has turned away services we do
+//! [`chain::ipam`] (point-to-point) → [`chain::functions`] (the configured chain of network
+//! functions, [`functions`]: [`firewall`], [`mesh_proxy`]), after [`chain::service`] has turned away services we do
 //! not provide. [`endpoint`] assembles it,
 //! [`server`] puts it on gRPC, [`error`] turns its errors into statuses.
 
@@ -15,10 +15,13 @@ pub mod chain;
 pub mod config;
 pub mod endpoint;
 pub mod error;
+pub mod firewall;
+pub mod functions;
 pub mod ipam;
 pub mod mechanism;
 pub mod mesh_proxy;
 pub mod netns;
+pub mod own_table;
 pub mod register;
 pub mod server;
 pub mod validate;

@@ -14,19 +14,17 @@ use nsm_api::networkservice::network_service_server::NetworkService;
 use nsm_api::transport::Listen;
 use tonic::{Request, Response, Status};
 
-use crate::chain::functions::NetworkFunction;
 use crate::config::{Config, ListenOn};
 use crate::endpoint::{Endpoint, EndpointError, EndpointOptions};
 use crate::error::NseError;
-use crate::mesh_proxy::MeshProxy;
 use crate::validate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
-    #[error("mesh-proxy function: {0}")]
-    MeshProxy(#[source] crate::mesh_proxy::StartError),
+    #[error(transparent)]
+    Functions(#[from] crate::functions::StartError),
     #[error(transparent)]
     Listen(#[from] nsm_api::listen::ListenError),
     #[error(transparent)]
@@ -133,29 +131,21 @@ pub async fn serve(
 
 /// The whole program after configuration: endpoint, server, signals.
 pub async fn run(config: Config) -> Result<(), ServeError> {
-    let function = config.function.clone();
-    tracing::info!(
-        placement = %function.placement,
-        proxy_port = %function.proxy.port,
-        proxy_mode = ?function.proxy.mode,
-        capture_method = %function.capture.method,
-        capture_cidrs = ?function.capture.cidrs,
-        capture_excluded = function.capture.exclude_cidrs.len(),
-        capture_dns = function.capture.dns,
-        backend = %function.rules.backend,
-        table = %function.rules.owner,
-        "mesh-proxy function"
-    );
     let identity = config.identity.open(nsm_api::tls::IDENTITY_WAIT).await?;
-    let mesh_proxy = Arc::new(
-        MeshProxy::start(function, config.state_dir.as_deref()).map_err(ServeError::MeshProxy)?,
+    let started = crate::functions::start(&config.functions, config.state_dir.as_deref())?;
+    tracing::info!(
+        functions = ?started.instances.iter().map(|f| f.name()).collect::<Vec<_>>(),
+        chain = ?started.default_chain.iter().map(|f| f.name()).collect::<Vec<_>>(),
+        "network functions"
     );
-    let functions: Vec<Arc<dyn NetworkFunction>> = vec![mesh_proxy.clone()];
     let options = EndpointOptions {
         identity: identity.clone(),
         ..EndpointOptions::from(&config)
     };
-    let endpoint = Arc::new(Endpoint::with_functions(&options, functions)?);
+    let endpoint = Arc::new(Endpoint::with_functions(
+        &options,
+        started.default_chain.clone(),
+    )?);
     let metrics = config.metrics_listen_on.map(|addr| {
         let m = endpoint.metrics().clone();
         tokio::spawn(async move {
@@ -164,30 +154,27 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             }
         })
     });
-    let adopted = mesh_proxy.adopted_addresses();
-    for (id, src, dst) in &adopted {
-        if let Err(e) = endpoint.reserve(id, src.clone(), dst.clone()) {
-            tracing::warn!(%id, error = %e, "cannot give an adopted connection its addresses back");
+    for f in &started.instances {
+        for (id, src, dst) in f.adopted() {
+            if let Err(e) = endpoint.reserve(&id, src, dst) {
+                tracing::warn!(%id, error = %e, "cannot give an adopted connection its addresses back");
+            }
         }
     }
-    // Every second: the table is put back if it drifted (fail closed), and
+    // Every second: tables are put back if they drifted (fail closed), and
     // adopted connections never heard of again leave once their interface
     // is gone (their client went while we were away).
     let maintenance = {
-        let (mp, ep) = (mesh_proxy.clone(), endpoint.clone());
-        let mut adopted = !adopted.is_empty();
+        let (instances, ep) = (started.instances.clone(), endpoint.clone());
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(crate::mesh_proxy::MAINTENANCE_PERIOD).await;
-                if adopted {
-                    let (gone, left) = mp.prune_adopted().await;
-                    for id in gone {
-                        tracing::info!(%id, "an adopted connection's interface is gone: forgotten");
+                tokio::time::sleep(crate::functions::MAINTENANCE_PERIOD).await;
+                for f in &instances {
+                    for id in f.maintain().await {
+                        tracing::info!(%id, function = f.name(), "an adopted connection's interface is gone: forgotten");
                         ep.forget(&id);
                     }
-                    adopted = left > 0;
                 }
-                mp.reconcile().await;
             }
         })
     };
@@ -228,9 +215,14 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     if let Some(m) = metrics {
         m.abort();
     }
-    let release = tokio::task::spawn_blocking(move || mesh_proxy.release());
+    let instances = started.instances;
+    let release = tokio::task::spawn_blocking(move || {
+        for f in instances.iter().rev() {
+            f.release();
+        }
+    });
     if let Err(e) = release.await {
-        tracing::warn!(error = %e, "releasing the mesh-proxy rules failed");
+        tracing::warn!(error = %e, "releasing the functions' rules failed");
     }
     served
 }

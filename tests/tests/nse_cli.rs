@@ -180,7 +180,28 @@ fn a_bad_function_config_file_is_one_line_naming_the_key_and_exit_64() {
             "version: 1\nproxy:\n  port: 0\n",
             "proxy.port: port 0 out of range",
         ),
-        ("version: 2\n", "version: unsupported config version 2"),
+        ("version: 3\n", "version: unsupported config version 3"),
+        ("version: 2\n", "functions: 0 instances"),
+        (
+            "version: 2\nfunctions:\n  x: {type: vpn}\nchains: {a: [x]}\n",
+            "functions.x: type: unknown function type \"vpn\"",
+        ),
+        (
+            "version: 2\nfunctions:\n  fw: {type: firewall}\nchains: {a: [fw, fw]}\n",
+            "chains.a: \"fw\" is listed twice",
+        ),
+        (
+            "version: 2\nfunctions:\n  a: {type: firewall}\n  b: {type: firewall}\nchains: {x: [a, b]}\n",
+            "functions a and b both claim the rules table nsm_firewall",
+        ),
+        (
+            "version: 2\nfunctions:\n  fw: {type: firewall, rules: [{action: deny, destinationCidrs: [10.0.0.0/33]}]}\nchains: {a: [fw]}\n",
+            "functions.fw: rules[0]: \"10.0.0.0/33\" is not a CIDR",
+        ),
+        (
+            "version: 2\nfunctions:\n  fw: {type: firewall, nsmAclFile: /nonexistent/acl.yaml}\nchains: {a: [fw]}\n",
+            "functions.fw: nsmAclFile: cannot read /nonexistent/acl.yaml",
+        ),
         (
             "placement: proxy\nplacment: sidecar\n",
             "unknown field `placment`",

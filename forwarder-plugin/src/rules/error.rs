@@ -2,14 +2,17 @@ use crate::netns::{NetnsError, NetnsId};
 
 use super::spec::SpecError;
 
-/// Why a rules operation failed. `Spec` and `Owner` errors are returned
-/// before anything in the kernel changes.
+/// Why a rules operation failed. `Spec`, `Owner` and `Plan` errors are
+/// returned before anything in the kernel changes.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
     #[error("invalid redirect spec: {0}")]
     Spec(#[from] SpecError),
     #[error("invalid owner name {0:?}: 1-16 characters a-z, 0-9 or '_', starting with a letter")]
     Owner(String),
+    /// A rule no backend can install as meant ([`super::Plan::check`]).
+    #[error("invalid plan: {0}")]
+    Plan(String),
     #[error(transparent)]
     Netns(#[from] NetnsError),
     /// A tool the backend needs (iptables-restore, ip) is not installed.

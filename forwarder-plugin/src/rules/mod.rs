@@ -64,8 +64,10 @@ pub enum Outcome {
     Rendered,
 }
 
-/// A firewall backend. Implementations validate nothing themselves: a
-/// [`Plan`] can only be built from a valid spec.
+/// A firewall backend. Implementations validate no spec themselves (a
+/// [`Plan`] is built from a valid one, or by hand); `apply` and
+/// `update_interfaces` refuse a plan failing [`Plan::check`] before
+/// writing anything.
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Makes the namespace hold exactly `plan` (of ours), all or nothing.
@@ -80,9 +82,10 @@ pub trait Backend: Send + Sync {
     /// coming and going. The namespace must hold `plan`'s rules already
     /// (apply it first; `plan`'s own members are ignored). Adding a member
     /// that is there, or removing one that is not, changes nothing. Refused
-    /// before anything is written: a plan without an interface set, an
-    /// invalid name, a name in both lists, and `lo` (whose membership
-    /// shapes the rules: apply a plan with or without it instead).
+    /// before anything is written: a plan without an interface set or
+    /// failing [`Plan::check`], an invalid name, a name in both lists, and
+    /// `lo` (whose membership shapes the rules: apply a plan with or
+    /// without it instead).
     fn update_interfaces(
         &self,
         ns: &Netns,
@@ -179,6 +182,7 @@ pub fn reconcile_default<B: Backend + ?Sized>(
 
 /// What [`Backend::update_interfaces`] refuses before touching anything.
 pub(crate) fn check_membership(plan: &Plan, add: &[String], remove: &[String]) -> Result<()> {
+    plan.check()?;
     let refuse = |why: String| Err(RulesError::Membership(why));
     if plan.interfaces.is_none() {
         return refuse(
@@ -281,6 +285,7 @@ impl Backend for RenderBackend {
     }
 
     fn apply(&self, _ns: &Netns, plan: &Plan) -> Result<Outcome> {
+        plan.check()?;
         self.write(&self.text(plan))?;
         Ok(Outcome::Rendered)
     }

@@ -85,7 +85,7 @@ impl std::fmt::Display for Owner {
     }
 }
 
-pub const ALL_OWN: [OwnChain; 10] = [
+pub const ALL_OWN: [OwnChain; 11] = [
     OwnChain::Inbound,
     OwnChain::Redirect,
     OwnChain::InRedirect,
@@ -96,6 +96,7 @@ pub const ALL_OWN: [OwnChain; 10] = [
     OwnChain::Drop,
     OwnChain::Capture,
     OwnChain::Guard,
+    OwnChain::Firewall,
 ];
 
 /// nft chain name inside our table: base chains `NAT_OUTPUT` (upper case,
@@ -181,6 +182,24 @@ mod tests {
             chain: ChainRef::Own(OwnChain::InRedirect),
         });
         assert!(longest.len() <= 28);
+    }
+
+    #[test]
+    fn every_own_chain_round_trips() {
+        let mp = Owner::default();
+        for c in ALL_OWN {
+            let id = ChainId {
+                table: Table::Mangle,
+                chain: ChainRef::Own(c),
+            };
+            assert_eq!(mp.iptables_own_chain(&mp.iptables_chain(id)), Some(c));
+        }
+        let fw = ChainId {
+            table: Table::Mangle,
+            chain: ChainRef::Own(OwnChain::Firewall),
+        };
+        assert_eq!(mp.iptables_chain(fw), "MESH_PROXY_FIREWALL");
+        assert_eq!(nft_chain(fw), "mangle_firewall");
     }
 
     #[test]

@@ -6,6 +6,9 @@ use std::collections::BTreeSet;
 
 use ipnet::IpNet;
 
+use super::error::RulesError;
+use super::names::nft_chain;
+use super::render::nft_rule_body;
 use super::spec::{
     Mark as MarkMask, Mode, OUTBOUND_MARK, Port, RedirectSpec, Selection, SpecError,
     validate_interface,
@@ -66,7 +69,7 @@ impl Table {
 pub enum Hook {
     Prerouting,
     Output,
-    /// Source NAT (nat table only).
+    /// After routing: source NAT (nat) or a firewall's last look (mangle).
     Postrouting,
 }
 
@@ -85,6 +88,8 @@ pub enum OwnChain {
     Capture,
     /// Endpoint guard ([`Plan::with_endpoint_guard`]): what a client link may not send.
     Guard,
+    /// Firewall rules, jumped to from a mangle base chain.
+    Firewall,
 }
 
 impl OwnChain {
@@ -100,6 +105,7 @@ impl OwnChain {
             OwnChain::Drop => "DROP",
             OwnChain::Capture => "CAPTURE",
             OwnChain::Guard => "GUARD",
+            OwnChain::Firewall => "FIREWALL",
         }
     }
 }
@@ -117,17 +123,32 @@ pub struct ChainId {
     pub chain: ChainRef,
 }
 
+/// A transport protocol. Only TCP and UDP have ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum L4 {
     Tcp,
     Udp,
+    Icmp,
+    /// ICMPv6 (IPv6 rules only, like [`L4::Icmp`] is for IPv4).
+    Icmpv6,
 }
 
 impl L4 {
+    /// The protocol's name as nft and iptables spell it.
     pub fn name(self) -> &'static str {
         match self {
             L4::Tcp => "tcp",
             L4::Udp => "udp",
+            L4::Icmp => "icmp",
+            L4::Icmpv6 => "ipv6-icmp",
+        }
+    }
+
+    /// Whether port matches can follow a [`Match::Proto`] of it.
+    pub fn has_ports(self) -> bool {
+        match self {
+            L4::Tcp | L4::Udp => true,
+            L4::Icmp | L4::Icmpv6 => false,
         }
     }
 }
@@ -140,8 +161,9 @@ pub enum CtState {
     New,
 }
 
-/// One condition of a rule. Port matches need an [`Match::Proto`] before
-/// them in the same rule.
+/// One condition of a rule. Port matches need a [`Match::Proto`] of TCP or
+/// UDP before them in the same rule: nft would read an ICMP header's bytes
+/// as ports, so backends refuse port matches after ICMP ([`Plan::check`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Match {
     Proto(L4),
@@ -151,6 +173,8 @@ pub enum Match {
     /// The destination port is none of these.
     NotDports(Vec<u16>),
     Sport(u16),
+    /// The source port is in `lo..=hi` (`lo < hi`).
+    SportRange(u16, u16),
     Daddr(IpNet),
     NotDaddr(IpNet),
     Saddr(IpNet),
@@ -173,6 +197,23 @@ pub enum Match {
     /// ours, not multicast or broadcast (nft `fib daddr type unicast`,
     /// iptables `addrtype --dst-type UNICAST`).
     ForeignUnicastDaddr,
+    /// The destination is an address of this host (nft `fib daddr type
+    /// local`, iptables `addrtype --dst-type LOCAL`).
+    LocalDaddr,
+}
+
+impl Match {
+    /// Whether this is a match on ports (needs TCP or UDP).
+    pub fn is_port(&self) -> bool {
+        matches!(
+            self,
+            Match::Dport(_)
+                | Match::DportRange(..)
+                | Match::NotDports(_)
+                | Match::Sport(_)
+                | Match::SportRange(..)
+        )
+    }
 }
 
 /// What a matching rule does.
@@ -225,6 +266,33 @@ impl Rule {
     /// Whether the rule matches membership of the interface set.
     pub fn uses_interface_set(&self) -> bool {
         self.matches.contains(&Match::IifInSet)
+    }
+
+    /// Why the backends cannot install the rule as meant, if they cannot.
+    /// Port matches after ICMP: nft would compare ICMP header bytes (the
+    /// same offsets as ports) and match silently wrong. Empty port ranges:
+    /// nft would match nothing.
+    pub fn check(&self) -> Result<(), String> {
+        let portless = self.matches.iter().find_map(|m| match m {
+            Match::Proto(p) if !p.has_ports() => Some(*p),
+            _ => None,
+        });
+        for m in &self.matches {
+            if let Some(p) = portless
+                && m.is_port()
+            {
+                return Err(format!(
+                    "{} has no ports: port matches need tcp or udp",
+                    p.name()
+                ));
+            }
+            if let Match::DportRange(lo, hi) | Match::SportRange(lo, hi) = m
+                && lo >= hi
+            {
+                return Err(format!("port range {lo}-{hi}: needs lo < hi"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -282,6 +350,22 @@ impl Plan {
         spec.include_interfaces = Vec::new();
         spec.validate()?;
         Ok(Self::build(&spec.normalized(), Some(set)))
+    }
+
+    /// Whether every rule can be installed as meant ([`Rule::check`]).
+    /// Backends check before they write anything: plans are also built by
+    /// hand, not only from a validated spec.
+    pub fn check(&self) -> Result<(), RulesError> {
+        for r in &self.rules {
+            r.check().map_err(|why| {
+                RulesError::Plan(format!(
+                    "rule in {}: {}: {why}",
+                    nft_chain(r.chain),
+                    nft_rule_body(r)
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     /// Whether `other` installs the same tables, chains, rules and policy
@@ -1130,6 +1214,55 @@ mod tests {
             prerouting_jumps(&plan, Table::Nat),
             [vec![Match::Proto(L4::Tcp)]]
         );
+    }
+
+    #[test]
+    fn ports_after_icmp_and_empty_ranges_are_refused() {
+        let rule = |matches| Rule {
+            chain: own(Table::Mangle, OwnChain::Firewall),
+            family: None,
+            matches,
+            action: Action::Drop,
+        };
+        let plan = |rules| Plan {
+            ipv6: true,
+            rules,
+            policy_routes: vec![],
+            interfaces: None,
+        };
+        let ok = [
+            vec![Match::Proto(L4::Icmp), Match::LocalDaddr],
+            vec![Match::Proto(L4::Udp), Match::SportRange(1, 2)],
+            vec![Match::Proto(L4::Tcp), Match::DportRange(1000, 2000)],
+        ];
+        for m in ok {
+            assert_eq!(rule(m.clone()).check(), Ok(()), "{m:?}");
+        }
+        assert!(plan(vec![]).check().is_ok());
+        for m in [
+            vec![Match::Proto(L4::Icmp), Match::Dport(80)],
+            vec![Match::Sport(1), Match::Proto(L4::Icmpv6)],
+            vec![Match::Proto(L4::Icmpv6), Match::SportRange(1, 2)],
+            vec![Match::Proto(L4::Icmp), Match::NotDports(vec![1])],
+            vec![Match::Proto(L4::Tcp), Match::SportRange(2000, 1000)],
+            vec![Match::Proto(L4::Udp), Match::DportRange(53, 53)],
+        ] {
+            assert!(rule(m.clone()).check().is_err(), "{m:?}");
+            let e = plan(vec![rule(m.clone())]).check().unwrap_err();
+            assert!(
+                matches!(&e, RulesError::Plan(why) if why.starts_with("rule in mangle_firewall: ")),
+                "{e}"
+            );
+        }
+        // Every rule istio's spec yields passes.
+        let spec = RedirectSpec {
+            mode: Mode::Tproxy,
+            capture_dns: true,
+            drop_invalid: true,
+            ipv6: true,
+            ..Default::default()
+        };
+        assert!(Plan::new(&spec).unwrap().check().is_ok());
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub fn nft_rule_body(rule: &Rule) -> String {
             Match::DportRange(lo, hi) => parts.push(format!("{l4} dport {lo}-{hi}")),
             Match::NotDports(v) => parts.extend(v.iter().map(|p| format!("{l4} dport != {p}"))),
             Match::Sport(p) => parts.push(format!("{l4} sport {p}")),
+            Match::SportRange(lo, hi) => parts.push(format!("{l4} sport {lo}-{hi}")),
             Match::Daddr(n) => parts.extend(nft_addr("daddr", "", n)),
             Match::NotDaddr(n) => parts.extend(nft_addr("daddr", "!= ", n)),
             Match::Saddr(n) => parts.extend(nft_addr("saddr", "", n)),
@@ -48,6 +49,7 @@ pub fn nft_rule_body(rule: &Rule) -> String {
             }
             Match::Ct(CtState::New) => parts.push("ct state new".into()),
             Match::ForeignUnicastDaddr => parts.push("fib daddr type unicast".into()),
+            Match::LocalDaddr => parts.push("fib daddr type local".into()),
         }
     }
     parts.push(match &rule.action {
@@ -236,6 +238,7 @@ pub fn iptables_rule_args(owner: &Owner, rule: &Rule) -> Vec<String> {
                 }
             }
             Match::Sport(p) => push(&["--sport", &p.to_string()]),
+            Match::SportRange(lo, hi) => push(&["--sport", &format!("{lo}:{hi}")]),
             Match::Daddr(n) => push(&["-d", &n.to_string()]),
             Match::NotDaddr(n) => push(&["!", "-d", &n.to_string()]),
             Match::Saddr(n) => push(&["-s", &n.to_string()]),
@@ -257,6 +260,7 @@ pub fn iptables_rule_args(owner: &Owner, rule: &Rule) -> Vec<String> {
             }
             Match::Ct(CtState::New) => push(&["-m", "conntrack", "--ctstate", "NEW"]),
             Match::ForeignUnicastDaddr => push(&["-m", "addrtype", "--dst-type", "UNICAST"]),
+            Match::LocalDaddr => push(&["-m", "addrtype", "--dst-type", "LOCAL"]),
         }
     }
     push(&["-m", "comment", "--comment", &owner.tag(&rule_key(rule))]);
@@ -550,6 +554,107 @@ mod tests {
         // A full document spells the members out.
         let doc = iptables_restore(&one, &owner, Family::V4).text();
         assert!(doc.contains("-A PREROUTING -i nsm-a -p tcp"), "{doc}");
+    }
+
+    /// A firewall's shape: mangle base chains jumping to an own chain that
+    /// holds each of the newer matches.
+    fn firewall_plan() -> Plan {
+        use super::super::plan::{L4, OwnChain};
+        let rule = |chain, family, matches, action| Rule {
+            chain,
+            family,
+            matches,
+            action,
+        };
+        let base = |hook| ChainId {
+            table: Table::Mangle,
+            chain: ChainRef::Base(hook),
+        };
+        let fw = ChainId {
+            table: Table::Mangle,
+            chain: ChainRef::Own(OwnChain::Firewall),
+        };
+        Plan {
+            ipv6: true,
+            rules: vec![
+                rule(
+                    base(Hook::Prerouting),
+                    None,
+                    vec![Match::IifInSet],
+                    Action::Jump(OwnChain::Firewall),
+                ),
+                rule(
+                    base(Hook::Postrouting),
+                    None,
+                    vec![Match::Oif("fw-b".into())],
+                    Action::Jump(OwnChain::Firewall),
+                ),
+                rule(
+                    fw,
+                    Some(Family::V4),
+                    vec![Match::Proto(L4::Icmp), Match::LocalDaddr],
+                    Action::Return,
+                ),
+                rule(
+                    fw,
+                    Some(Family::V6),
+                    vec![Match::Proto(L4::Icmpv6)],
+                    Action::Return,
+                ),
+                rule(
+                    fw,
+                    None,
+                    vec![Match::Proto(L4::Tcp), Match::SportRange(1000, 2000)],
+                    Action::Drop,
+                ),
+            ],
+            policy_routes: vec![],
+            interfaces: Some(["fw-a".to_owned()].into()),
+        }
+    }
+
+    #[test]
+    fn firewall_matches_render_in_nft_text() {
+        let s = nft_script(&firewall_plan(), &Owner::new("fw").unwrap());
+        for want in [
+            "add chain inet fw MANGLE_POSTROUTING { type filter hook postrouting priority -150; policy accept; }",
+            "add chain inet fw mangle_firewall\n",
+            "add rule inet fw MANGLE_PREROUTING iifname @include_ifaces jump mangle_firewall comment",
+            "add rule inet fw MANGLE_POSTROUTING oifname \"fw-b\" jump mangle_firewall comment",
+            "add rule inet fw mangle_firewall meta nfproto ipv4 meta l4proto icmp fib daddr type local return comment",
+            "add rule inet fw mangle_firewall meta nfproto ipv6 meta l4proto ipv6-icmp return comment",
+            "add rule inet fw mangle_firewall meta l4proto tcp tcp sport 1000-2000 drop comment",
+        ] {
+            assert!(s.contains(want), "missing {want:?} in\n{s}");
+        }
+    }
+
+    #[test]
+    fn firewall_matches_render_as_iptables_args() {
+        let plan = firewall_plan();
+        let owner = Owner::new("fw").unwrap();
+        let v4 = iptables_restore(&plan, &owner, Family::V4).text();
+        let v6 = iptables_restore(&plan, &owner, Family::V6).text();
+        for (doc, want) in [
+            (&v4, ":FW_FIREWALL - [0:0]"),
+            (&v4, "-A PREROUTING -i fw-a -m comment --comment fw:"),
+            (&v4, "-A POSTROUTING -o fw-b -m comment --comment fw:"),
+            (
+                &v4,
+                "-A FW_FIREWALL -p icmp -m addrtype --dst-type LOCAL -m comment",
+            ),
+            (&v6, "-A FW_FIREWALL -p ipv6-icmp -m comment"),
+            (&v4, "-A FW_FIREWALL -p tcp --sport 1000:2000 -m comment"),
+            (&v6, "-A FW_FIREWALL -p tcp --sport 1000:2000 -m comment"),
+        ] {
+            assert!(doc.contains(want), "missing {want:?} in\n{doc}");
+        }
+        assert!(v4.contains("-j FW_FIREWALL") && v4.starts_with("*mangle\n"));
+        assert!(!v4.contains("ipv6-icmp") && !v6.contains("-p icmp "));
+        assert_eq!(
+            owner.iptables_own_chain("FW_FIREWALL"),
+            Some(super::super::plan::OwnChain::Firewall)
+        );
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! The network-function slot: what this endpoint does for a connection once
-//! it has addresses and a mechanism (e.g. put a mesh proxy in its path).
+//! it has addresses and a mechanism (filter it, put a mesh proxy in its
+//! path), as the chain of function instances its configuration names.
 //!
-//! Functions apply in order on every Request (first and refresh) and are
-//! undone in reverse order on Close and expiry. If a new connection fails
-//! part-way, the functions already applied are undone, so nothing is left
-//! half-applied; a failed refresh leaves the established state alone.
+//! A connection's chain applies in order on every Request (first and
+//! refresh) and is undone in reverse order on Close and expiry. If a new
+//! connection fails part-way, the functions already applied are undone, so
+//! nothing is left half-applied; a failed refresh leaves the established
+//! state alone.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -28,11 +30,37 @@ pub enum FunctionError {
     Precondition { function: String, reason: String },
 }
 
-/// One network function of the endpoint.
+/// Something a function owns alone: two instances claiming the same one
+/// would overwrite each other, so the endpoint refuses to start.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Claim {
+    /// A rules table in the endpoint's netns (nft `inet <owner>`, iptables
+    /// chains `<OWNER>_*`).
+    Table(String),
+    /// A key of the connection's `context.extra_context`.
+    ContextKey(String),
+    /// `context.ip_context.policies` (NSM's policy routes in the client).
+    IpPolicies,
+}
+
+impl std::fmt::Display for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Claim::Table(t) => write!(f, "rules table {t}"),
+            Claim::ContextKey(k) => write!(f, "extra_context key {k:?}"),
+            Claim::IpPolicies => f.write_str("ip_context.policies"),
+        }
+    }
+}
+
+/// One network function instance of the endpoint.
 #[async_trait]
 pub trait NetworkFunction: Send + Sync + 'static {
-    /// Short name for logs and errors.
+    /// Its instance name, for logs and errors.
     fn name(&self) -> &str;
+
+    /// What it owns alone ([`Claim`]).
+    fn claims(&self) -> Vec<Claim>;
 
     /// Applies the function for `conn` (addresses and mechanism already set);
     /// may add to it (e.g. `context.extra_context` for the hop). Called again
@@ -41,24 +69,45 @@ pub trait NetworkFunction: Send + Sync + 'static {
 
     /// Undoes everything `apply` did for this connection. Idempotent.
     async fn undo(&self, conn: &Connection) -> Result<(), FunctionError>;
+
+    /// The connections a previous run left to it and it took over (id,
+    /// `src_ip_addrs`, `dst_ip_addrs`): IPAM keeps their addresses.
+    fn adopted(&self) -> Vec<(String, Vec<String>, Vec<String>)> {
+        Vec::new()
+    }
+
+    /// Upkeep, every [`crate::functions::MAINTENANCE_PERIOD`]: repairs what
+    /// drifted; returns the adopted connections it let go (their interface
+    /// is gone).
+    async fn maintain(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// At exit.
+    fn release(&self) {}
 }
 
-/// Runs the endpoint's network functions (none: a pass-through).
+/// A connection's functions in packet order.
+pub type FunctionChain = Vec<Arc<dyn NetworkFunction>>;
+
+/// Runs each connection's chain (none: a pass-through).
 pub struct Functions {
-    list: Vec<Arc<dyn NetworkFunction>>,
-    /// Connections whose functions are applied.
-    applied: Mutex<HashSet<String>>,
+    /// The chain every connection gets.
+    chain: FunctionChain,
+    /// Connections whose chain is applied, with that chain (a later chain
+    /// choice never changes what a Close undoes).
+    applied: Mutex<HashMap<String, FunctionChain>>,
 }
 
 impl Functions {
-    pub fn new(list: Vec<Arc<dyn NetworkFunction>>) -> Self {
+    pub fn new(chain: FunctionChain) -> Self {
         Functions {
-            list,
-            applied: Mutex::new(HashSet::new()),
+            chain,
+            applied: Mutex::new(HashMap::new()),
         }
     }
 
-    fn applied(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn applied(&self) -> std::sync::MutexGuard<'_, HashMap<String, FunctionChain>> {
         self.applied.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -70,7 +119,7 @@ impl Functions {
         let mut first = None;
         for f in funcs.iter().rev() {
             if let Err(e) = f.undo(conn).await {
-                tracing::warn!(id = %conn.id, error = %e, "undo failed");
+                tracing::warn!(id = %conn.id, function = f.name(), error = %e, "undo failed");
                 first.get_or_insert(e);
             }
         }
@@ -86,15 +135,18 @@ impl Element<NseError> for Functions {
         mut req: Req,
         next: Next<NseError>,
     ) -> Result<Connection, NseError> {
-        if self.list.is_empty() {
+        if self.chain.is_empty() {
             return next.request(ctx, req).await;
         }
         let id = req.conn.id.clone();
-        let new = !self.applied().contains(&id);
-        for (i, f) in self.list.iter().enumerate() {
+        let (chain, new) = match self.applied().get(&id) {
+            Some(c) => (c.clone(), false),
+            None => (self.chain.clone(), true),
+        };
+        for (i, f) in chain.iter().enumerate() {
             if let Err(e) = f.apply(&mut req.conn).await {
                 if new {
-                    let _ = Self::undo_all(&self.list[..=i], &req.conn).await;
+                    let _ = Self::undo_all(&chain[..=i], &req.conn).await;
                 }
                 return Err(e.into());
             }
@@ -102,12 +154,12 @@ impl Element<NseError> for Functions {
         let undo_conn = new.then(|| req.conn.clone());
         match next.request(ctx, req).await {
             Ok(conn) => {
-                self.applied().insert(id);
+                self.applied().insert(id, chain);
                 Ok(conn)
             }
             Err(e) => {
                 if let Some(c) = undo_conn {
-                    let _ = Self::undo_all(&self.list, &c).await;
+                    let _ = Self::undo_all(&chain, &c).await;
                 }
                 Err(e)
             }
@@ -120,11 +172,15 @@ impl Element<NseError> for Functions {
         conn: Connection,
         next: Next<NseError>,
     ) -> Result<(), NseError> {
-        if self.list.is_empty() {
+        if self.chain.is_empty() {
             return next.close(ctx, conn).await;
         }
-        let undone = Self::undo_all(&self.list, &conn).await;
-        self.applied().remove(&conn.id);
+        // Unknown here (e.g. adopted from a previous run): the current chain.
+        let chain = self
+            .applied()
+            .remove(&conn.id)
+            .unwrap_or_else(|| self.chain.clone());
+        let undone = Self::undo_all(&chain, &conn).await;
         let res = next.close(ctx, conn).await;
         undone?;
         res
@@ -146,6 +202,9 @@ mod tests {
     impl NetworkFunction for Fake {
         fn name(&self) -> &str {
             self.name
+        }
+        fn claims(&self) -> Vec<Claim> {
+            Vec::new()
         }
         async fn apply(&self, conn: &mut Connection) -> Result<(), FunctionError> {
             self.log

@@ -10,7 +10,7 @@
 //!   connection's interface to `proxy.port` (REDIRECT, or TPROXY), refuses
 //!   what else arrives there for another host, and captures nothing
 //!   outbound, so the proxy's upstream connections leave directly. One
-//!   table ([`own_rules`]) for all connections, whose interface set holds
+//!   table ([`crate::own_table`]) for all connections, whose interface set holds
 //!   their interfaces: a connection coming or going changes one set
 //!   member, never the rules.
 //! * **sidecar**: the client runs its own proxy; the NSE returns a redirect
@@ -31,14 +31,12 @@ pub mod capability;
 pub mod capture;
 pub mod config;
 pub mod labels;
-pub mod own_rules;
-pub mod state;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use forwarder_plugin::rules::{Plan, RulesError};
+use forwarder_plugin::rules::Plan;
 use nsm_api::connection::Connection;
 use nsm_api::connectioncontext::IpContext;
 use nsm_api::contract::{RedirectSpec, SpecError};
@@ -49,18 +47,18 @@ use nsm_api::contract::{
     FEATURE_CLIENT_CAPTURE, FEATURE_CLIENT_REDIRECT, FORWARDER_FEATURES_KEY, has_feature,
 };
 
-use crate::chain::functions::{FunctionError, NetworkFunction};
+use crate::chain::functions::{Claim, FunctionError, NetworkFunction};
+use crate::own_table::state::StateFile;
+use crate::own_table::{Live, OwnTable};
 use config::{FunctionConfig, Method, Placement};
 use labels::Overrides;
-use own_rules::{Live, OwnRules};
-use state::StateFile;
 
 /// The function's name in logs and errors.
 pub const NAME: &str = "mesh-proxy";
 
 pub struct MeshProxy {
     config: FunctionConfig,
-    own: Arc<OwnRules>,
+    own: Arc<OwnTable>,
     /// `CAP_NET_ADMIN`: placement proxy can install its rules.
     net_admin: bool,
 }
@@ -79,16 +77,23 @@ fn failed(reason: impl Into<String>) -> FunctionError {
     }
 }
 
-/// How often adopted connections are checked for a vanished interface, and
-/// the table for drift (a ruleset flushed behind our back).
-pub const MAINTENANCE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+/// The table of placement proxy: `config`'s redirect rules for the
+/// connections' interfaces.
+fn own_table(config: &FunctionConfig) -> Result<OwnTable, forwarder_plugin::netns::NetnsError> {
+    let c = config.clone();
+    OwnTable::new(
+        config.rules.backend.kind(),
+        config.rules.owner.clone(),
+        Box::new(move |members, ipv6| c.own_plan(members, ipv6)),
+    )
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Netns(#[from] forwarder_plugin::netns::NetnsError),
     #[error(transparent)]
-    State(#[from] state::StateError),
+    State(#[from] crate::own_table::state::StateError),
 }
 
 impl MeshProxy {
@@ -102,7 +107,19 @@ impl MeshProxy {
         config: FunctionConfig,
         state_dir: Option<&Path>,
     ) -> Result<MeshProxy, StartError> {
-        let mut own = OwnRules::new(&config)?;
+        tracing::info!(
+            placement = %config.placement,
+            proxy_port = %config.proxy.port,
+            proxy_mode = ?config.proxy.mode,
+            capture_method = %config.capture.method,
+            capture_cidrs = ?config.capture.cidrs,
+            capture_excluded = config.capture.exclude_cidrs.len(),
+            capture_dns = config.capture.dns,
+            backend = %config.rules.backend,
+            table = %config.rules.owner,
+            "mesh-proxy function"
+        );
+        let mut own = own_table(&config)?;
         let net_admin = capability::effective(capability::CAP_NET_ADMIN);
         if let Some(dir) = state_dir.filter(|_| net_admin) {
             let table = own.table();
@@ -131,61 +148,13 @@ impl MeshProxy {
         })
     }
 
-    /// At exit: removes the function's table if no connection is left (see
-    /// [`OwnRules::release`]).
-    pub fn release(&self) {
-        if !self.net_admin {
-            return;
-        }
-        if let Err(e) = self.own.release() {
-            tracing::warn!(table = %self.own.table(), error = %e, "cannot remove the redirect rules at exit");
-        }
-    }
-
-    /// The connections adopted at start (id, `src_ip_addrs`,
-    /// `dst_ip_addrs`), whose addresses IPAM must keep for them.
-    pub fn adopted_addresses(&self) -> Vec<(String, Vec<String>, Vec<String>)> {
-        self.own
-            .adopted()
-            .into_iter()
-            .map(|(id, l)| (id, l.src, l.dst))
-            .collect()
-    }
-
-    /// Repairs the table if it drifted ([`OwnRules::reconcile`]).
-    pub async fn reconcile(&self) {
-        if !self.net_admin {
-            return;
-        }
-        let own = self.own.clone();
-        let res = tokio::task::spawn_blocking(move || own.reconcile()).await;
-        if let Ok(Err(e)) = res {
-            tracing::warn!(table = %self.own.table(), error = %e, "cannot restore the redirect rules");
-        }
-    }
-
-    /// Drops adopted connections whose interface is gone (see
-    /// [`OwnRules::prune_adopted`]): their ids, and how many remain.
-    pub async fn prune_adopted(&self) -> (Vec<String>, usize) {
-        let own = self.own.clone();
-        tokio::task::spawn_blocking(move || own.prune_adopted())
-            .await
-            .unwrap_or_default()
-    }
-
     /// The interfaces whose traffic the NSE's netns hands to the proxy now.
     pub fn captured_interfaces(&self) -> Vec<String> {
         self.own.interfaces()
     }
 
     async fn update(&self, id: &str, entry: Option<Live>) -> Result<(), FunctionError> {
-        let own = self.own.clone();
-        let id = id.to_owned();
-        let table = own.table();
-        tokio::task::spawn_blocking(move || own.update(&id, entry))
-            .await
-            .map_err(|e| failed(format!("rules task failed: {e}")))?
-            .map_err(|e: RulesError| failed(format!("{table} in the endpoint's netns: {e}")))
+        self.own.set(id, entry).await.map_err(failed)
     }
 
     /// The client's spec: the configured one plus the connection's exclusions.
@@ -253,10 +222,51 @@ impl MeshProxy {
     }
 }
 
+/// What a mesh-proxy configured so owns: its table, the contract keys it
+/// writes for the hop, and NSM's policy routes (method policies).
+pub fn claims(config: &FunctionConfig) -> Vec<Claim> {
+    vec![
+        Claim::Table(config.rules.owner.as_str().to_owned()),
+        Claim::ContextKey(CLIENT_REDIRECT_KEY.to_owned()),
+        Claim::ContextKey(CLIENT_CAPTURE_KEY.to_owned()),
+        Claim::IpPolicies,
+    ]
+}
+
 #[async_trait]
 impl NetworkFunction for MeshProxy {
     fn name(&self) -> &str {
         NAME
+    }
+
+    fn claims(&self) -> Vec<Claim> {
+        claims(&self.config)
+    }
+
+    /// The connections adopted at start, whose addresses IPAM must keep.
+    fn adopted(&self) -> Vec<(String, Vec<String>, Vec<String>)> {
+        self.own.adopted()
+    }
+
+    /// Drops adopted connections whose interface is gone
+    /// ([`OwnTable::prune_adopted`]) and repairs the table if it drifted
+    /// ([`OwnTable::reconcile`]: fail closed).
+    async fn maintain(&self) -> Vec<String> {
+        if !self.net_admin {
+            return Vec::new();
+        }
+        self.own.upkeep().await
+    }
+
+    /// At exit: removes the table if no connection is left
+    /// ([`OwnTable::release`]).
+    fn release(&self) {
+        if !self.net_admin {
+            return;
+        }
+        if let Err(e) = self.own.release() {
+            tracing::warn!(table = %self.own.table(), error = %e, "cannot remove the redirect rules at exit");
+        }
     }
 
     async fn apply(&self, conn: &mut Connection) -> Result<(), FunctionError> {

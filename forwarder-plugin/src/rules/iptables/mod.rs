@@ -531,6 +531,7 @@ impl Backend for IptablesBackend {
     }
 
     fn apply(&self, ns: &Netns, plan: &Plan) -> Result<Outcome> {
+        plan.check()?;
         self.try_apply(ns, plan)
     }
 

@@ -31,6 +31,8 @@ const FIB_RESULT_ADDRTYPE: u32 = 3;
 const FIB_F_DADDR: u32 = 1 << 1;
 /// `RTN_UNICAST`: the address type of another host's unicast address.
 const RTN_UNICAST: u32 = 1;
+/// `RTN_LOCAL`: the address type of an address of this host.
+const RTN_LOCAL: u32 = 2;
 pub(crate) const IFNAMSIZ: usize = 16;
 /// The interface set's id within the transaction that creates it (rules
 /// added in that transaction find it by id as well as by name).
@@ -239,6 +241,8 @@ fn l4_number(l4: L4) -> u8 {
     match l4 {
         L4::Tcp => libc::IPPROTO_TCP as u8,
         L4::Udp => libc::IPPROTO_UDP as u8,
+        L4::Icmp => libc::IPPROTO_ICMP as u8,
+        L4::Icmpv6 => libc::IPPROTO_ICMPV6 as u8,
     }
 }
 
@@ -246,6 +250,31 @@ fn port_match(offset: u32, eq: bool, port: u16) -> Vec<RawExpr> {
     vec![
         payload(NFT_PAYLOAD_TRANSPORT_HEADER, offset, 2),
         cmp(eq, &port.to_be_bytes()),
+    ]
+}
+
+/// As nft encodes `sport|dport lo-hi`: two comparisons of the big-endian
+/// field, which order like the numbers.
+fn port_range(offset: u32, lo: u16, hi: u16) -> Vec<RawExpr> {
+    vec![
+        payload(NFT_PAYLOAD_TRANSPORT_HEADER, offset, 2),
+        cmp_op(libc::NFT_CMP_GTE, &lo.to_be_bytes()),
+        cmp_op(libc::NFT_CMP_LTE, &hi.to_be_bytes()),
+    ]
+}
+
+/// `fib daddr type <addrtype>`.
+fn fib_daddr_type(rtn: u32) -> Vec<RawExpr> {
+    vec![
+        e(
+            c"fib",
+            vec![
+                Attr::U32(sys::NFTNL_EXPR_FIB_DREG, reg1()),
+                Attr::U32(sys::NFTNL_EXPR_FIB_RESULT, FIB_RESULT_ADDRTYPE),
+                Attr::U32(sys::NFTNL_EXPR_FIB_FLAGS, FIB_F_DADDR),
+            ],
+        ),
+        cmp(true, &rtn.to_ne_bytes()),
     ]
 }
 
@@ -261,19 +290,14 @@ pub(crate) fn rule_exprs(rule: &Rule) -> Vec<RawExpr> {
                 x.extend([meta_load(NFT_META_L4PROTO), cmp(true, &[l4_number(*l4)])])
             }
             Match::Dport(p) => x.extend(port_match(2, true, *p)),
-            // As nft encodes `dport lo-hi`: two comparisons of the
-            // big-endian field, which order like the numbers.
-            Match::DportRange(lo, hi) => x.extend([
-                payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
-                cmp_op(libc::NFT_CMP_GTE, &lo.to_be_bytes()),
-                cmp_op(libc::NFT_CMP_LTE, &hi.to_be_bytes()),
-            ]),
+            Match::DportRange(lo, hi) => x.extend(port_range(2, *lo, *hi)),
             Match::NotDports(ps) => {
                 for p in ps {
                     x.extend(port_match(2, false, *p));
                 }
             }
             Match::Sport(p) => x.extend(port_match(0, true, *p)),
+            Match::SportRange(lo, hi) => x.extend(port_range(0, *lo, *hi)),
             Match::Daddr(n) => x.extend(addr_match(n, true, true)),
             Match::NotDaddr(n) => x.extend(addr_match(n, true, false)),
             Match::Saddr(n) => x.extend(addr_match(n, false, true)),
@@ -299,17 +323,8 @@ pub(crate) fn rule_exprs(rule: &Rule) -> Vec<RawExpr> {
                     cmp(false, &0u32.to_ne_bytes()),
                 ]);
             }
-            Match::ForeignUnicastDaddr => x.extend([
-                e(
-                    c"fib",
-                    vec![
-                        Attr::U32(sys::NFTNL_EXPR_FIB_DREG, reg1()),
-                        Attr::U32(sys::NFTNL_EXPR_FIB_RESULT, FIB_RESULT_ADDRTYPE),
-                        Attr::U32(sys::NFTNL_EXPR_FIB_FLAGS, FIB_F_DADDR),
-                    ],
-                ),
-                cmp(true, &RTN_UNICAST.to_ne_bytes()),
-            ]),
+            Match::ForeignUnicastDaddr => x.extend(fib_daddr_type(RTN_UNICAST)),
+            Match::LocalDaddr => x.extend(fib_daddr_type(RTN_LOCAL)),
         }
     }
     match &rule.action {
@@ -433,5 +448,95 @@ mod tests {
             x[4].attrs
                 .contains(&Attr::Bytes(sys::NFTNL_EXPR_IMM_DATA, vec![0x3a, 0x99]))
         );
+    }
+
+    fn firewall_rule(family: Option<Family>, matches: Vec<Match>, action: Action) -> Rule {
+        Rule {
+            chain: ChainId {
+                table: Table::Mangle,
+                chain: ChainRef::Own(crate::rules::plan::OwnChain::Firewall),
+            },
+            family,
+            matches,
+            action,
+        }
+    }
+
+    fn names(x: &[RawExpr]) -> Vec<&str> {
+        x.iter().map(|e| e.name.to_str().unwrap()).collect()
+    }
+
+    fn cmp_data(x: &RawExpr) -> Vec<u8> {
+        x.attrs
+            .iter()
+            .find_map(|a| match a {
+                Attr::Bytes(k, v) if *k == sys::NFTNL_EXPR_CMP_DATA => Some(v.clone()),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    /// `nft --debug=netlink` of `meta l4proto icmp fib daddr type local
+    /// return`: l4proto == 0x01, then `fib daddr type` == 0x00000002.
+    #[test]
+    fn icmp_and_local_daddr_match_nft_encoding() {
+        let r = firewall_rule(
+            Some(Family::V4),
+            vec![Match::Proto(L4::Icmp), Match::LocalDaddr],
+            Action::Return,
+        );
+        let x = rule_exprs(&r);
+        assert_eq!(
+            names(&x),
+            ["meta", "cmp", "meta", "cmp", "fib", "cmp", "immediate"]
+        );
+        assert_eq!(cmp_data(&x[3]), [1]);
+        assert!(
+            x[4].attrs
+                .contains(&Attr::U32(sys::NFTNL_EXPR_FIB_RESULT, FIB_RESULT_ADDRTYPE))
+        );
+        assert!(
+            x[4].attrs
+                .contains(&Attr::U32(sys::NFTNL_EXPR_FIB_FLAGS, FIB_F_DADDR))
+        );
+        assert_eq!(cmp_data(&x[5]), 2u32.to_ne_bytes());
+
+        let v6 = firewall_rule(
+            Some(Family::V6),
+            vec![Match::Proto(L4::Icmpv6)],
+            Action::Return,
+        );
+        let x = rule_exprs(&v6);
+        assert_eq!(cmp_data(&x[1]), [libc::NFPROTO_IPV6 as u8]);
+        assert_eq!(cmp_data(&x[3]), [58]);
+    }
+
+    /// `tcp sport 1000-2000`: transport header + 0, gte 0x03e8, lte 0x07d0.
+    #[test]
+    fn sport_range_matches_nft_encoding() {
+        let r = firewall_rule(
+            None,
+            vec![Match::Proto(L4::Tcp), Match::SportRange(1000, 2000)],
+            Action::Drop,
+        );
+        let x = rule_exprs(&r);
+        assert_eq!(
+            names(&x),
+            ["meta", "cmp", "payload", "cmp", "cmp", "immediate"]
+        );
+        assert!(
+            x[2].attrs
+                .contains(&Attr::U32(sys::NFTNL_EXPR_PAYLOAD_OFFSET, 0))
+        );
+        assert!(
+            x[3].attrs
+                .contains(&Attr::U32(sys::NFTNL_EXPR_CMP_OP, libc::NFT_CMP_GTE as u32))
+        );
+        assert_eq!(cmp_data(&x[3]), [0x03, 0xe8]);
+        assert!(
+            x[4].attrs
+                .contains(&Attr::U32(sys::NFTNL_EXPR_CMP_OP, libc::NFT_CMP_LTE as u32))
+        );
+        assert_eq!(cmp_data(&x[4]), [0x07, 0xd0]);
     }
 }

@@ -588,6 +588,7 @@ impl Backend for NftBackend {
     }
 
     fn apply(&self, ns: &Netns, plan: &Plan) -> Result<Outcome> {
+        plan.check()?;
         let outcome = self.write_plan(ns, plan)?;
         if let Err(cause) = policy_route::ensure(ns, &plan.policy_routes) {
             return Err(super::rolled_back(ns, cause, self.cleanup(ns)));

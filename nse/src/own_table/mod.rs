@@ -1,7 +1,8 @@
-//! Placement proxy: the one table this function owns in the NSE's own
-//! netns. Its rules depend on the configuration alone (and on whether some
-//! connection has IPv6 addresses); the live connections' interfaces are the
-//! members of its interface set (`Plan::for_interfaces`). So a Request adds
+//! A table a network function owns in the NSE's own netns (mesh-proxy's
+//! redirect rules, a firewall's filter): its rules depend on the function's
+//! configuration alone (and on whether some connection has IPv6 addresses,
+//! [`Planner`]); the live connections' interfaces are the members of its
+//! interface set (`Plan::for_interfaces`). So a Request adds
 //! one member and a Close removes one, a set-element transaction that
 //! rewrites no rule ([`Backend::update_interfaces`]; with nft microseconds
 //! of kernel time, on a netlink socket kept open because closing one after
@@ -12,7 +13,7 @@
 //! nothing, and the next connection is again one element away (deleting and
 //! re-creating the table, hooks and all, costs ~1 ms per round). It is
 //! removed when the NSE stops with no connection left ([`OwnRules::release`]).
-//! With a state file ([`super::state`]) a restarted NSE adopts the
+//! With a state file ([`state`]) a restarted NSE adopts the
 //! connections recorded there whose interfaces still exist
 //! ([`OwnRules::adopt`]): their traffic keeps going to the proxy through the
 //! restart; those never heard of again leave the set once their interface is
@@ -22,13 +23,19 @@
 //! the set's interfaces like IPv4).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use forwarder_plugin::netns::{Netns, NetnsError};
 use forwarder_plugin::rules::{self, Backend, BackendOptions, Outcome, Plan, RulesError};
 
-use super::config::FunctionConfig;
-use super::state::StateFile;
+pub mod state;
+
+use forwarder_plugin::rules::{BackendKind, Owner, SpecError};
+use state::StateFile;
+
+/// A function's rules for the given interface-set members, capturing IPv6
+/// too when asked: the same rules whatever the members.
+pub type Planner = Box<dyn Fn(Vec<String>, bool) -> Result<Plan, SpecError> + Send + Sync>;
 
 /// What the table needs of one connection.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -45,8 +52,9 @@ pub struct Live {
     pub dst: Vec<String>,
 }
 
-pub struct OwnRules {
-    config: FunctionConfig,
+pub struct OwnTable {
+    owner: Owner,
+    planner: Planner,
     netns: Netns,
     backend: Box<dyn Backend>,
     state: Mutex<State>,
@@ -91,21 +99,26 @@ impl State {
     }
 }
 
-impl OwnRules {
+impl OwnTable {
     /// For the calling thread's netns (the process never leaves its own).
-    pub fn new(config: &FunctionConfig) -> Result<OwnRules, NetnsError> {
+    pub fn new(
+        backend: BackendKind,
+        owner: Owner,
+        planner: Planner,
+    ) -> Result<OwnTable, NetnsError> {
         let backend = rules::get_backend(
-            config.rules.backend.kind(),
+            backend,
             BackendOptions {
-                owner: config.rules.owner.clone(),
+                owner: owner.clone(),
                 // Our own namespace, for as long as we run: one socket, so
                 // a Close's element deletion does not wait for the kernel.
                 keep_socket: true,
                 ..Default::default()
             },
         );
-        Ok(OwnRules {
-            config: config.clone(),
+        Ok(OwnTable {
+            owner,
+            planner,
             netns: Netns::current()?,
             backend,
             state: Mutex::new(State::default()),
@@ -114,7 +127,7 @@ impl OwnRules {
     }
 
     /// Records the live connections in `file` from now on.
-    pub fn with_state(mut self, file: StateFile) -> OwnRules {
+    pub fn with_state(mut self, file: StateFile) -> OwnTable {
         self.file = Some(file);
         self
     }
@@ -182,12 +195,17 @@ impl OwnRules {
         self.refresh(&mut st)
     }
 
-    /// The adopted connections not heard of since, with what they hold.
-    pub fn adopted(&self) -> Vec<(String, Live)> {
+    /// The adopted connections not heard of since, with their addresses
+    /// (id, `src_ip_addrs`, `dst_ip_addrs`), which IPAM must keep for them.
+    pub fn adopted(&self) -> Vec<(String, Vec<String>, Vec<String>)> {
         let st = self.lock();
         st.adopted
             .iter()
-            .filter_map(|id| st.live.get(id).map(|l| (id.clone(), l.clone())))
+            .filter_map(|id| {
+                st.live
+                    .get(id)
+                    .map(|l| (id.clone(), l.src.clone(), l.dst.clone()))
+            })
             .collect()
     }
 
@@ -225,7 +243,7 @@ impl OwnRules {
         members: impl IntoIterator<Item = String>,
         ipv6: bool,
     ) -> Result<Plan, RulesError> {
-        Ok(self.config.own_plan(members, ipv6)?)
+        Ok((self.planner)(members.into_iter().collect(), ipv6)?)
     }
 
     /// Makes the kernel hold `plan` (all of it, members included).
@@ -374,8 +392,48 @@ impl OwnRules {
         self.lock().members(None).into_iter().collect()
     }
 
+    /// [`OwnTable::update`] off the async runtime (netlink and iptables
+    /// block); the error names the table.
+    pub async fn set(self: &Arc<Self>, id: &str, entry: Option<Live>) -> Result<(), String> {
+        let table = self.clone();
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || table.update(&id, entry))
+            .await
+            .map_err(|e| format!("rules task failed: {e}"))?
+            .map_err(|e| format!("{} in the endpoint's netns: {e}", self.table()))
+    }
+
+    /// Upkeep off the async runtime: lets adopted connections whose
+    /// interface is gone go ([`OwnTable::prune_adopted`], their ids are
+    /// returned) and repairs drift ([`OwnTable::reconcile`]: fail closed).
+    pub async fn upkeep(self: &Arc<Self>) -> Vec<String> {
+        let table = self.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let (gone, _) = table.prune_adopted();
+            (gone, table.reconcile())
+        })
+        .await;
+        match res {
+            Ok((gone, Ok(()))) => gone,
+            Ok((gone, Err(e))) => {
+                tracing::warn!(table = %self.table(), error = %e, "cannot restore the rules");
+                gone
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// [`OwnTable::release`] off the async runtime: the table goes if no
+    /// connection is live.
+    pub async fn remove_if_idle(self: &Arc<Self>) {
+        let table = self.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || table.release()).await {
+            tracing::warn!(table = %self.table(), error = %e, "cannot remove the idle table");
+        }
+    }
+
     /// The table's name, e.g. `inet mesh_proxy_nse`.
     pub fn table(&self) -> String {
-        format!("inet {}", self.config.rules.owner.nft_table())
+        format!("inet {}", self.owner.nft_table())
     }
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use forwarder_plugin::netns::Netns;
 use serde::{Deserialize, Serialize};
 
-use super::own_rules::Live;
+use super::Live;
 
 const VERSION: u32 = 1;
 /// More than this is no file of ours: as many connections as one server takes.

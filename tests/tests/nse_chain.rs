@@ -1,0 +1,201 @@
+//! Network functions in chain order, on real traffic: a firewall before the
+//! mesh proxy filters what clients send before the proxy sees it (rules in
+//! NSM's ACL format); after the proxy it filters what the proxy sends
+//! upstream. A function refusing a connection leaves nothing of those
+//! before it; Close leaves the endpoint's namespace as it was.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use examples::direct_client::DirectClient;
+use examples::inspect;
+use examples::lab::{self, Lab, LabConfig, SERVER_PORT_2};
+use examples::namespace::Namespace;
+use examples::proxy::ProxyKind;
+use forwarder_plugin::netns::Netns;
+
+/// A directory removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `files` into a scratch directory (`$DIR` in them names it) and
+/// starts the lab with NSM_CONFIG naming the first.
+fn lab_with(files: &[(&str, &str)]) -> (Lab, Scratch) {
+    let dir = std::env::temp_dir().join(nsm_tests::unique("chain-config-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch(dir.clone());
+    for (name, text) in files {
+        let text = text.replace("$DIR", dir.to_str().unwrap());
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    let config = dir.join(files[0].0);
+    let lab = Lab::start(LabConfig {
+        proxy: ProxyKind::Builtin,
+        nse_env: vec![("NSM_CONFIG".into(), config.display().to_string())],
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("lab: {e}"));
+    (lab, scratch)
+}
+
+fn denied_port() -> SocketAddr {
+    SocketAddr::new(lab::server_addr().ip(), SERVER_PORT_2)
+}
+
+fn client(lab: &Lab) -> (DirectClient, Namespace, Netns) {
+    let identity = lab.identity("/ns/default/pod/chain").unwrap();
+    let c = DirectClient::new(
+        &lab.forwarder_socket(),
+        "chain",
+        Duration::from_secs(600),
+        identity.as_ref(),
+    )
+    .unwrap();
+    let ns = lab.client().unwrap();
+    let netns = Netns::open(ns.name()).unwrap();
+    (c, ns, netns)
+}
+
+fn server_saw_port(lab: &Lab, port: u16) -> bool {
+    std::fs::read_to_string(lab.dir.join("server.log"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("server: ") && l.ends_with(&format!(":{port}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firewall_before_the_proxy_refuses_what_the_proxy_never_sees() {
+    if !nsm_tests::require_root("chain: firewall before the proxy") {
+        return;
+    }
+    // NSM's ACL format (cmd-nse-firewall-vpp): permit TCP 8080, forbid
+    // 8081, and — as VPP — deny what no rule permits.
+    let (lab, _scratch) = lab_with(&[
+        (
+            "chain.yaml",
+            "version: 2\nfunctions:\n  fw:\n    type: firewall\n    nsmAclFile: $DIR/acl.yaml\n  proxy:\n    type: mesh-proxy\nchains:\n  default: [fw, proxy]\n",
+        ),
+        (
+            "acl.yaml",
+            "permit web:\n  ispermit: 1\n  proto: 6\n  srcportoricmptypelast: 65535\n  dstportoricmpcodefirst: 8080\n  dstportoricmpcodelast: 8080\n\
+             forbid other:\n  ispermit: 0\n  proto: 6\n  srcportoricmptypelast: 65535\n  dstportoricmpcodefirst: 8081\n  dstportoricmpcodelast: 8081\n",
+        ),
+    ]);
+    let before = inspect::snapshot(&lab.nse_ns).unwrap();
+    let (c, ns, netns) = client(&lab);
+
+    // The proxy refuses a label that is not a placement: the firewall,
+    // applied before it, must not keep the connection's interface.
+    let e = c
+        .request(
+            &netns,
+            "refused",
+            "mesh-proxy",
+            "nsm-1",
+            &[("proxy-placement", "elsewhere")],
+        )
+        .await
+        .expect_err("a bad placement label is refused");
+    assert!(e.to_string().contains("proxy-placement"), "{e}");
+    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(5)) {
+        panic!("a refused Request left: {left:?}{}", lab.logs());
+    }
+
+    let conn = c
+        .request(&netns, "web-0", "mesh-proxy", "nsm-1", &[])
+        .await
+        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
+    lab.get_through_proxy(&ns, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the permitted port: {e}"));
+    let denied = examples::traffic::http_get(&ns, denied_port(), Duration::from_secs(3));
+    assert!(denied.is_err(), "port 8081 got through: {denied:?}");
+    assert!(
+        !lab.proxy_lines()
+            .iter()
+            .any(|(_, to)| to.port() == SERVER_PORT_2),
+        "the proxy saw the denied port: {:?}",
+        lab.proxy_lines()
+    );
+    assert!(!server_saw_port(&lab, SERVER_PORT_2));
+    // NSM's client pings its endpoint: always allowed.
+    let nse_addr = conn
+        .context
+        .as_ref()
+        .unwrap()
+        .ip_context
+        .as_ref()
+        .unwrap()
+        .dst_ip_addrs[0]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    ns.exec(&["ping", "-c", "1", "-W", "2", &nse_addr])
+        .unwrap_or_else(|e| panic!("ping {nse_addr}: {e}"));
+    let table = lab
+        .nse_ns
+        .exec(&["nft", "list", "table", "inet", "nsm_firewall"])
+        .unwrap();
+    assert!(table.contains("tcp dport 8081 reject"), "{table}");
+
+    c.close(&conn).await.unwrap();
+    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(10)) {
+        panic!("after Close: {left:?}{}", lab.logs());
+    }
+    assert!(inspect::link(&ns, "nsm-1").unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firewall_after_the_proxy_filters_what_the_proxy_sends() {
+    if !nsm_tests::require_root("chain: firewall after the proxy") {
+        return;
+    }
+    let (lab, _scratch) = lab_with(&[(
+        "chain.yaml",
+        "version: 2\nfunctions:\n  proxy:\n    type: mesh-proxy\n  fw:\n    type: firewall\n    defaultAction: allow\n    rules:\n    - action: deny\n      protocol: tcp\n      destinationPorts: ['8081']\nchains:\n  default: [proxy, fw]\n",
+    )]);
+    let before = inspect::snapshot(&lab.nse_ns).unwrap();
+    let (c, ns, netns) = client(&lab);
+    let conn = c
+        .request(&netns, "web-0", "mesh-proxy", "nsm-1", &[])
+        .await
+        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
+    lab.get_through_proxy(&ns, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the allowed port: {e}"));
+
+    // The client's connection reaches the proxy (order: the proxy first),
+    // the proxy's own connection upstream is what the firewall drops.
+    let denied = examples::traffic::http_get(&ns, denied_port(), Duration::from_secs(3));
+    assert!(denied.is_err(), "port 8081 got through: {denied:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !lab
+        .proxy_lines()
+        .iter()
+        .any(|(_, to)| to.port() == SERVER_PORT_2)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy never saw the client's connection to 8081: {:?}{}",
+            lab.proxy_lines(),
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!server_saw_port(&lab, SERVER_PORT_2), "{}", lab.logs());
+    let table = lab
+        .nse_ns
+        .exec(&["nft", "list", "table", "inet", "nsm_firewall"])
+        .unwrap();
+    assert!(table.contains("hook postrouting"), "{table}");
+
+    c.close(&conn).await.unwrap();
+    // The firewall's table goes with its last connection.
+    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(10)) {
+        panic!("after Close: {left:?}{}", lab.logs());
+    }
+}
