@@ -95,6 +95,35 @@ impl DirectClient {
         iface: &str,
         labels: &[(&str, &str)],
     ) -> Result<Connection, DirectError> {
+        let conn = Connection {
+            id: id.to_owned(),
+            network_service: service.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Default::default()
+        };
+        self.send(netns, conn, iface).await
+    }
+
+    /// Refreshes `conn` as the last Request returned it (as NSM's refresh
+    /// client does), its interface still `iface` in `netns`.
+    pub async fn refresh(
+        &self,
+        netns: &Netns,
+        conn: &Connection,
+        iface: &str,
+    ) -> Result<Connection, DirectError> {
+        self.send(netns, conn.clone(), iface).await
+    }
+
+    async fn send(
+        &self,
+        netns: &Netns,
+        mut conn: Connection,
+        iface: &str,
+    ) -> Result<Connection, DirectError> {
         let deadline = Instant::now() + CALL_TIMEOUT;
         let session = self.dialer.dial(deadline).await?;
         let url = session
@@ -106,15 +135,6 @@ impl DirectClient {
             (keys::NAME.to_owned(), iface.to_owned()),
             (keys::INODE_URL.to_owned(), url.to_string()),
         ]);
-        let mut conn = Connection {
-            id: id.to_owned(),
-            network_service: service.to_owned(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            ..Default::default()
-        };
         self.stamp(&mut conn)?;
         let msg = NetworkServiceRequest {
             connection: Some(conn),

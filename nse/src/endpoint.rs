@@ -19,7 +19,7 @@ use nsm_api::tls::Identity;
 use nsm_api::token::{TokenError, TokenIssuer};
 use tonic::Status;
 
-use crate::chain::functions::{Functions, NetworkFunction};
+use crate::chain::functions::{ChainSelector, Fixed, Functions, NetworkFunction};
 use crate::chain::ipam::Ipam;
 use crate::chain::mechanism::KernelMechanism;
 use crate::chain::service::ServiceFilter;
@@ -104,6 +104,15 @@ impl Endpoint {
         opts: &EndpointOptions,
         functions: Vec<Arc<dyn NetworkFunction>>,
     ) -> Result<Self, EndpointError> {
+        Self::with_chains(opts, Arc::new(Fixed(functions)))
+    }
+
+    /// The endpoint with each connection's chain of functions chosen by
+    /// `chains`.
+    pub fn with_chains(
+        opts: &EndpointOptions,
+        chains: Arc<dyn ChainSelector>,
+    ) -> Result<Self, EndpointError> {
         let netns = Arc::new(OwnNetns::open()?);
         let issuer = Arc::new(TokenIssuer::for_identity(
             opts.identity.as_ref(),
@@ -125,7 +134,7 @@ impl Endpoint {
             Arc::new(TrimPath),
             Arc::new(KernelMechanism::new(netns.clone())),
             Arc::new(Ipam::new(ipam.clone())),
-            Arc::new(Functions::new(functions)),
+            Arc::new(Functions::new(chains)),
         ];
         Ok(Endpoint {
             head: Next::chain(elements),

@@ -135,17 +135,16 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let started = crate::functions::start(&config.functions, config.state_dir.as_deref())?;
     tracing::info!(
         functions = ?started.instances.iter().map(|f| f.name()).collect::<Vec<_>>(),
-        chain = ?started.default_chain.iter().map(|f| f.name()).collect::<Vec<_>>(),
+        chains = ?config.functions.chains,
+        default_chain = %config.functions.default_chain,
+        policy = ?config.functions.network_service_file,
         "network functions"
     );
     let options = EndpointOptions {
         identity: identity.clone(),
         ..EndpointOptions::from(&config)
     };
-    let endpoint = Arc::new(Endpoint::with_functions(
-        &options,
-        started.default_chain.clone(),
-    )?);
+    let endpoint = Arc::new(Endpoint::with_chains(&options, started.chains.clone())?);
     let metrics = config.metrics_listen_on.map(|addr| {
         let m = endpoint.metrics().clone();
         tokio::spawn(async move {
@@ -166,9 +165,12 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     // is gone (their client went while we were away).
     let maintenance = {
         let (instances, ep) = (started.instances.clone(), endpoint.clone());
+        let chains = started.chains.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(crate::functions::MAINTENANCE_PERIOD).await;
+                let c = chains.clone();
+                let _ = tokio::task::spawn_blocking(move || c.reload_if_changed()).await;
                 for f in &instances {
                     for id in f.maintain().await {
                         tracing::info!(%id, function = f.name(), "an adopted connection's interface is gone: forgotten");

@@ -199,3 +199,90 @@ async fn a_firewall_after_the_proxy_filters_what_the_proxy_sends() {
         panic!("after Close: {left:?}{}", lab.logs());
     }
 }
+
+/// The chain comes from NetworkService policy (the first match whose
+/// source_selector the connection's labels satisfy names it); a policy
+/// change reaches an existing connection at its next refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_service_policy_chooses_the_chain_and_a_change_applies_at_refresh() {
+    if !nsm_tests::require_root("chain: policy") {
+        return;
+    }
+    let policy = |app: &str| {
+        format!(
+            "apiVersion: networkservicemesh.io/v1\nkind: NetworkService\nmetadata:\n  name: mesh-proxy\nspec:\n  payload: IP\n  matches:\n    - source_selector: {{app: {app}}}\n      metadata:\n        labels: {{chain: strict}}\n"
+        )
+    };
+    let web_policy = policy("web");
+    let (mut lab, scratch) = lab_with(&[
+        (
+            "chain.yaml",
+            "version: 2\nfunctions:\n  fw:\n    type: firewall\n    defaultAction: allow\n    rules:\n    - action: deny\n      protocol: tcp\n      destinationPorts: ['8081']\n  proxy:\n    type: mesh-proxy\nchains:\n  strict: [fw, proxy]\n  open: [proxy]\ndefaultChain: open\nnetworkServiceFile: $DIR/ns.yaml\n",
+        ),
+        ("ns.yaml", web_policy.as_str()),
+    ]);
+    let before = inspect::snapshot(&lab.nse_ns).unwrap();
+    let (c, web, web_netns) = client(&lab);
+    let db = lab.client().unwrap();
+    let db_netns = Netns::open(db.name()).unwrap();
+    let web_conn = c
+        .request(
+            &web_netns,
+            "web-0",
+            "mesh-proxy",
+            "nsm-1",
+            &[("app", "web")],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
+    let db_conn = c
+        .request(&db_netns, "db-0", "mesh-proxy", "nsm-1", &[("app", "db")])
+        .await
+        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
+    let to_8081 =
+        |ns: &Namespace| examples::traffic::http_get(ns, denied_port(), Duration::from_secs(3));
+    assert!(
+        to_8081(&web).is_err(),
+        "app=web is in chain strict: 8081 is denied"
+    );
+    let ex = to_8081(&db).unwrap_or_else(|e| panic!("app=db is in chain open: {e}{}", lab.logs()));
+    assert_eq!(ex.server_saw.ip(), lab::NSE_UPLINK, "through the proxy");
+    lab.get_through_proxy(&web, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("8080 in chain strict: {e}"));
+
+    // The platform team moves app=web out of the strict chain.
+    std::fs::write(scratch.0.join("ns.yaml"), policy("batch")).unwrap();
+    let log_len = lab.nse().unwrap().log().len();
+    lab.nse()
+        .unwrap()
+        .wait_until("the policy reload", Duration::from_secs(10), |p| {
+            p.log()[log_len..]
+                .contains("NetworkService policy reloaded")
+                .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        to_8081(&web).is_err(),
+        "the existing connection keeps its chain until it refreshes"
+    );
+    let web_conn = c
+        .refresh(&web_netns, &web_conn, "nsm-1")
+        .await
+        .unwrap_or_else(|e| panic!("refresh: {e}{}", lab.logs()));
+    let ex = to_8081(&web)
+        .unwrap_or_else(|e| panic!("after the refresh, chain open: {e}{}", lab.logs()));
+    assert_eq!(ex.server_saw.ip(), lab::NSE_UPLINK);
+    // No connection uses the firewall any more: its table is gone.
+    assert!(
+        lab.nse_ns
+            .exec(&["nft", "list", "table", "inet", "nsm_firewall"])
+            .is_err(),
+        "the firewall's table outlived its last connection"
+    );
+
+    c.close(&web_conn).await.unwrap();
+    c.close(&db_conn).await.unwrap();
+    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(10)) {
+        panic!("after Close: {left:?}{}", lab.logs());
+    }
+}

@@ -203,6 +203,10 @@ fn a_bad_function_config_file_is_one_line_naming_the_key_and_exit_64() {
             "functions.fw: nsmAclFile: cannot read /nonexistent/acl.yaml",
         ),
         (
+            "version: 2\nfunctions:\n  fw: {type: firewall}\nchains: {a: [fw]}\nnetworkServiceFile: /nonexistent/ns.yaml\n",
+            "networkServiceFile: cannot read /nonexistent/ns.yaml",
+        ),
+        (
             "placement: proxy\nplacment: sidecar\n",
             "unknown field `placment`",
         ),

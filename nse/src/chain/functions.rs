@@ -90,24 +90,42 @@ pub trait NetworkFunction: Send + Sync + 'static {
 /// A connection's functions in packet order.
 pub type FunctionChain = Vec<Arc<dyn NetworkFunction>>;
 
-/// Runs each connection's chain (none: a pass-through).
+/// Chooses a connection's chain (by policy; see `crate::functions`): its
+/// name and functions.
+pub trait ChainSelector: Send + Sync + 'static {
+    fn select(&self, conn: &Connection) -> (String, FunctionChain);
+}
+
+/// One chain for every connection.
+pub struct Fixed(pub FunctionChain);
+
+impl ChainSelector for Fixed {
+    fn select(&self, _: &Connection) -> (String, FunctionChain) {
+        ("default".into(), self.0.clone())
+    }
+}
+
+fn contains(chain: &[Arc<dyn NetworkFunction>], f: &Arc<dyn NetworkFunction>) -> bool {
+    chain.iter().any(|g| Arc::ptr_eq(g, f))
+}
+
+/// Runs each connection's chain.
 pub struct Functions {
-    /// The chain every connection gets.
-    chain: FunctionChain,
-    /// Connections whose chain is applied, with that chain (a later chain
-    /// choice never changes what a Close undoes).
-    applied: Mutex<HashMap<String, FunctionChain>>,
+    selector: Arc<dyn ChainSelector>,
+    /// Connections whose chain is applied, with that chain: a Close undoes
+    /// what was applied, whatever the policy says by then.
+    applied: Mutex<HashMap<String, (String, FunctionChain)>>,
 }
 
 impl Functions {
-    pub fn new(chain: FunctionChain) -> Self {
+    pub fn new(selector: Arc<dyn ChainSelector>) -> Self {
         Functions {
-            chain,
+            selector,
             applied: Mutex::new(HashMap::new()),
         }
     }
 
-    fn applied(&self) -> std::sync::MutexGuard<'_, HashMap<String, FunctionChain>> {
+    fn applied(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, FunctionChain)>> {
         self.applied.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -125,42 +143,84 @@ impl Functions {
         }
         first.map_or(Ok(()), Err)
     }
+
+    /// What functions that left a connection's chain wrote into it: their
+    /// claimed context keys and policies, which the client echoes back.
+    fn strip(conn: &mut Connection, gone: &[Arc<dyn NetworkFunction>]) {
+        let Some(ctx) = conn.context.as_mut() else {
+            return;
+        };
+        for c in gone.iter().flat_map(|f| f.claims()) {
+            match c {
+                Claim::ContextKey(k) => {
+                    ctx.extra_context.remove(&k);
+                }
+                Claim::IpPolicies => {
+                    if let Some(ip) = ctx.ip_context.as_mut() {
+                        ip.policies.clear();
+                    }
+                }
+                Claim::Table(_) => {}
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl Element<NseError> for Functions {
+    /// A new connection gets the chain its policy selects; a refresh keeps
+    /// its chain unless the policy now selects another: the new chain is
+    /// applied, then what only the old one had is undone. A failure leaves
+    /// a new connection nothing and a refreshed one its old chain.
     async fn request(
         &self,
         ctx: &mut Ctx<NseError>,
         mut req: Req,
         next: Next<NseError>,
     ) -> Result<Connection, NseError> {
-        if self.chain.is_empty() {
-            return next.request(ctx, req).await;
-        }
         let id = req.conn.id.clone();
-        let (chain, new) = match self.applied().get(&id) {
-            Some(c) => (c.clone(), false),
-            None => (self.chain.clone(), true),
+        let (name, chain) = self.selector.select(&req.conn);
+        let old = self.applied().get(&id).cloned();
+        let old_chain: FunctionChain = match &old {
+            Some((n, c)) if *n != name => {
+                tracing::info!(%id, from = %n, to = %name, "the policy selects another chain: moving the connection");
+                c.clone()
+            }
+            Some(_) => chain.clone(),
+            None => Vec::new(),
         };
+        // What to undo if this Request fails: what the connection did not have.
+        let fresh: FunctionChain = chain
+            .iter()
+            .filter(|f| !contains(&old_chain, f))
+            .cloned()
+            .collect();
+        let gone: FunctionChain = old_chain
+            .iter()
+            .filter(|f| !contains(&chain, f))
+            .cloned()
+            .collect();
         for (i, f) in chain.iter().enumerate() {
             if let Err(e) = f.apply(&mut req.conn).await {
-                if new {
-                    let _ = Self::undo_all(&chain[..=i], &req.conn).await;
-                }
+                let applied: FunctionChain = chain[..=i]
+                    .iter()
+                    .filter(|f| contains(&fresh, f))
+                    .cloned()
+                    .collect();
+                let _ = Self::undo_all(&applied, &req.conn).await;
                 return Err(e.into());
             }
         }
-        let undo_conn = new.then(|| req.conn.clone());
+        Self::strip(&mut req.conn, &gone);
+        let undo_conn = req.conn.clone();
         match next.request(ctx, req).await {
             Ok(conn) => {
-                self.applied().insert(id, chain);
+                let _ = Self::undo_all(&gone, &conn).await;
+                self.applied().insert(id, (name, chain));
                 Ok(conn)
             }
             Err(e) => {
-                if let Some(c) = undo_conn {
-                    let _ = Self::undo_all(&chain, &c).await;
-                }
+                let _ = Self::undo_all(&fresh, &undo_conn).await;
                 Err(e)
             }
         }
@@ -172,14 +232,12 @@ impl Element<NseError> for Functions {
         conn: Connection,
         next: Next<NseError>,
     ) -> Result<(), NseError> {
-        if self.chain.is_empty() {
-            return next.close(ctx, conn).await;
-        }
-        // Unknown here (e.g. adopted from a previous run): the current chain.
-        let chain = self
-            .applied()
-            .remove(&conn.id)
-            .unwrap_or_else(|| self.chain.clone());
+        // Unknown here (e.g. adopted from a previous run): the chain the
+        // policy selects for it.
+        let chain = match self.applied().remove(&conn.id) {
+            Some((_, c)) => c,
+            None => self.selector.select(&conn).1,
+        };
         let undone = Self::undo_all(&chain, &conn).await;
         let res = next.close(ctx, conn).await;
         undone?;
@@ -235,7 +293,11 @@ mod tests {
                 fail,
             }) as Arc<dyn NetworkFunction>
         };
-        let funcs = Functions::new(vec![f("a", false), f("b", fail_b), f("c", false)]);
+        let funcs = Functions::new(Arc::new(Fixed(vec![
+            f("a", false),
+            f("b", fail_b),
+            f("c", false),
+        ])));
         (Next::chain(vec![Arc::new(funcs)]), log)
     }
 
@@ -277,6 +339,112 @@ mod tests {
         assert_eq!(
             *log.lock().unwrap(),
             ["apply a", "apply b", "undo b", "undo a"]
+        );
+    }
+
+    /// Chooses chain "one" or "two" as told.
+    struct Switch {
+        to: Mutex<&'static str>,
+        one: FunctionChain,
+        two: FunctionChain,
+    }
+
+    impl ChainSelector for Switch {
+        fn select(&self, _: &Connection) -> (String, FunctionChain) {
+            let to = *self.to.lock().unwrap();
+            let c = if to == "one" { &self.one } else { &self.two };
+            (to.into(), c.clone())
+        }
+    }
+
+    /// A refresh under a policy naming another chain applies the new chain
+    /// (first, so the connection is never without its functions) and then
+    /// undoes only what the old one had alone; if the new chain fails, the
+    /// connection keeps the old one and nothing new stays.
+    #[tokio::test]
+    async fn a_policy_change_moves_a_connection_at_refresh() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let f = |name, fail| {
+            Arc::new(Fake {
+                name,
+                log: log.clone(),
+                fail,
+            }) as Arc<dyn NetworkFunction>
+        };
+        let (fw, proxy, vpn, broken) = (
+            f("fw", false),
+            f("proxy", false),
+            f("vpn", false),
+            f("broken", true),
+        );
+        let switch = Arc::new(Switch {
+            to: Mutex::new("one"),
+            one: vec![fw.clone(), proxy.clone()],
+            two: vec![proxy.clone(), vpn.clone()],
+        });
+        let chain = Next::chain(vec![
+            Arc::new(Functions::new(switch.clone())) as Arc<dyn Element<NseError>>
+        ]);
+        let conn = chain.request(&mut Ctx::internal(), req()).await.unwrap();
+        *switch.to.lock().unwrap() = "two";
+        log.lock().unwrap().clear();
+        let conn = chain
+            .request(
+                &mut Ctx::internal(),
+                Req {
+                    conn,
+                    preferences: vec![],
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["apply proxy", "apply vpn", "undo fw"]
+        );
+
+        // A new chain that fails part-way: the connection keeps its chain.
+        let switch3 = Arc::new(Switch {
+            to: Mutex::new("one"),
+            one: vec![proxy.clone(), vpn.clone()],
+            two: vec![fw.clone(), broken.clone(), proxy.clone()],
+        });
+        let chain = Next::chain(vec![
+            Arc::new(Functions::new(switch3.clone())) as Arc<dyn Element<NseError>>
+        ]);
+        let conn = chain
+            .request(
+                &mut Ctx::internal(),
+                Req {
+                    conn,
+                    preferences: vec![],
+                },
+            )
+            .await
+            .unwrap();
+        *switch3.to.lock().unwrap() = "two";
+        log.lock().unwrap().clear();
+        let e = chain
+            .request(
+                &mut Ctx::internal(),
+                Req {
+                    conn: conn.clone(),
+                    preferences: vec![],
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("broken failed"), "{e}");
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["apply fw", "apply broken", "undo broken", "undo fw"]
+        );
+        log.lock().unwrap().clear();
+        chain.close(&mut Ctx::internal(), conn).await.unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["undo vpn", "undo proxy"],
+            "Close undoes the chain it kept"
         );
     }
 }

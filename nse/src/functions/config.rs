@@ -16,10 +16,17 @@
 //! chains:
 //!   default: [fw, proxy]
 //! defaultChain: default       # optional with one chain
+//! networkServiceFile: /etc/mesh-proxy/network-service.yaml  # chain by policy
 //! ```
+//!
+//! `networkServiceFile` chooses a connection's chain by NetworkService
+//! policy ([`super::policy`]); without it every connection gets
+//! `defaultChain`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use super::policy::Policy;
 
 use crate::firewall::config::FirewallConfig;
 use crate::mesh_proxy::config::FunctionConfig as MeshProxyConfig;
@@ -54,6 +61,10 @@ pub struct FunctionsConfig {
     pub functions: BTreeMap<String, Kind>,
     pub chains: BTreeMap<String, Vec<String>>,
     pub default_chain: String,
+    /// The NetworkService policy choosing chains, and the policy it held
+    /// when the configuration was read.
+    pub network_service_file: Option<PathBuf>,
+    pub policy: Policy,
 }
 
 impl Default for FunctionsConfig {
@@ -75,6 +86,8 @@ impl FunctionsConfig {
             functions: BTreeMap::from([(name.clone(), Kind::MeshProxy(Box::new(c)))]),
             chains: BTreeMap::from([("default".to_owned(), vec![name])]),
             default_chain: "default".into(),
+            network_service_file: None,
+            policy: Policy::default(),
         }
     }
 
@@ -110,9 +123,15 @@ impl FunctionsConfig {
             None => None,
             Some(v) => Some(v.as_str().ok_or("defaultChain: not a string")?.to_owned()),
         };
+        let network_service_file = match top.remove("networkServiceFile") {
+            None => None,
+            Some(v) => Some(PathBuf::from(
+                v.as_str().ok_or("networkServiceFile: not a string")?,
+            )),
+        };
         if let Some(k) = top.keys().next() {
             return Err(format!(
-                "unknown key {} (version 2 has functions, chains, defaultChain)",
+                "unknown key {} (version 2 has functions, chains, defaultChain, networkServiceFile)",
                 serde_yaml::to_string(k).map_err(err)?.trim()
             ));
         }
@@ -150,10 +169,19 @@ impl FunctionsConfig {
             }
             None => return Err("defaultChain: needed when there are several chains".into()),
         };
+        let policy = match &network_service_file {
+            None => Policy::default(),
+            Some(path) => {
+                let names: Vec<&str> = parsed_chains.keys().map(String::as_str).collect();
+                Policy::load(path, &names).map_err(|e| format!("networkServiceFile: {e}"))?
+            }
+        };
         let config = FunctionsConfig {
             functions: parsed,
             chains: parsed_chains,
             default_chain,
+            network_service_file,
+            policy,
         };
         super::check(&config)?;
         Ok(config)
@@ -320,5 +348,14 @@ mod examples {
             panic!("a firewall")
         };
         assert_eq!(fw.rules.len(), 2);
+        let text = std::fs::read_to_string(dir.join("chains-by-policy.yaml"))
+            .unwrap()
+            .replace(
+                "/etc/mesh-proxy/network-service-policy.yaml",
+                dir.join("network-service-policy.yaml").to_str().unwrap(),
+            );
+        let c = FunctionsConfig::parse(&text).unwrap();
+        let labels = [("app".to_owned(), "payments".to_owned())].into();
+        assert_eq!(c.policy.chain_for("mesh-proxy", &labels), Some("strict"));
     }
 }

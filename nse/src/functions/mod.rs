@@ -9,16 +9,20 @@
 //! start-up in [`start`] — see nse/README.md "Network functions".
 
 pub mod config;
+pub mod policy;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::chain::functions::{Claim, FunctionChain, NetworkFunction};
+use nsm_api::connection::Connection;
+
+use crate::chain::functions::{ChainSelector, Claim, FunctionChain, NetworkFunction};
 use crate::firewall::{Firewall, Position};
 use crate::mesh_proxy::MeshProxy;
 use config::{FunctionsConfig, Kind};
+use policy::Policy;
 
 /// How often functions repair drift and let go of adopted connections whose
 /// interface is gone.
@@ -45,7 +49,76 @@ pub enum StartError {
 /// The running instances and the chains they form.
 pub struct Started {
     pub instances: Vec<Arc<dyn NetworkFunction>>,
-    pub default_chain: FunctionChain,
+    pub chains: Arc<Chains>,
+}
+
+/// The chains by name and the policy choosing among them, re-read when its
+/// file changes (a change applies to new connections, and to existing ones
+/// at their next refresh).
+pub struct Chains {
+    by_name: BTreeMap<String, FunctionChain>,
+    default: String,
+    file: Option<PathBuf>,
+    policy: RwLock<Policy>,
+    /// What the policy was read from last (its bytes), so a rewrite with
+    /// the same content changes nothing.
+    seen: Mutex<Option<Vec<u8>>>,
+}
+
+impl Chains {
+    pub fn names(&self) -> Vec<&str> {
+        self.by_name.keys().map(String::as_str).collect()
+    }
+
+    pub fn default_chain(&self) -> &FunctionChain {
+        &self.by_name[&self.default]
+    }
+
+    /// Reads the policy file again if its content changed; a file that
+    /// cannot be read or is wrong keeps the policy in force (logged).
+    pub fn reload_if_changed(&self) {
+        let Some(path) = &self.file else { return };
+        let bytes = match std::fs::read(path) {
+            Ok(b) if b.len() as u64 <= policy::MAX_FILE_BYTES => b,
+            Ok(b) => {
+                tracing::warn!(file = %path.display(), bytes = b.len(), "the NetworkService policy file is too large: the policy in force stays");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the NetworkService policy: the policy in force stays");
+                return;
+            }
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.as_deref() == Some(&bytes[..]) {
+            return;
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        match Policy::parse(&text, &self.names()) {
+            Ok(p) => {
+                *self.policy.write().unwrap_or_else(|p| p.into_inner()) = p;
+                tracing::info!(file = %path.display(), "NetworkService policy reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "the NetworkService policy is wrong: the policy in force stays");
+            }
+        }
+        *seen = Some(bytes);
+    }
+}
+
+impl ChainSelector for Chains {
+    fn select(&self, conn: &Connection) -> (String, FunctionChain) {
+        let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
+        let name = policy
+            .chain_for(&conn.network_service, &conn.labels)
+            .unwrap_or(&self.default);
+        match self.by_name.get(name) {
+            Some(c) => (name.to_owned(), c.clone()),
+            // Policies are checked against the chains when read.
+            None => (self.default.clone(), self.default_chain().clone()),
+        }
+    }
 }
 
 /// Where a firewall instance sits: after a mesh proxy in its chains, or not.
@@ -122,13 +195,27 @@ pub fn start(config: &FunctionsConfig, state_dir: Option<&Path>) -> Result<Start
         by_name.insert(name, f);
     }
     let instances: Vec<_> = by_name.values().cloned().collect();
-    let default_chain = config.chains[&config.default_chain]
+    let chains = config
+        .chains
         .iter()
-        .map(|n| by_name[n.as_str()].clone())
+        .map(|(name, list)| {
+            let chain: FunctionChain = list.iter().map(|n| by_name[n.as_str()].clone()).collect();
+            (name.clone(), chain)
+        })
         .collect();
+    let seen = config
+        .network_service_file
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok());
     Ok(Started {
         instances,
-        default_chain,
+        chains: Arc::new(Chains {
+            by_name: chains,
+            default: config.default_chain.clone(),
+            file: config.network_service_file.clone(),
+            policy: RwLock::new(config.policy.clone()),
+            seen: Mutex::new(seen),
+        }),
     })
 }
 
