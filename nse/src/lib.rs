@@ -5,7 +5,7 @@
 //! updatepath → authorize → begin → updatetoken → timeout → monitor → trimpath; then ours
 //! in [`chain`]: [`chain::mechanism`] (KERNEL, netns fd over grpcfd) →
 //! [`chain::ipam`] (point-to-point) → [`chain::functions`] (the configured chain of network
-//! functions, [`functions`]: [`firewall`], [`mesh_proxy`]), after [`chain::service`] has turned away services we do
+//! functions, [`functions`]: [`firewall`], [`mesh_proxy`], [`vpn`]), after [`chain::service`] has turned away services we do
 //! not provide. [`endpoint`] assembles it,
 //! [`server`] puts it on gRPC, [`error`] turns its errors into statuses.
 
@@ -25,6 +25,7 @@ pub mod own_table;
 pub mod register;
 pub mod server;
 pub mod validate;
+pub mod vpn;
 
 pub use config::Config;
 pub use endpoint::Endpoint;

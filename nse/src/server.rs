@@ -132,7 +132,7 @@ pub async fn serve(
 /// The whole program after configuration: endpoint, server, signals.
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let identity = config.identity.open(nsm_api::tls::IDENTITY_WAIT).await?;
-    let started = crate::functions::start(&config.functions, config.state_dir.as_deref())?;
+    let started = crate::functions::start(&config.functions, config.state_dir.as_deref()).await?;
     tracing::info!(
         functions = ?started.instances.iter().map(|f| f.name()).collect::<Vec<_>>(),
         chains = ?config.functions.chains,

@@ -183,8 +183,8 @@ fn a_bad_function_config_file_is_one_line_naming_the_key_and_exit_64() {
         ("version: 3\n", "version: unsupported config version 3"),
         ("version: 2\n", "functions: 0 instances"),
         (
-            "version: 2\nfunctions:\n  x: {type: vpn}\nchains: {a: [x]}\n",
-            "functions.x: type: unknown function type \"vpn\"",
+            "version: 2\nfunctions:\n  x: {type: nat}\nchains: {a: [x]}\n",
+            "functions.x: type: unknown function type \"nat\"",
         ),
         (
             "version: 2\nfunctions:\n  fw: {type: firewall}\nchains: {a: [fw, fw]}\n",
@@ -201,6 +201,10 @@ fn a_bad_function_config_file_is_one_line_naming_the_key_and_exit_64() {
         (
             "version: 2\nfunctions:\n  fw: {type: firewall, nsmAclFile: /nonexistent/acl.yaml}\nchains: {a: [fw]}\n",
             "functions.fw: nsmAclFile: cannot read /nonexistent/acl.yaml",
+        ),
+        (
+            "version: 2\nfunctions:\n  v: {type: vpn, privateKeyFile: /nonexistent/k, address: [198.18.210.1/32], peer: {publicKey: x, endpoint: '198.18.200.2:51820', allowedIps: [198.19.200.0/24]}}\nchains: {a: [v]}\n",
+            "functions.v: privateKeyFile: cannot read /nonexistent/k",
         ),
         (
             "version: 2\nfunctions:\n  fw: {type: firewall}\nchains: {a: [fw]}\nnetworkServiceFile: /nonexistent/ns.yaml\n",

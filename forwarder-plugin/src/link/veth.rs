@@ -342,6 +342,16 @@ impl Links {
             .map_err(|e| self.kernel_err(format!("set ifindex {index} up"), e))
     }
 
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
+        let msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .index(index)
+            .mtu(mtu)
+            .build();
+        self.ack(RouteNetlinkMessage::SetLink(msg), 0)
+            .await
+            .map_err(|e| self.kernel_err(format!("set ifindex {index} mtu {mtu}"), e))
+    }
+
     pub async fn set_down(&self, index: u32) -> Result<()> {
         let msg = LinkMessageBuilder::<LinkUnspec>::new()
             .index(index)

@@ -41,6 +41,12 @@ pub enum Claim {
     ContextKey(String),
     /// `context.ip_context.policies` (NSM's policy routes in the client).
     IpPolicies,
+    /// A network interface in the endpoint's netns.
+    Interface(String),
+    /// A UDP port the endpoint listens on.
+    UdpPort(u16),
+    /// A route (destination prefix) in the endpoint's main table.
+    Route(String),
 }
 
 impl std::fmt::Display for Claim {
@@ -49,6 +55,9 @@ impl std::fmt::Display for Claim {
             Claim::Table(t) => write!(f, "rules table {t}"),
             Claim::ContextKey(k) => write!(f, "extra_context key {k:?}"),
             Claim::IpPolicies => f.write_str("ip_context.policies"),
+            Claim::Interface(i) => write!(f, "interface {i}"),
+            Claim::UdpPort(p) => write!(f, "UDP port {p}"),
+            Claim::Route(r) => write!(f, "route to {r}"),
         }
     }
 }
@@ -160,7 +169,7 @@ impl Functions {
                         ip.policies.clear();
                     }
                 }
-                Claim::Table(_) => {}
+                Claim::Table(_) | Claim::Interface(_) | Claim::UdpPort(_) | Claim::Route(_) => {}
             }
         }
     }

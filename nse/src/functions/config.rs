@@ -30,6 +30,7 @@ use super::policy::Policy;
 
 use crate::firewall::config::FirewallConfig;
 use crate::mesh_proxy::config::FunctionConfig as MeshProxyConfig;
+use crate::vpn::config::{VpnConfig, VpnFile};
 
 /// The version this build reads besides version 1.
 pub const VERSION: u32 = 2;
@@ -42,6 +43,7 @@ pub const MAX_CHAINS: usize = 64;
 pub enum Kind {
     MeshProxy(Box<MeshProxyConfig>),
     Firewall(FirewallConfig),
+    Vpn(Box<VpnConfig>),
 }
 
 impl Kind {
@@ -49,12 +51,13 @@ impl Kind {
         match self {
             Kind::MeshProxy(_) => crate::mesh_proxy::NAME,
             Kind::Firewall(_) => crate::firewall::TYPE,
+            Kind::Vpn(_) => crate::vpn::TYPE,
         }
     }
 }
 
 /// The types an instance may have.
-pub const TYPES: &str = "mesh-proxy, firewall";
+pub const TYPES: &str = "mesh-proxy, firewall, vpn";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionsConfig {
@@ -251,6 +254,11 @@ fn instance(body: serde_yaml::Value) -> Result<Kind, String> {
             .and_then(|text| serde_yaml::from_str::<FirewallConfig>(&text).map_err(err))
             .and_then(FirewallConfig::resolve)
             .map(Kind::Firewall),
+        crate::vpn::TYPE => serde_yaml::to_string(&m)
+            .map_err(err)
+            .and_then(|text| serde_yaml::from_str::<VpnFile>(&text).map_err(err))
+            .and_then(VpnFile::resolve)
+            .map(|c| Kind::Vpn(Box::new(c))),
         other => Err(format!("type: unknown function type {other:?} ({TYPES})")),
     }
 }
@@ -273,6 +281,14 @@ fn check_chain(list: &[String], functions: &BTreeMap<String, Kind>) -> Result<()
         .count();
     if proxies > 1 {
         return Err("more than one mesh-proxy: a connection has one proxy".into());
+    }
+    if let Some(vpn) = list[..list.len() - 1]
+        .iter()
+        .find(|n| matches!(functions.get(*n), Some(Kind::Vpn(_))))
+    {
+        return Err(format!(
+            "{vpn:?} is a vpn and not last: a tunnel is where packets leave the endpoint"
+        ));
     }
     Ok(())
 }
@@ -317,7 +333,7 @@ mod tests {
             (format!("{fw}chains:\n  a: [fw]\ndefaultChain: b\n"), "defaultChain: no chain named \"b\""),
             (fw.to_string(), "chains: 0 chains"),
             (format!("{fw}chains:\n  a: [fw]\nchain: [fw]\n"), "unknown key chain"),
-            ("version: 2\nfunctions:\n  x: {type: vpn}\nchains: {a: [x]}\n".into(), "functions.x: type: unknown function type \"vpn\""),
+            ("version: 2\nfunctions:\n  x: {type: nat}\nchains: {a: [x]}\n".into(), "functions.x: type: unknown function type \"nat\""),
             ("version: 2\nfunctions:\n  x: {rules: []}\nchains: {a: [x]}\n".into(), "functions.x: type: missing"),
             ("version: 2\nfunctions:\n  x: {type: mesh-proxy, placement: elsewhere}\nchains: {a: [x]}\n".into(), "functions.x:"),
             ("version: 2\nfunctions:\n  'a b': {type: firewall}\nchains: {a: ['a b']}\n".into(), "is not a name"),
@@ -357,5 +373,30 @@ mod examples {
         let c = FunctionsConfig::parse(&text).unwrap();
         let labels = [("app".to_owned(), "payments".to_owned())].into();
         assert_eq!(c.policy.chain_for("mesh-proxy", &labels), Some("strict"));
+    }
+}
+
+#[cfg(test)]
+mod vpn_position {
+    use super::*;
+    use forwarder_plugin::wireguard;
+
+    #[test]
+    fn a_vpn_is_last_in_its_chains() {
+        let dir = std::env::temp_dir().join(format!("vpn-chain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("k");
+        let k = wireguard::generate_private_key().unwrap();
+        std::fs::write(&key, wireguard::encode_key(&k)).unwrap();
+        let vpn = format!(
+            "version: 2\nfunctions:\n  p: {{type: mesh-proxy}}\n  v:\n    type: vpn\n    privateKeyFile: {}\n    address: [198.18.210.1/32]\n    peer: {{publicKey: {}, endpoint: '198.18.200.2:51820', allowedIps: [198.19.200.0/24]}}\n",
+            key.display(),
+            wireguard::encode_key(&wireguard::public_key(&k))
+        );
+        let ok = FunctionsConfig::parse(&format!("{vpn}chains: {{a: [p, v]}}\n")).unwrap();
+        assert!(matches!(ok.functions["v"], Kind::Vpn(_)));
+        let e = FunctionsConfig::parse(&format!("{vpn}chains: {{a: [v, p]}}\n")).unwrap_err();
+        assert!(e.contains("chains.a: \"v\" is a vpn and not last"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

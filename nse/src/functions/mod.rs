@@ -44,6 +44,12 @@ pub enum StartError {
     },
     #[error("{0}")]
     Config(String),
+    #[error("function {name}: {source}")]
+    Vpn {
+        name: String,
+        #[source]
+        source: forwarder_plugin::wireguard::WgError,
+    },
 }
 
 /// The running instances and the chains they form.
@@ -170,7 +176,10 @@ pub fn check(config: &FunctionsConfig) -> Result<(), String> {
 /// follow from configuration alone (each instance's
 /// [`NetworkFunction::claims`] says the same), so a conflict is refused
 /// before any table is adopted or removed.
-pub fn start(config: &FunctionsConfig, state_dir: Option<&Path>) -> Result<Started, StartError> {
+pub async fn start(
+    config: &FunctionsConfig,
+    state_dir: Option<&Path>,
+) -> Result<Started, StartError> {
     let mut by_name: BTreeMap<&str, Arc<dyn NetworkFunction>> = BTreeMap::new();
     for (name, kind) in config.used() {
         let f: Arc<dyn NetworkFunction> = match kind {
@@ -191,6 +200,12 @@ pub fn start(config: &FunctionsConfig, state_dir: Option<&Path>) -> Result<Start
                     })?,
                 )
             }
+            Kind::Vpn(c) => Arc::new(crate::vpn::Vpn::start(name, (**c).clone()).await.map_err(
+                |source| StartError::Vpn {
+                    name: name.clone(),
+                    source,
+                },
+            )?),
         };
         by_name.insert(name, f);
     }
@@ -224,6 +239,7 @@ fn claims_of(kind: &Kind) -> Vec<Claim> {
     match kind {
         Kind::MeshProxy(c) => crate::mesh_proxy::claims(c),
         Kind::Firewall(c) => crate::firewall::claims(c),
+        Kind::Vpn(c) => crate::vpn::claims(c),
     }
 }
 
