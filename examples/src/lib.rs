@@ -19,3 +19,4 @@ pub mod proxy;
 pub mod svid;
 pub mod traffic;
 pub mod transparent_proxy;
+pub mod vpn_peer;

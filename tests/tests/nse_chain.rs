@@ -293,104 +293,38 @@ async fn network_service_policy_chooses_the_chain_and_a_change_applies_at_refres
 /// server behind the peer, which sees the endpoint's tunnel address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_vpn_function_sends_leaves_encrypted_to_a_server_behind_the_peer() {
-    use examples::process::{self, Process};
-    use forwarder_plugin::wireguard;
+    use examples::vpn_peer::{self, VpnKeys, VpnPeer};
     if !nsm_tests::require_root("chain: vpn") {
         return;
     }
-    let (nse_key, peer_key) = (
-        wireguard::generate_private_key().unwrap(),
-        wireguard::generate_private_key().unwrap(),
-    );
-    let (nse_key_text, peer_key_text) = (
-        wireguard::encode_key(&nse_key),
-        wireguard::encode_key(&peer_key),
-    );
+    let keys_dir = Scratch(std::env::temp_dir().join(nsm_tests::unique("vpn-keys-")));
+    std::fs::create_dir_all(&keys_dir.0).unwrap();
+    let keys = VpnKeys::generate(&keys_dir.0).unwrap();
     let config = format!(
-        "version: 2\nfunctions:\n  proxy:\n    type: mesh-proxy\n  vpn:\n    type: vpn\n    privateKeyFile: $DIR/nse.key\n    address: [198.18.210.1/32]\n    peer:\n      publicKey: {}\n      endpoint: 198.18.200.2:51820\n      allowedIps: [198.19.200.0/24]\nchains:\n  default: [proxy, vpn]\n",
-        wireguard::encode_key(&wireguard::public_key(&peer_key))
+        "version: 2\nfunctions:\n  proxy:\n    type: mesh-proxy\n{}chains:\n  default: [proxy, vpn]\n",
+        keys.function_yaml("vpn")
     );
-    let (lab, scratch) = lab_with(&[
-        ("chain.yaml", config.as_str()),
-        ("nse.key", nse_key_text.as_str()),
-    ]);
-    std::fs::write(scratch.0.join("peer.key"), peer_key_text).unwrap();
+    let (lab, _scratch) = lab_with(&[("chain.yaml", config.as_str())]);
+    let peer = VpnPeer::start(&lab.nse_ns, &keys, &keys_dir.0)
+        .unwrap_or_else(|e| panic!("the peer: {e}{}", lab.logs()));
 
-    // The peer's namespace, an underlay link to the endpoint, the peer's
-    // WireGuard (our userspace one) and a server behind it.
-    let peer = Namespace::create("mp-wgpeer").unwrap();
-    lab.nse_ns
-        .ip(&format!(
-            "link add wgu-nse type veth peer name wgu-peer netns {}",
-            peer.name()
-        ))
-        .unwrap();
-    lab.nse_ns
-        .ip("addr add 198.18.200.1/30 dev wgu-nse")
-        .unwrap();
-    lab.nse_ns.ip("link set wgu-nse up").unwrap();
-    peer.ip("addr add 198.18.200.2/30 dev wgu-peer").unwrap();
-    peer.ip("link set wgu-peer up").unwrap();
-    peer.ip("link set lo up").unwrap();
-    let counters = "table inet wgcount {\n chain under {\n  type filter hook prerouting priority -300;\n  iifname \"wgu-peer\" udp dport 51820 counter comment \"wireguard\"\n  iifname \"wgu-peer\" ip daddr 198.19.200.1 counter comment \"clear\"\n }\n}\n";
-    let rules = scratch.0.join("counters.nft");
-    std::fs::write(&rules, counters).unwrap();
-    peer.exec(&["nft", "-f", rules.to_str().unwrap()]).unwrap();
-    let mut cmd = peer.command(process::bin("wg-peer"));
-    cmd.args(["--interface", "wg-peer0", "--address", "198.19.200.1/32"])
-        .args([
-            "--private-key-file",
-            scratch.0.join("peer.key").to_str().unwrap(),
-        ])
-        .args([
-            "--peer-public-key",
-            &wireguard::encode_key(&wireguard::public_key(&nse_key)),
-        ])
-        .args(["--allowed-ip", "198.18.210.1/32"]);
-    let mut wg = Process::spawn("wg-peer", &mut cmd, &scratch.0.join("wg-peer.log")).unwrap();
-    wg.wait_until("wg-peer up", Duration::from_secs(10), |p| {
-        p.log().contains(" up,").then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mut cmd = peer.command(process::bin("hello-server"));
-    cmd.args(["--listen", "198.19.200.1:8080"]);
-    let mut server =
-        Process::spawn("hello-server", &mut cmd, &scratch.0.join("server.log")).unwrap();
-    server
-        .wait_until("the server behind the peer", Duration::from_secs(10), |p| {
-            p.log().contains("listening on").then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-
-    // Once the underlay has its IPv6 link-local address (after DAD), which
-    // would otherwise read as a change.
-    for _ in 0..100 {
-        let local = lab
-            .nse_ns
-            .ip("-6 route show table local dev wgu-nse")
-            .unwrap();
-        if local.contains("local fe80") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
     let before = inspect::snapshot(&lab.nse_ns).unwrap();
     let (c, ns, netns) = client(&lab);
     let conn = c
         .request(&netns, "web-0", "mesh-proxy", "nsm-1", &[])
         .await
         .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
-    let behind: SocketAddr = "198.19.200.1:8080".parse().unwrap();
+    let behind = vpn_peer::behind();
     let ex = examples::traffic::http_get(&ns, behind, Duration::from_secs(5)).unwrap_or_else(|e| {
         panic!(
-            "to the server behind the peer: {e}{}\n--- wg-peer: {}",
+            "to the server behind the peer: {e}{}{}",
             lab.logs(),
-            wg.log()
+            peer.logs()
         )
     });
     assert_eq!(
         ex.server_saw.ip().to_string(),
-        "198.18.210.1",
+        vpn_peer::NSE_TUNNEL_IP,
         "the server sees the endpoint's tunnel address"
     );
     assert!(
@@ -398,32 +332,15 @@ async fn what_the_vpn_function_sends_leaves_encrypted_to_a_server_behind_the_pee
         "the proxy carried it: {:?}",
         lab.proxy_lines()
     );
-    let listed = peer
-        .exec(&["nft", "list", "table", "inet", "wgcount"])
-        .unwrap();
-    let packets = |tag: &str| -> u64 {
-        listed
-            .lines()
-            .find(|l| l.contains(&format!("comment \"{tag}\"")))
-            .and_then(|l| l.split("packets ").nth(1))
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no {tag} counter in {listed}"))
-    };
+    let (wireguard, clear) = peer.counters().unwrap();
     assert!(
-        packets("wireguard") >= 3,
-        "handshake and data as WireGuard UDP: {listed}"
+        wireguard >= 3,
+        "handshake and data as WireGuard UDP: {wireguard} packets"
     );
-    assert_eq!(
-        packets("clear"),
-        0,
-        "nothing for the server in clear on the underlay: {listed}"
-    );
+    assert_eq!(clear, 0, "nothing for the server in clear on the underlay");
 
     c.close(&conn).await.unwrap();
     if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(10)) {
         panic!("after Close: {left:?}{}", lab.logs());
     }
-    drop(server);
-    drop(wg);
 }

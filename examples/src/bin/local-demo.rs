@@ -26,6 +26,7 @@ use examples::nsc::NscError;
 use examples::process::{self, Process, ProcessError};
 use examples::proxy::ProxyKind;
 use examples::traffic::{TrafficError, http_get};
+use examples::vpn_peer::{self, VpnKeys, VpnPeer, VpnPeerError};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +47,76 @@ struct Args {
     /// Run every hop with NSM_INSECURE=true (no mTLS, unverifiable tokens) instead of giving each its own SVID.
     #[arg(long)]
     insecure: bool,
+    /// The endpoint's network functions in packet order: mesh-proxy, with a firewall (denies TCP 8081) before or after it and a WireGuard vpn (to a peer namespace the demo creates) last, e.g. firewall,mesh-proxy,vpn.
+    #[arg(long, value_delimiter = ',', default_value = "mesh-proxy")]
+    chain: Vec<String>,
+}
+
+/// The functions the demo can chain.
+const FUNCTIONS: [&str; 3] = ["firewall", "mesh-proxy", "vpn"];
+/// What the demo's firewall denies.
+const DENIED_PORT: u16 = examples::lab::SERVER_PORT_2;
+
+/// `--chain` checked: the proxy is what the demo shows, a tunnel is where
+/// packets leave.
+fn check_chain(chain: &[String]) -> Result<(), String> {
+    for (i, f) in chain.iter().enumerate() {
+        if !FUNCTIONS.contains(&f.as_str()) {
+            return Err(format!(
+                "--chain: {f:?} is not one of {}",
+                FUNCTIONS.join(", ")
+            ));
+        }
+        if chain[..i].contains(f) {
+            return Err(format!("--chain: {f} is listed twice"));
+        }
+    }
+    if !chain.iter().any(|f| f == "mesh-proxy") {
+        return Err("--chain: the demo shows the proxy: include mesh-proxy".into());
+    }
+    if chain
+        .iter()
+        .position(|f| f == "vpn")
+        .is_some_and(|i| i + 1 != chain.len())
+    {
+        return Err("--chain: vpn goes last (a tunnel is where packets leave)".into());
+    }
+    Ok(())
+}
+
+/// The endpoint's NSM_CONFIG for `chain` (version 2).
+fn chain_config(chain: &[String], keys: Option<&VpnKeys>) -> String {
+    let mut functions = String::new();
+    for f in chain {
+        functions.push_str(&match f.as_str() {
+            "firewall" => format!(
+                "  firewall:\n    type: firewall\n    defaultAction: allow\n    rules:\n      - action: deny\n        protocol: tcp\n        destinationPorts: [\"{DENIED_PORT}\"]\n"
+            ),
+            "vpn" => keys.map(|k| k.function_yaml("vpn")).unwrap_or_default(),
+            _ => "  mesh-proxy:\n    type: mesh-proxy\n".to_owned(),
+        });
+    }
+    format!(
+        "version: 2\nfunctions:\n{functions}chains:\n  default: [{}]\n",
+        chain.join(", ")
+    )
+}
+
+/// What the chain adds to the demo.
+struct Chain<'a> {
+    names: &'a [String],
+    peer: Option<&'a VpnPeer>,
+}
+
+impl Chain<'_> {
+    fn has(&self, f: &str) -> bool {
+        self.names.iter().any(|n| n == f)
+    }
+
+    fn firewall_first(&self) -> bool {
+        let at = |f: &str| self.names.iter().position(|n| n == f);
+        at("firewall") < at("mesh-proxy")
+    }
 }
 
 /// Waits for a line on stdin (or Ctrl-C).
@@ -89,6 +160,10 @@ enum DemoError {
     Check(String),
     #[error(transparent)]
     Cancelled(#[from] cancel::Cancelled),
+    #[error(transparent)]
+    VpnPeer(#[from] VpnPeerError),
+    #[error("{0}")]
+    Io(String),
 }
 
 fn check(ok: bool, why: impl FnOnce() -> String) -> Result<(), DemoError> {
@@ -194,7 +269,64 @@ fn stranger_is_refused(lab: &Lab) -> Result<(), DemoError> {
     })
 }
 
-fn demo(args: &Args, lab: &mut Lab, client: &Namespace) -> Result<(), DemoError> {
+/// The chain's other functions at work: the firewall's denied port, the
+/// tunnel to the server behind the WireGuard peer.
+fn chain_works(lab: &Lab, client: &Namespace, chain: &Chain<'_>) -> Result<(), DemoError> {
+    if chain.has("firewall") {
+        let to = SocketAddr::new(server_addr().ip(), DENIED_PORT);
+        let res = http_get(client, to, Duration::from_secs(3));
+        let proxy_saw = lab.proxy_lines().iter().any(|(_, d)| *d == to);
+        if chain.firewall_first() {
+            println!(
+                "firewall (before the proxy): client -> {to}: {}; the proxy saw it: {proxy_saw}",
+                res.as_ref()
+                    .map_or_else(|e| format!("refused ({e})"), |_| "answered".into())
+            );
+            check(res.is_err() && !proxy_saw, || {
+                format!("the firewall before the proxy must refuse {to} before the proxy sees it")
+            })?;
+        } else {
+            // The proxy accepts first; its own connection upstream is dropped.
+            std::thread::sleep(Duration::from_millis(200));
+            let proxy_saw = lab.proxy_lines().iter().any(|(_, d)| *d == to);
+            println!(
+                "firewall (after the proxy): client -> {to}: {}; the proxy took it: {proxy_saw}, its connection upstream was dropped",
+                res.as_ref()
+                    .map_or_else(|_| "no answer".to_owned(), |_| "answered".into())
+            );
+            check(res.is_err() && proxy_saw, || {
+                format!("the firewall after the proxy must drop the proxy's connection to {to}")
+            })?;
+        }
+    }
+    if let Some(peer) = chain.peer {
+        let behind = vpn_peer::behind();
+        let ex = http_get(client, behind, Duration::from_secs(5))?;
+        let (wireguard, clear) = peer.counters()?;
+        println!(
+            "vpn: client -> {behind} (behind the WireGuard peer in {}): answered \"{}\"; \
+             on the peer's underlay: {wireguard} WireGuard packets, {clear} in clear",
+            peer.ns.name(),
+            examples::hello_server::greeting(ex.server_saw)
+        );
+        check(
+            ex.server_saw.ip().to_string() == vpn_peer::NSE_TUNNEL_IP
+                && wireguard > 0
+                && clear == 0,
+            || {
+                "the server behind the peer must see the endpoint's tunnel address, over WireGuard only".into()
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn demo(
+    args: &Args,
+    lab: &mut Lab,
+    client: &Namespace,
+    chain: &Chain<'_>,
+) -> Result<(), DemoError> {
     let pod = lab.attach_pod_network(client)?;
     let mut cmd = client.command(process::bin("hello-server"));
     cmd.args(["--listen", &format!("0.0.0.0:{APP_PORT}")]);
@@ -307,6 +439,13 @@ fn demo(args: &Args, lab: &mut Lab, client: &Namespace) -> Result<(), DemoError>
         lab.nse_ns.name(),
         up.iface
     );
+    if chain.names.len() > 1 {
+        step(&format!(
+            "3b. the rest of the chain ({})",
+            chain.names.join(" → ")
+        ));
+        chain_works(lab, client, chain)?;
+    }
     println!("meanwhile the client's own network works as before:");
     pod_network_works(lab, client, &pod)?;
 
@@ -368,27 +507,75 @@ fn demo(args: &Args, lab: &mut Lab, client: &Namespace) -> Result<(), DemoError>
 }
 
 fn run(args: &Args) -> Result<(), DemoError> {
-    step(&format!("1. topology (proxy: {})", args.proxy.name()));
+    step(&format!(
+        "1. topology (proxy: {}, chain: {})",
+        args.proxy.name(),
+        args.chain.join(" → ")
+    ));
+    let scratch = std::env::temp_dir().join(format!("mp-demo-chain-{}", std::process::id()));
+    let res = with_scratch(args, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    res
+}
+
+fn with_scratch(args: &Args, scratch: &std::path::Path) -> Result<(), DemoError> {
+    let io = |e: std::io::Error| DemoError::Io(format!("{}: {e}", scratch.display()));
+    let mut nse_env = Vec::new();
+    let mut keys = None;
+    if args.chain != ["mesh-proxy"] {
+        std::fs::create_dir_all(scratch).map_err(io)?;
+        if args.chain.iter().any(|f| f == "vpn") {
+            keys = Some(VpnKeys::generate(scratch).map_err(io)?);
+        }
+        let config = scratch.join("nse-chain.yaml");
+        let text = chain_config(&args.chain, keys.as_ref());
+        std::fs::write(&config, &text).map_err(io)?;
+        println!("NSM_CONFIG of the endpoint:\n{}", indent(&text));
+        nse_env.push(("NSM_CONFIG".to_owned(), config.display().to_string()));
+    }
     let config = LabConfig {
         proxy: args.proxy,
         say: |s| println!("{s}"),
         secure: !args.insecure,
+        nse_env,
         ..Default::default()
     };
     let mut lab = Lab::start(config)?;
+    let peer = match &keys {
+        Some(k) => {
+            let p = VpnPeer::start(&lab.nse_ns, k, scratch)?;
+            println!(
+                "WireGuard peer {}: underlay 198.18.230.2/30 ⇄ the endpoint's 198.18.230.1/30, \
+                 a server behind it on {}",
+                p.ns.name(),
+                vpn_peer::BEHIND
+            );
+            Some(p)
+        }
+        None => None,
+    };
     let client = lab.client()?;
-    let names = [
+    let mut names = vec![
         client.name().to_owned(),
         lab.nse_ns.name().to_owned(),
         lab.server_ns.name().to_owned(),
         lab.node_ns.name().to_owned(),
     ];
-    let res = demo(args, &mut lab, &client);
+    names.extend(peer.as_ref().map(|p| p.ns.name().to_owned()));
+    let chain = Chain {
+        names: &args.chain,
+        peer: peer.as_ref(),
+    };
+    let res = demo(args, &mut lab, &client, &chain);
     if res.is_err() {
         eprintln!("\nlogs:{}", lab.logs());
+        if let Some(p) = &peer {
+            eprintln!("{}", p.logs());
+        }
     }
     step("5. teardown");
     drop(client);
+    drop(peer);
     drop(lab);
     let left: Vec<&String> = names
         .iter()
@@ -404,6 +591,10 @@ fn run(args: &Args) -> Result<(), DemoError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = check_chain(&args.chain) {
+        eprintln!("local-demo: {e}");
+        return ExitCode::from(2);
+    }
     if let Err(e) = cancel::install() {
         eprintln!("demo: FAILED: {e}");
         return ExitCode::FAILURE;
