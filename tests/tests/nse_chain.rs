@@ -344,3 +344,44 @@ async fn what_the_vpn_function_sends_leaves_encrypted_to_a_server_behind_the_pee
         panic!("after Close: {left:?}{}", lab.logs());
     }
 }
+
+/// The firewall on the iptables backend (its rules in mangle chains
+/// `NSM_FIREWALL_*`): the same filtering; a denied packet is dropped
+/// (iptables refuses REJECT outside its filter table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_firewall_on_iptables_filters_the_same() {
+    if !nsm_tests::require_root("chain: firewall on iptables") {
+        return;
+    }
+    let (lab, _scratch) = lab_with(&[(
+        "chain.yaml",
+        "version: 2\nfunctions:\n  fw:\n    type: firewall\n    defaultAction: allow\n    rules:\n    - action: deny\n      protocol: tcp\n      destinationPorts: ['8081']\n    table: {backend: iptables}\n  proxy:\n    type: mesh-proxy\nchains:\n  default: [fw, proxy]\n",
+    )]);
+    let before = inspect::snapshot(&lab.nse_ns).unwrap();
+    let (c, ns, netns) = client(&lab);
+    let conn = c
+        .request(&netns, "web-0", "mesh-proxy", "nsm-1", &[])
+        .await
+        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
+    lab.get_through_proxy(&ns, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the allowed port: {e}"));
+    let denied = examples::traffic::http_get(&ns, denied_port(), Duration::from_secs(2));
+    assert!(denied.is_err(), "port 8081 got through: {denied:?}");
+    assert!(
+        !lab.proxy_lines()
+            .iter()
+            .any(|(_, to)| to.port() == SERVER_PORT_2),
+        "the proxy saw the denied port"
+    );
+    let saved = lab.nse_ns.exec(&["iptables-save", "-t", "mangle"]).unwrap();
+    assert!(
+        saved.contains("NSM_FIREWALL_FIREWALL")
+            && saved.contains("--dport 8081")
+            && saved.contains("-j DROP"),
+        "{saved}"
+    );
+    c.close(&conn).await.unwrap();
+    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(10)) {
+        panic!("after Close: {left:?}{}", lab.logs());
+    }
+}

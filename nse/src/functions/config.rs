@@ -373,6 +373,21 @@ mod examples {
         let c = FunctionsConfig::parse(&text).unwrap();
         let labels = [("app".to_owned(), "payments".to_owned())].into();
         assert_eq!(c.policy.chain_for("mesh-proxy", &labels), Some("strict"));
+        // The vpn example, with keys where it expects them.
+        let k = forwarder_plugin::wireguard::generate_private_key().unwrap();
+        let tmp = std::env::temp_dir().join(format!("vpn-example-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let (private, public) = (tmp.join("private.key"), tmp.join("peer.pub"));
+        let enc = forwarder_plugin::wireguard::encode_key;
+        std::fs::write(&private, enc(&k)).unwrap();
+        std::fs::write(&public, enc(&forwarder_plugin::wireguard::public_key(&k))).unwrap();
+        let text = std::fs::read_to_string(dir.join("firewall-mesh-proxy-vpn.yaml"))
+            .unwrap()
+            .replace("/etc/wireguard/private.key", private.to_str().unwrap())
+            .replace("/etc/wireguard/peer.pub", public.to_str().unwrap());
+        let c = FunctionsConfig::parse(&text);
+        let _ = std::fs::remove_dir_all(&tmp);
+        assert_eq!(c.unwrap().chains["default"], ["fw", "proxy", "vpn"]);
     }
 }
 

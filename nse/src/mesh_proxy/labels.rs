@@ -8,6 +8,12 @@
 //! spaces: `NSM_NETWORK_SERVICES` is itself a comma-separated list of
 //! URLs, so inside it write `22;2222` or `22+2222` (`+` decodes to a
 //! space in a URL query).
+//!
+//! istio's pod annotations for the same options are read too, under their
+//! names ([`ISTIO_ALIASES`], e.g. `traffic.sidecar.istio.io/excludeOutboundPorts`),
+//! so a pod's istio annotations can be passed on as they are; any other
+//! `traffic.sidecar.istio.io/` label is refused (its option is not per
+//! connection here).
 
 use std::collections::HashMap;
 
@@ -26,6 +32,25 @@ pub const EXCLUDE_OUTBOUND_CIDRS: &str = "proxy-exclude-outbound-cidrs";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "proxy-exclude-outbound-ports";
 /// Ports of the client whose inbound traffic bypasses the proxy (sidecar only).
 pub const EXCLUDE_INBOUND_PORTS: &str = "proxy-exclude-inbound-ports";
+
+/// istio's annotations (istio-cni reads them from the pod) and the label
+/// each one is.
+pub const ISTIO_ALIASES: [(&str, &str); 3] = [
+    (
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        EXCLUDE_OUTBOUND_CIDRS,
+    ),
+    (
+        "traffic.sidecar.istio.io/excludeOutboundPorts",
+        EXCLUDE_OUTBOUND_PORTS,
+    ),
+    (
+        "traffic.sidecar.istio.io/excludeInboundPorts",
+        EXCLUDE_INBOUND_PORTS,
+    ),
+];
+/// Labels with this prefix are istio annotations: ours if in [`ISTIO_ALIASES`].
+pub const ISTIO_PREFIX: &str = "traffic.sidecar.istio.io/";
 
 /// Every label this function reads.
 pub const ALL: [&str; 4] = [
@@ -57,7 +82,17 @@ fn items(value: &str) -> impl Iterator<Item = &str> {
         .filter(|s| !s.is_empty())
 }
 
+/// `*` ("all") makes no sense in an exclusion: excluding everything is
+/// asking for no proxy, which is a placement, not a label.
+fn no_star(value: &str) -> Result<(), String> {
+    if items(value).any(|s| s == "*") {
+        return Err("\"*\" would exclude everything: leave the connection out of the mesh-proxy service instead".into());
+    }
+    Ok(())
+}
+
 fn ports(value: &str) -> Result<Vec<Port>, String> {
+    no_star(value)?;
     items(value)
         .map(|s| match s.parse::<u16>() {
             Ok(p) if p != 0 => Ok(Port(p)),
@@ -71,17 +106,39 @@ impl Overrides {
     pub fn from_labels(labels: &HashMap<String, String>) -> Result<Overrides, LabelError> {
         let mut ours: Vec<(&String, &String)> = labels
             .iter()
-            .filter(|(k, _)| k.starts_with(PREFIX))
+            .filter(|(k, _)| k.starts_with(PREFIX) || k.starts_with(ISTIO_PREFIX))
             .collect();
         ours.sort();
         let mut o = Overrides::default();
+        let mut seen: HashMap<&str, &str> = HashMap::new();
         for (label, value) in ours {
-            let res = match label.as_str() {
+            let bad = |why: String| LabelError {
+                label: label.clone(),
+                why,
+            };
+            let name = match ISTIO_ALIASES.iter().find(|(a, _)| a == label) {
+                Some((_, ours)) => *ours,
+                None if label.starts_with(ISTIO_PREFIX) => {
+                    return Err(bad(format!(
+                        "this istio annotation is not a per-connection option here (supported: {})",
+                        ISTIO_ALIASES.map(|(a, _)| a).join(", ")
+                    )));
+                }
+                None => label.as_str(),
+            };
+            if let Some(other) = seen.insert(name, label) {
+                return Err(bad(format!(
+                    "is {other:?} under another name: set one of them"
+                )));
+            }
+            let res = match name {
                 PLACEMENT => value.parse().map(|p| o.placement = Some(p)),
-                EXCLUDE_OUTBOUND_CIDRS => items(value)
-                    .map(parse_cidr)
-                    .collect::<Result<_, _>>()
-                    .map(|v| o.exclude_outbound_cidrs = v),
+                EXCLUDE_OUTBOUND_CIDRS => no_star(value).and_then(|()| {
+                    items(value)
+                        .map(parse_cidr)
+                        .collect::<Result<_, _>>()
+                        .map(|v| o.exclude_outbound_cidrs = v)
+                }),
                 EXCLUDE_OUTBOUND_PORTS => ports(value).map(|v| o.exclude_outbound_ports = v),
                 EXCLUDE_INBOUND_PORTS => ports(value).map(|v| o.exclude_inbound_ports = v),
                 _ => Err(format!(
@@ -89,10 +146,7 @@ impl Overrides {
                     ALL.join(", ")
                 )),
             };
-            res.map_err(|why| LabelError {
-                label: label.clone(),
-                why,
-            })?;
+            res.map_err(bad)?;
         }
         Ok(o)
     }
@@ -172,6 +226,52 @@ mod tests {
         let o = Overrides::from_labels(&url.labels.into_iter().collect()).unwrap();
         assert_eq!(o.placement, Some(Placement::Sidecar));
         assert_eq!(o.exclude_outbound_ports, [Port(22), Port(2222)]);
+    }
+
+    #[test]
+    fn istio_annotation_names_are_the_same_options() {
+        let o = Overrides::from_labels(&labels(&[
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "22,2222"),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                "10.0.0.0/8",
+            ),
+            ("traffic.sidecar.istio.io/excludeInboundPorts", "15020"),
+        ]))
+        .unwrap();
+        assert_eq!(o.exclude_outbound_ports, [Port(22), Port(2222)]);
+        assert_eq!(
+            o.exclude_outbound_cidrs,
+            ["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(o.exclude_inbound_ports, [Port(15020)]);
+        for (pairs, label, want) in [
+            (
+                &[("traffic.sidecar.istio.io/includeOutboundIPRanges", "*")][..],
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                "not a per-connection option here",
+            ),
+            (
+                &[
+                    ("traffic.sidecar.istio.io/excludeOutboundPorts", "22"),
+                    (EXCLUDE_OUTBOUND_PORTS, "23"),
+                ][..],
+                "traffic.sidecar.istio.io/excludeOutboundPorts",
+                "under another name",
+            ),
+            (
+                &[(
+                    "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                    "10.0.0.0/8,*",
+                )][..],
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                "would exclude everything",
+            ),
+        ] {
+            let e = Overrides::from_labels(&labels(pairs)).unwrap_err();
+            assert_eq!(e.label, label, "{e}");
+            assert!(e.why.contains(want), "{e}");
+        }
     }
 
     #[test]

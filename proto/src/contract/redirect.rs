@@ -518,7 +518,7 @@ fn port_from_str<E: de::Error>(s: &str) -> Result<Port, E> {
     let t = s.trim();
     if t == "*" {
         return Err(E::custom(
-            "\"*\" (all) is only allowed as the whole value of includeInboundPorts",
+            "\"*\" (all) is only allowed in includeInboundPorts",
         ));
     }
     match t.parse::<i128>() {
@@ -553,7 +553,7 @@ fn cidr_from_str<E: de::Error>(s: &str) -> Result<IpNet, E> {
     let t = s.trim();
     if t == "*" {
         return Err(E::custom(
-            "\"*\" (all) is only allowed as the whole value of includeOutboundCidrs",
+            "\"*\" (all) is only allowed in includeOutboundCidrs",
         ));
     }
     if let Ok(net) = t.parse::<IpNet>() {
@@ -618,18 +618,16 @@ impl<'de, T: Item> Visitor<'de> for ListVisitor<T> {
         }
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        if v.trim() == "*" {
-            if self.allow_all {
-                return Ok(Selection::All);
-            }
-            return Err(E::custom(format!(
-                "\"*\" (all) is not allowed here: list the {} instead",
-                T::WHAT
-            )));
-        }
-        v.split(',')
+        let elements: Vec<&str> = v
+            .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
+            .collect();
+        if elements.contains(&"*") {
+            return self.all();
+        }
+        elements
+            .into_iter()
             .map(T::from_str)
             .collect::<Result<_, _>>()
             .map(Selection::List)
@@ -645,14 +643,37 @@ impl<'de, T: Item> Visitor<'de> for ListVisitor<T> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut out = Vec::new();
+        let mut star = false;
         while let Some(el) = seq.next_element::<ItemOf<T>>()? {
-            out.push(el.0);
+            match el.0 {
+                Some(x) => out.push(x),
+                None => star = true,
+            }
+        }
+        if star {
+            return self.all();
         }
         Ok(Selection::List(out))
     }
 }
 
-struct ItemOf<T>(T);
+impl<T: Item> ListVisitor<T> {
+    /// A `"*"` anywhere in the list: everything, as istio reads its
+    /// annotations (`"10.0.0.0/8,*"` is `"*"`), where the field allows it.
+    fn all<E: de::Error>(&self) -> Result<Selection<T>, E> {
+        if self.allow_all {
+            Ok(Selection::All)
+        } else {
+            Err(E::custom(format!(
+                "\"*\" (all) is not allowed here: list the {} instead",
+                T::WHAT
+            )))
+        }
+    }
+}
+
+/// An element of a list: an item, or `None` for `"*"`.
+struct ItemOf<T>(Option<T>);
 
 impl<'de, T: Item> Deserialize<'de> for ItemOf<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -663,13 +684,16 @@ impl<'de, T: Item> Deserialize<'de> for ItemOf<T> {
                 write!(f, "one of the {}", T::WHAT)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                T::from_str(v).map(ItemOf)
+                if v.trim() == "*" {
+                    return Ok(ItemOf(None));
+                }
+                T::from_str(v).map(|x| ItemOf(Some(x)))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                T::from_int(v.into()).map(ItemOf)
+                T::from_int(v.into()).map(|x| ItemOf(Some(x)))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                T::from_int(v.into()).map(ItemOf)
+                T::from_int(v.into()).map(|x| ItemOf(Some(x)))
             }
         }
         d.deserialize_any(V(std::marker::PhantomData))

@@ -86,6 +86,25 @@ fn ports_out_of_range_are_refused() {
     }
 }
 
+/// istio reads `*` anywhere in a list as "everything" (its annotations
+/// `includeOutboundIPRanges: "10.0.0.0/8,*"`); so do the fields that allow it.
+#[test]
+fn a_star_element_means_all_where_all_is_allowed() {
+    for text in [
+        r#"{"includeOutboundCidrs": ["10.0.0.0/8", "*"]}"#,
+        r#"{"includeOutboundCidrs": "10.0.0.0/8, *"}"#,
+        r#"{"includeInboundPorts": "80,*"}"#,
+        r#"{"includeInboundPorts": [80, "*"]}"#,
+    ] {
+        let s = RedirectSpec::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert!(
+            s.include_outbound_cidrs == Selection::All && text.contains("Cidrs")
+                || s.include_inbound_ports == Selection::All && text.contains("Ports"),
+            "{text}: {s:?}"
+        );
+    }
+}
+
 #[test]
 fn bad_cidrs_are_refused() {
     for (text, want) in [
@@ -102,8 +121,8 @@ fn bad_cidrs_are_refused() {
             "\"*\" (all) is not allowed here",
         ),
         (
-            r#"{"includeOutboundCidrs": ["*"]}"#,
-            "only allowed as the whole value",
+            r#"{"excludeOutboundCidrs": ["10.0.0.0/8", "*"]}"#,
+            "\"*\" (all) is not allowed here",
         ),
         (
             r#"{"excludeOutboundCidrs": ["fd00::/8"]}"#,
