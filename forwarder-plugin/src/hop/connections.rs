@@ -408,6 +408,38 @@ impl Hop {
         Ok(Some(record))
     }
 
+    /// Applies the client-side rules of every connection again where they
+    /// drifted (a ruleset flushed in the pod by someone else would let its
+    /// traffic pass beside the proxy): fail closed. One connection at a
+    /// time, under its lock and its namespace's rules lock, as any change.
+    /// Returns the connections repaired.
+    pub async fn repair_rules(&self) -> Vec<String> {
+        let ids: Vec<String> = self
+            .records()
+            .into_iter()
+            .filter(|(_, r)| dataplane::has_firewall(r) && !r.session.closing)
+            .map(|(id, _)| id)
+            .collect();
+        let mut repaired = Vec::new();
+        for id in ids {
+            let _conn = self.connections.lock(&id).await;
+            // Closed (or replaced) while we waited.
+            let Some(rec) = self.record(&id) else {
+                continue;
+            };
+            let _ns = self.rules_lock(&rec).await;
+            let held = self.registry().held.get(&id).cloned();
+            match dataplane::repair_rules(&rec, held.as_ref().map(|h| &h.client)).await {
+                Ok(true) => repaired.push(id),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "cannot check or repair the client's rules")
+                }
+            }
+        }
+        repaired
+    }
+
     /// Records that connection `id` is being closed but could not be undone
     /// completely, so a restarted hop finishes the job at start.
     pub async fn mark_closing(&self, id: &str) -> Result<()> {

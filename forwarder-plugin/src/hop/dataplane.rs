@@ -155,6 +155,20 @@ pub async fn reapply_rules(rec: &HopRecord, client: Option<&Netns>) -> Result<()
     }
 }
 
+/// Checks `rec`'s firewall rules in the client's namespace and applies
+/// them again if they drifted (e.g. the pod's ruleset was flushed): true if
+/// it had to. A namespace that is gone is nothing to repair.
+pub async fn repair_rules(rec: &HopRecord, client: Option<&Netns>) -> Result<bool> {
+    let Some(client) = held_or_found(client, &rec.client_netns, rec.client_cookie)? else {
+        return Ok(false);
+    };
+    let routing = rec.client_routing()?;
+    match firewall_plan(rec, &routing)? {
+        Some(plan) => rules_apply(rec, plan, &client, false).await,
+        None => Ok(false),
+    }
+}
+
 /// The firewall rules of the client's namespace: the redirect spec's, or
 /// the capture plan.
 fn firewall_plan(rec: &HopRecord, routing: &ClientRouting) -> Result<Option<Plan>> {

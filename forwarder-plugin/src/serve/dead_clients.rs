@@ -6,6 +6,9 @@
 //! each connection whose client namespace is gone: undone here, Closed
 //! downstream, and DELETEd on our monitor so the caller learns it.
 //!
+//! The same task keeps live connections' client-side rules in place:
+//! rules someone flushed in the pod are applied again (fail closed).
+//!
 //! A namespace is matched by inode: should a new namespace get the dead
 //! one's inode before the scan, the connection is taken for alive and
 //! waits for its expiry instead (never a wrong Close).
@@ -21,12 +24,23 @@ use crate::netns::{Netns, NetnsId};
 
 /// How often client namespaces are checked.
 pub const PERIOD: Duration = Duration::from_secs(2);
+/// How often the client-side rules of live connections are verified (a
+/// netlink read per connection) and repaired if they drifted.
+pub const RULES_PERIOD: Duration = Duration::from_secs(5);
 
-/// Checks every [`PERIOD`], for as long as the task runs.
+/// Checks every [`PERIOD`] (and the rules every [`RULES_PERIOD`]), for as
+/// long as the task runs.
 pub async fn watch(forwarder: Arc<Forwarder>, monitor: MonitorHub) {
+    let mut last_rules = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(PERIOD).await;
         sweep(&forwarder, &monitor).await;
+        if last_rules.elapsed() >= RULES_PERIOD {
+            last_rules = tokio::time::Instant::now();
+            for id in forwarder.hop().repair_rules().await {
+                tracing::warn!(%id, "the client's rules had drifted (flushed in its namespace?): applied again");
+            }
+        }
     }
 }
 

@@ -294,6 +294,10 @@ mod tests {
     }
 
     fn chain(fail_b: bool) -> (Next<NseError>, Arc<Mutex<Vec<String>>>) {
+        chain_failing(if fail_b { "b" } else { "" })
+    }
+
+    fn chain_failing(which: &str) -> (Next<NseError>, Arc<Mutex<Vec<String>>>) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let f = |name, fail| {
             Arc::new(Fake {
@@ -303,9 +307,9 @@ mod tests {
             }) as Arc<dyn NetworkFunction>
         };
         let funcs = Functions::new(Arc::new(Fixed(vec![
-            f("a", false),
-            f("b", fail_b),
-            f("c", false),
+            f("a", which == "a"),
+            f("b", which == "b"),
+            f("c", which == "c"),
         ])));
         (Next::chain(vec![Arc::new(funcs)]), log)
     }
@@ -348,6 +352,23 @@ mod tests {
         assert_eq!(
             *log.lock().unwrap(),
             ["apply a", "apply b", "undo b", "undo a"]
+        );
+    }
+
+    /// The third function failing leaves nothing of the first two.
+    #[tokio::test]
+    async fn a_failing_third_function_undoes_the_first_two() {
+        let (chain, log) = chain_failing("c");
+        let e = chain
+            .request(&mut Ctx::internal(), req())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("network function c failed"), "{e}");
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "apply a", "apply b", "apply c", "undo c", "undo b", "undo a"
+            ]
         );
     }
 
