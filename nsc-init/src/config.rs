@@ -38,6 +38,10 @@ otherwise one stderr line `nsc-init: <url>: <reason>`.";
 #[derive(Debug, Parser)]
 #[command(name = "nsc-init", version, after_help = EXIT_CODES)]
 pub struct Cli {
+    /// Only check the configuration (environment and flags) and exit: 0 if it is valid, the configuration error's code if not.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// Comma-separated network service URLs, as the NSM webhook sets them:
     /// `<mechanism>://<service>[@domain][/<iface>][?label=value&…]`, e.g.
     /// `kernel://mesh-proxy/nsm-1`. Only the kernel mechanism is supported.

@@ -33,6 +33,10 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return exit::Failure::from(e).report(),
     };
+    if cli.check_config {
+        println!("nsc-init: the configuration is valid");
+        return ExitCode::from(exit::code::OK);
+    }
     // Our own events at NSM_LOG_LEVEL; the gRPC stack's only at TRACE.
     let logging = nsm_api::logging::init(cfg.log_level, cfg.log_format, own_events, false);
     // On the main thread, before any runtime thread exists.

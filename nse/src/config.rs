@@ -41,6 +41,14 @@ the unix socket) with point-to-point addresses.\n\nEvery option is also read fro
 environment variable shown with it; the flag wins over the variable."
 )]
 pub struct Args {
+    /// Only check the configuration (environment, flags and the files they name: NSM_CONFIG, keys, policies) and exit: 0 if it is valid, 64 with the reason if not.
+    #[arg(long, conflicts_with = "probe")]
+    pub check_config: bool,
+
+    /// Check the health of the endpoint running at NSM_LISTEN_ON (grpc.health.v1, with this container's identity) and exit: 0 if it is SERVING, 1 with the reason if not. For a Kubernetes exec probe, as NSM's pods run grpc-health-probe.
+    #[arg(long)]
+    pub probe: bool,
+
     /// Name of this endpoint: its path-segment name and token subject.
     #[arg(
         long,
@@ -188,6 +196,16 @@ pub enum ListenOn {
     Tcp(SocketAddr),
 }
 
+impl ListenOn {
+    /// Where a client of ours dials it.
+    pub fn target(&self) -> nsm_api::transport::Target {
+        match self {
+            ListenOn::Unix(p) => nsm_api::transport::Target::Unix(p.clone()),
+            ListenOn::Tcp(a) => nsm_api::transport::Target::Tcp(a.to_string()),
+        }
+    }
+}
+
 impl fmt::Display for ListenOn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -200,6 +218,10 @@ impl fmt::Display for ListenOn {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `--check-config`: stop after checking.
+    pub check_only: bool,
+    /// `--probe`: check the running endpoint's health instead of serving.
+    pub probe_only: bool,
     pub name: String,
     pub listen_on: ListenOn,
     /// Registry URL (`NSM_CONNECT_TO`); `None`: do not register.
@@ -387,6 +409,8 @@ impl TryFrom<Args> for Config {
 
     fn try_from(a: Args) -> Result<Self, Self::Error> {
         let cfg = Config {
+            check_only: a.check_config,
+            probe_only: a.probe,
             name: parse_name(&a.name).map_err(|r| invalid("NSM_NAME", "name", r))?,
             listen_on: parse_listen_on(&a.listen_on)
                 .map_err(|r| invalid("NSM_LISTEN_ON", "listen-on", r))?,

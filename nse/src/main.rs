@@ -12,6 +12,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if config.check_only {
+        println!("mesh-proxy-nse: the configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    if config.probe_only {
+        return nsm_api::probe::exit_code(
+            "mesh-proxy-nse",
+            config.listen_on.target(),
+            &config.identity,
+        );
+    }
     let logging = nsm_api::logging::init(
         config.log_level,
         config.log_format,

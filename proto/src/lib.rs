@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod nsurl;
 pub mod path;
+pub mod probe;
 pub mod register;
 pub mod tls;
 pub mod token;

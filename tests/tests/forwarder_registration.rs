@@ -1,4 +1,4 @@
-//! `forwarder-plugin serve` as deploy/forwarder.yaml runs it: the manifest's
+//! `forwarder-plugin serve` as deploy/base/forwarder-plugin/forwarder.yaml runs it: the manifest's
 //! environment (read from the file, host paths moved into a scratch
 //! directory) starts it — its SVID from SPIRE's socket, here a Workload API
 //! server on go-spiffe — NSM_CONNECT_TO is its next hop and its registry,
@@ -20,11 +20,12 @@ use registry_support::{Seen, start_registry_with};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// `(name, value)` of the forwarder container's env in deploy/forwarder.yaml,
+/// `(name, value)` of the forwarder container's env in deploy/base/forwarder-plugin/forwarder.yaml,
 /// `valueFrom` fields given `from`, `$(VAR)` expanded as Kubernetes does.
 fn manifest_env(from: &[(&str, &str)]) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/forwarder.yaml"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/base/forwarder-plugin/forwarder.yaml"),
     )
     .unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();

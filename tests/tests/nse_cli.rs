@@ -433,3 +433,91 @@ async fn sigusr1_traces_sigusr2_restores_and_json_lines_parse() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(traced(&events()), after, "no TRACE lines after SIGUSR2");
 }
+
+/// `--probe`, what the manifests' exec probes run: with the container's own
+/// environment it passes while the endpoint serves (over mTLS with the
+/// container's SVID, as NSM's grpc-health-probe -spiffe does), fails with
+/// the reason for a caller the endpoint does not trust, and fails once the
+/// endpoint is gone.
+#[test]
+fn the_exec_probe_passes_only_while_the_endpoint_serves() {
+    let dir = TempDir::new();
+    let issue = |ca: &examples::svid::TestCa, sub: &str| {
+        let d = dir.path().join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        ca.write(
+            &ca.issue("/ns/nsm-system/pod/mesh-proxy-nse-0").unwrap(),
+            &d,
+        )
+        .unwrap()
+    };
+    let ours = issue(&examples::svid::TestCa::new("k8s.nsm").unwrap(), "ours");
+    let theirs = issue(
+        &examples::svid::TestCa::new("elsewhere.test").unwrap(),
+        "theirs",
+    );
+    let config = dir.path().join("sidecar.yaml");
+    std::fs::write(&config, "version: 1\nplacement: sidecar\n").unwrap();
+    let listen = format!("unix://{}", dir.path().join("nse.sock").display());
+    let env = |files: &nsm_api::tls::SvidFiles| -> Vec<(&'static str, String)> {
+        vec![
+            ("NSM_NAME", "mesh-proxy-nse-0".into()),
+            ("NSM_LISTEN_ON", listen.clone()),
+            ("NSM_CONFIG", config.display().to_string()),
+            ("NSM_SVID_CERT_FILE", files.cert.display().to_string()),
+            ("NSM_SVID_KEY_FILE", files.key.display().to_string()),
+            ("NSM_TRUST_BUNDLE_FILE", files.bundle.display().to_string()),
+        ]
+    };
+    let probe = |files: &nsm_api::tls::SvidFiles| {
+        let env = env(files);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run(&["--probe"], &env)
+    };
+
+    let out = probe(&ours);
+    assert_eq!(out.status.code(), Some(1), "nothing serves yet");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("not healthy") && err.contains("cannot reach"),
+        "{err}"
+    );
+
+    let log = dir.path().join("nse.log");
+    let mut cmd = Command::new(bin("mesh-proxy-nse"));
+    cmd.env_clear()
+        .envs(env(&ours))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut nse = ChildGuard::spawn(&mut cmd);
+    let mut passed = false;
+    for _ in 0..100 {
+        if probe(&ours).status.success() {
+            passed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        passed,
+        "the probe never passed: {}\n{}",
+        String::from_utf8_lossy(&probe(&ours).stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    let out = probe(&theirs);
+    assert_eq!(out.status.code(), Some(1), "an untrusted SVID passed");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("not healthy"), "{err}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(nse.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = nse.0.wait();
+    let out = probe(&ours);
+    assert_eq!(out.status.code(), Some(1), "the endpoint has stopped");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use forwarder_plugin::serve::{EXIT_CONFIG, ServeArgs, ServeConfig};
 
 pub fn run(args: ServeArgs) -> ExitCode {
+    let (check_only, probe) = (args.check_config, args.probe);
     let cfg = match ServeConfig::try_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -13,6 +14,17 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if check_only {
+        println!("forwarder-plugin serve: the configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    if probe {
+        return nsm_api::probe::exit_code(
+            "forwarder-plugin serve",
+            nsm_api::transport::Target::Unix(cfg.listen_on.clone()),
+            &cfg.identity,
+        );
+    }
     let logging = nsm_api::logging::init(
         cfg.log_level,
         cfg.log_format,

@@ -34,6 +34,14 @@ the endpoint asks for in extra_context \"mesh-proxy.v1/client-redirect\".\n\nEve
 also read from that environment variable; the flag wins. Invalid configuration exits with 64."
 )]
 pub struct ServeArgs {
+    /// Only check the configuration (environment, flags and the files they name) and exit: 0 if it is valid, 64 with the reason if not.
+    #[arg(long, conflicts_with = "probe")]
+    pub check_config: bool,
+
+    /// Check the health of the forwarder running at NSM_LISTEN_ON (grpc.health.v1, with this container's identity) and exit: 0 if it is SERVING, 1 with the reason if not. For a Kubernetes exec probe.
+    #[arg(long)]
+    pub probe: bool,
+
     /// Name of this hop: its path-segment name and token subject.
     #[arg(long, env = "NSM_NAME", default_value = "forwarder-plugin")]
     pub name: String,

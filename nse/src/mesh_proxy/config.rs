@@ -534,7 +534,10 @@ mod tests {
 
     #[test]
     fn the_deployed_config_map_is_valid() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/nse-config.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/base/nse/nse-config.yaml"
+        );
         let cm: serde_yaml::Value =
             serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let text = cm["data"]["config.yaml"]
