@@ -360,7 +360,7 @@ proptest! {
     /// A valid redirect spec written as YAML (a spec file) reads back equal.
     #[test]
     fn redirect_spec_valid_round_trips_through_yaml(spec in valid_redirect_spec()) {
-        let yaml = serde_yaml::to_string(&spec).expect("serialises");
+        let yaml = serde_norway::to_string(&spec).expect("serialises");
         prop_assert_eq!(RedirectSpec::from_yaml(&yaml), Ok(spec.clone()), "{}", yaml);
         prop_assert_eq!(RedirectSpec::parse(&yaml), Ok(spec));
     }

@@ -43,7 +43,7 @@ fn kustomizations() -> Vec<PathBuf> {
     out
 }
 
-fn render(tool: &Path, dir: &Path) -> Vec<serde_yaml::Value> {
+fn render(tool: &Path, dir: &Path) -> Vec<serde_norway::Value> {
     let out = Command::new(tool).arg(dir).output().unwrap();
     assert!(
         out.status.success(),
@@ -52,24 +52,24 @@ fn render(tool: &Path, dir: &Path) -> Vec<serde_yaml::Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde_norway::Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .collect()
 }
 
-fn s<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> Option<&'a serde_yaml::Value> {
+fn s<'a>(v: &'a serde_norway::Value, path: &[&str]) -> Option<&'a serde_norway::Value> {
     path.iter().try_fold(v, |v, k| v.get(*k))
 }
 
-fn str_of(v: &serde_yaml::Value, path: &[&str]) -> String {
+fn str_of(v: &serde_norway::Value, path: &[&str]) -> String {
     s(v, path)
         .and_then(|v| v.as_str())
         .unwrap_or_default()
         .to_owned()
 }
 
-fn seq<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> Vec<&'a serde_yaml::Value> {
+fn seq<'a>(v: &'a serde_norway::Value, path: &[&str]) -> Vec<&'a serde_norway::Value> {
     s(v, path)
         .and_then(|v| v.as_sequence())
         .map(|q| q.iter().collect())
@@ -90,14 +90,14 @@ fn expand(value: &str, env: &BTreeMap<String, String>) -> String {
 /// directory, and every env value naming a mount path pointed there.
 fn check_container(
     dir: &Path,
-    pod: &serde_yaml::Value,
-    container: &serde_yaml::Value,
-    config_maps: &BTreeMap<String, serde_yaml::Value>,
+    pod: &serde_norway::Value,
+    container: &serde_norway::Value,
+    config_maps: &BTreeMap<String, serde_norway::Value>,
     binary: &str,
 ) -> (Vec<Probe>, PathBuf) {
     let scratch = std::env::temp_dir().join(nsm_tests::unique("deploy-check-"));
     std::fs::create_dir_all(&scratch).unwrap();
-    let volumes: BTreeMap<String, &serde_yaml::Value> = seq(pod, &["volumes"])
+    let volumes: BTreeMap<String, &serde_norway::Value> = seq(pod, &["volumes"])
         .into_iter()
         .map(|v| (str_of(v, &["name"]), v))
         .collect();
@@ -218,7 +218,7 @@ fn every_kustomization_renders_and_every_container_of_ours_starts() {
     for dir in &dirs {
         let objects = render(&tool, dir);
         assert!(!objects.is_empty(), "{} renders nothing", dir.display());
-        let config_maps: BTreeMap<String, serde_yaml::Value> = objects
+        let config_maps: BTreeMap<String, serde_norway::Value> = objects
             .iter()
             .filter(|o| str_of(o, &["kind"]) == "ConfigMap")
             .map(|o| (str_of(o, &["metadata", "name"]), o.clone()))

@@ -28,7 +28,7 @@ fn manifest_env(from: &[(&str, &str)]) -> Vec<(String, String)> {
             .join("../deploy/base/forwarder-plugin/forwarder.yaml"),
     )
     .unwrap();
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
     let env = doc["spec"]["template"]["spec"]["containers"][0]["env"]
         .as_sequence()
         .expect("the forwarder container has env")

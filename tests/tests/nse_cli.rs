@@ -464,6 +464,10 @@ fn the_exec_probe_passes_only_while_the_endpoint_serves() {
             ("NSM_NAME", "mesh-proxy-nse-0".into()),
             ("NSM_LISTEN_ON", listen.clone()),
             ("NSM_CONFIG", config.display().to_string()),
+            (
+                "NSM_STATE_DIR",
+                dir.path().join("state").display().to_string(),
+            ),
             ("NSM_SVID_CERT_FILE", files.cert.display().to_string()),
             ("NSM_SVID_KEY_FILE", files.key.display().to_string()),
             ("NSM_TRUST_BUNDLE_FILE", files.bundle.display().to_string()),

@@ -227,7 +227,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<FirewallConfig, String> {
-        serde_yaml::from_str::<FirewallConfig>(text)
+        serde_norway::from_str::<FirewallConfig>(text)
             .map_err(|e| e.to_string())
             .and_then(FirewallConfig::resolve)
     }

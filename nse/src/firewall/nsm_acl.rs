@@ -139,7 +139,7 @@ pub fn parse(text: &str) -> Result<Vec<FirewallRule>, String> {
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let map: BTreeMap<String, AclRule> = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let map: BTreeMap<String, AclRule> = serde_norway::from_str(text).map_err(|e| e.to_string())?;
     map.into_iter().map(|(k, r)| convert(&k, r)).collect()
 }
 

@@ -100,12 +100,12 @@ impl FunctionsConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        let doc: serde_yaml::Value = if text.trim().is_empty() {
-            serde_yaml::Value::Null
+        let doc: serde_norway::Value = if text.trim().is_empty() {
+            serde_norway::Value::Null
         } else {
-            serde_yaml::from_str(text).map_err(err)?
+            serde_norway::from_str(text).map_err(err)?
         };
-        match doc.get("version").map(serde_yaml::Value::as_u64) {
+        match doc.get("version").map(serde_norway::Value::as_u64) {
             Some(Some(2)) => {}
             None | Some(Some(1)) | Some(None) => {
                 return MeshProxyConfig::parse(text).map(Self::single).map_err(err);
@@ -116,7 +116,7 @@ impl FunctionsConfig {
                 ));
             }
         }
-        let serde_yaml::Value::Mapping(mut top) = doc else {
+        let serde_norway::Value::Mapping(mut top) = doc else {
             return Err("the file is not a mapping".into());
         };
         top.remove("version");
@@ -135,7 +135,7 @@ impl FunctionsConfig {
         if let Some(k) = top.keys().next() {
             return Err(format!(
                 "unknown key {} (version 2 has functions, chains, defaultChain, networkServiceFile)",
-                serde_yaml::to_string(k).map_err(err)?.trim()
+                serde_norway::to_string(k).map_err(err)?.trim()
             ));
         }
         if functions.is_empty() || functions.len() > MAX_FUNCTIONS {
@@ -160,7 +160,7 @@ impl FunctionsConfig {
         for (name, list) in chains {
             check_name(&name).map_err(|e| format!("chains: {e}"))?;
             let list: Vec<String> =
-                serde_yaml::from_value(list).map_err(|e| format!("chains.{name}: {e}"))?;
+                serde_norway::from_value(list).map_err(|e| format!("chains.{name}: {e}"))?;
             check_chain(&list, &parsed).map_err(|e| format!("chains.{name}: {e}"))?;
             parsed_chains.insert(name, list);
         }
@@ -199,15 +199,15 @@ impl FunctionsConfig {
 }
 
 fn take_map(
-    top: &mut serde_yaml::Mapping,
+    top: &mut serde_norway::Mapping,
     key: &str,
-) -> Result<Vec<(String, serde_yaml::Value)>, String> {
+) -> Result<Vec<(String, serde_norway::Value)>, String> {
     match top.remove(key) {
         None => Ok(Vec::new()),
-        Some(serde_yaml::Value::Mapping(m)) => m
+        Some(serde_norway::Value::Mapping(m)) => m
             .into_iter()
             .map(|(k, v)| match k {
-                serde_yaml::Value::String(s) => Ok((s, v)),
+                serde_norway::Value::String(s) => Ok((s, v)),
                 other => Err(format!("{key}: key {other:?} is not a name")),
             })
             .collect(),
@@ -231,32 +231,32 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn instance(body: serde_yaml::Value) -> Result<Kind, String> {
-    let serde_yaml::Value::Mapping(mut m) = body else {
+fn instance(body: serde_norway::Value) -> Result<Kind, String> {
+    let serde_norway::Value::Mapping(mut m) = body else {
         return Err("not a mapping".into());
     };
     let kind = match m.remove("type") {
-        Some(serde_yaml::Value::String(t)) => t,
+        Some(serde_norway::Value::String(t)) => t,
         Some(_) => return Err("type: not a string".into()),
         None => return Err(format!("type: missing ({TYPES})")),
     };
     match kind.as_str() {
         crate::mesh_proxy::NAME => {
             m.insert("version".into(), 1.into());
-            let text = serde_yaml::to_string(&m).map_err(err)?;
+            let text = serde_norway::to_string(&m).map_err(err)?;
             MeshProxyConfig::parse(&text)
                 .map(|c| Kind::MeshProxy(Box::new(c)))
                 .map_err(err)
         }
         // Through text, so serde's errors name the key path.
-        crate::firewall::TYPE => serde_yaml::to_string(&m)
+        crate::firewall::TYPE => serde_norway::to_string(&m)
             .map_err(err)
-            .and_then(|text| serde_yaml::from_str::<FirewallConfig>(&text).map_err(err))
+            .and_then(|text| serde_norway::from_str::<FirewallConfig>(&text).map_err(err))
             .and_then(FirewallConfig::resolve)
             .map(Kind::Firewall),
-        crate::vpn::TYPE => serde_yaml::to_string(&m)
+        crate::vpn::TYPE => serde_norway::to_string(&m)
             .map_err(err)
-            .and_then(|text| serde_yaml::from_str::<VpnFile>(&text).map_err(err))
+            .and_then(|text| serde_norway::from_str::<VpnFile>(&text).map_err(err))
             .and_then(VpnFile::resolve)
             .map(|c| Kind::Vpn(Box::new(c))),
         other => Err(format!("type: unknown function type {other:?} ({TYPES})")),

@@ -74,7 +74,7 @@ struct Match {
     source_selector: BTreeMap<String, String>,
     /// NSM's endpoint selection: not ours to judge.
     #[serde(default, rename = "routes")]
-    _routes: serde_yaml::Value,
+    _routes: serde_norway::Value,
     #[serde(default)]
     fallthrough: bool,
     #[serde(default)]
@@ -107,16 +107,16 @@ impl Policy {
 
     pub fn parse(text: &str, chains: &[&str]) -> Result<Policy, String> {
         let mut services = BTreeMap::new();
-        for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
             if i >= MAX_SERVICES {
                 return Err(format!("more than {MAX_SERVICES} documents"));
             }
-            let value = serde_yaml::Value::deserialize(de).map_err(|e| e.to_string())?;
+            let value = serde_norway::Value::deserialize(de).map_err(|e| e.to_string())?;
             if value.is_null() {
                 continue;
             }
             let doc: Doc =
-                serde_yaml::from_value(value).map_err(|e| format!("document {i}: {e}"))?;
+                serde_norway::from_value(value).map_err(|e| format!("document {i}: {e}"))?;
             if doc.kind.as_deref().is_some_and(|k| k != "NetworkService") {
                 return Err(format!(
                     "document {i}: kind {:?} is not NetworkService",

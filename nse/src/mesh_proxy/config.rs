@@ -257,7 +257,7 @@ impl FunctionConfig {
         let mut cfg: FunctionConfig = if text.trim().is_empty() {
             FunctionConfig::default()
         } else {
-            serde_yaml::from_str(text)
+            serde_norway::from_str(text)
                 .map_err(|e| FunctionConfigError::Parse(one_line(&e.to_string())))?
         };
         if let Some(old) = cfg.capture_cidrs.take() {
@@ -538,8 +538,8 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../deploy/base/nse/nse-config.yaml"
         );
-        let cm: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let cm: serde_norway::Value =
+            serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let text = cm["data"]["config.yaml"]
             .as_str()
             .expect("data.config.yaml");

@@ -124,7 +124,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<VpnConfig, String> {
-        serde_yaml::from_str::<VpnFile>(text)
+        serde_norway::from_str::<VpnFile>(text)
             .map_err(|e| e.to_string())
             .and_then(VpnFile::resolve)
     }

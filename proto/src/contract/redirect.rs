@@ -210,7 +210,7 @@ impl RedirectSpec {
         let spec: RedirectSpec = if text.trim().is_empty() {
             RedirectSpec::default()
         } else {
-            serde_yaml::from_str(text).map_err(|e| SpecError::Parse(e.to_string()))?
+            serde_norway::from_str(text).map_err(|e| SpecError::Parse(e.to_string()))?
         };
         spec.validate()?;
         Ok(spec)
