@@ -120,6 +120,9 @@ pub struct Cli {
     #[command(flatten)]
     pub policies: ClientPolicyArgs,
 
+    #[command(flatten)]
+    pub telemetry: nsm_api::telemetry::TelemetryArgs,
+
     /// After the interfaces are up, check that traffic is redirected: open a
     /// TCP connection to --validate-probe from this netns (and, with
     /// --validate-expect, require the first bytes read to start with that
@@ -192,12 +195,16 @@ pub struct Config {
     pub watch: bool,
     /// Where our SVID comes from; `Source::Insecure` only when asked.
     pub identity: Source,
+    /// `TELEMETRY=true`: where spans go.
+    pub telemetry: Option<nsm_api::telemetry::TelemetryConfig>,
     /// NSM's policies over the path the manager returns (`NSM_CLIENT_POLICIES`).
     pub client_policies: Policies,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+    #[error(transparent)]
+    Telemetry(#[from] nsm_api::telemetry::TelemetryError),
     #[error("NSM_NETWORK_SERVICES is empty: give at least one URL, e.g. kernel://mesh-proxy/nsm-1")]
     NoServices,
     #[error("NSM_NETWORK_SERVICES: {0}")]
@@ -365,6 +372,7 @@ impl Config {
             validate,
             watch: parse_bool("NSC_WATCH", cli.watch.as_deref())?,
             identity,
+            telemetry: cli.telemetry.config()?,
             client_policies: cli
                 .policies
                 .policies()

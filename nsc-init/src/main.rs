@@ -14,6 +14,7 @@ mod watch;
 use std::process::ExitCode;
 
 use clap::Parser;
+use nsm_api::telemetry::Telemetry;
 
 fn main() -> ExitCode {
     let cli = match config::Cli::try_parse() {
@@ -37,8 +38,6 @@ fn main() -> ExitCode {
         println!("nsc-init: the configuration is valid");
         return ExitCode::from(exit::code::OK);
     }
-    // Our own events at NSM_LOG_LEVEL; the gRPC stack's only at TRACE.
-    let logging = nsm_api::logging::init(cfg.log_level, cfg.log_format, own_events, false);
     // On the main thread, before any runtime thread exists.
     let netns = match request::OwnNetns::open() {
         Ok(n) => n,
@@ -51,11 +50,36 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return exit::Failure::Setup(format!("tokio runtime: {e}")).report(),
     };
+    // The OTLP exporter's connection lives in the runtime.
+    let telemetry = {
+        let _in_runtime = rt.enter();
+        match cfg
+            .telemetry
+            .as_ref()
+            .map(|t| Telemetry::start(t, &cfg.name))
+        {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => return exit::Failure::Setup(e.to_string()).report(),
+        }
+    };
+    // Our own events at NSM_LOG_LEVEL; the gRPC stack's only at TRACE.
+    let logging = nsm_api::logging::init(
+        cfg.log_level,
+        cfg.log_format,
+        own_events,
+        false,
+        telemetry.as_ref().map(Telemetry::tracer),
+    );
     let run = async {
         if let Err(e) = logging.switch_on_signals() {
             tracing::warn!(error = %e, "no log level switching on SIGUSR1/SIGUSR2");
         }
-        run::run(cfg, netns).await
+        // One trace per run: the Requests it makes carry its context.
+        let span = tracing::info_span!("nsc-init", otel.kind = "client");
+        let result = tracing::Instrument::instrument(run::run(cfg, netns), span).await;
+        nsm_api::telemetry::shutdown(telemetry).await;
+        result
     };
     match rt.block_on(run) {
         Ok(()) => ExitCode::from(exit::code::OK),

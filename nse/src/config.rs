@@ -187,6 +187,9 @@ pub struct Args {
 
     #[command(flatten)]
     pub policies: ServerPolicyArgs,
+
+    #[command(flatten)]
+    pub telemetry: nsm_api::telemetry::TelemetryArgs,
 }
 
 /// Where the gRPC server listens.
@@ -240,6 +243,8 @@ pub struct Config {
     pub log_format: nsm_api::logging::LogFormat,
     /// Where our SVID comes from; `Source::Insecure` only when asked.
     pub identity: Source,
+    /// `TELEMETRY=true`: where spans go.
+    pub telemetry: Option<nsm_api::telemetry::TelemetryConfig>,
     /// NSM's policies checked on every caller's path (`NSM_SERVER_POLICIES`).
     pub server_policies: Policies,
     /// The network functions and their chains (`NSM_CONFIG`); without a
@@ -487,6 +492,10 @@ impl TryFrom<Args> for Config {
                 .parse()
                 .map_err(|r: String| invalid("NSM_LOG_FORMAT", "log-format", r))?,
             identity: a.identity.source()?,
+            telemetry: a
+                .telemetry
+                .config()
+                .map_err(|e| ConfigError::Usage(e.to_string()))?,
             server_policies: a
                 .policies
                 .policies()

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use nse::config::{Config, EXIT_CONFIG};
+use nsm_api::telemetry::Telemetry;
 
 fn main() -> ExitCode {
     let config = match Config::from_env_and_args() {
@@ -23,12 +24,6 @@ fn main() -> ExitCode {
             &config.identity,
         );
     }
-    let logging = nsm_api::logging::init(
-        config.log_level,
-        config.log_format,
-        nsm_api::logging::all_targets,
-        true,
-    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -39,11 +34,36 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The OTLP exporter's connection lives in the runtime.
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        match config
+            .telemetry
+            .as_ref()
+            .map(|t| Telemetry::start(t, &config.name))
+        {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                eprintln!("mesh-proxy-nse: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    };
+    let logging = nsm_api::logging::init(
+        config.log_level,
+        config.log_format,
+        nsm_api::logging::all_targets,
+        true,
+        telemetry.as_ref().map(Telemetry::tracer),
+    );
     let run = async {
         if let Err(e) = logging.switch_on_signals() {
             tracing::warn!(error = %e, "no log level switching on SIGUSR1/SIGUSR2");
         }
-        nse::server::run(config).await
+        let result = nse::server::run(config).await;
+        nsm_api::telemetry::shutdown(telemetry).await;
+        result
     };
     match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,

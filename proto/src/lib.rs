@@ -49,6 +49,7 @@ pub mod nsurl;
 pub mod path;
 pub mod probe;
 pub mod register;
+pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod transport;

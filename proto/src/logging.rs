@@ -57,12 +57,14 @@ pub struct Logging {
 
 /// Installs the process's subscriber: `filter_for(level)` decides what is
 /// logged at `level` (e.g. [`all_targets`]); `targets`: text lines name the
-/// module that logged.
+/// module that logged; `tracer`: spans also go to OpenTelemetry
+/// ([`crate::telemetry`]).
 pub fn init(
     level: Level,
     format: LogFormat,
     filter_for: fn(Level) -> String,
     targets: bool,
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
 ) -> Logging {
     let (filter, handle) = reload::Layer::new(EnvFilter::new(filter_for(level)));
     let ansi = std::io::stderr().is_terminal();
@@ -70,7 +72,8 @@ pub fn init(
         .with_writer(std::io::stderr)
         .with_target(targets)
         .with_ansi(ansi);
-    let registry = tracing_subscriber::registry().with(filter);
+    let otel = tracer.map(|t| tracing_opentelemetry::layer().with_tracer(t));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     match format {
         LogFormat::Text => registry.with(text).init(),
         LogFormat::Json => registry

@@ -64,6 +64,8 @@ fn help_documents_every_option() {
         ("--payload", "NSM_PAYLOAD"),
         ("--log-level", "NSM_LOG_LEVEL"),
         ("--insecure", "NSM_INSECURE"),
+        ("--telemetry", "TELEMETRY"),
+        ("--open-telemetry-endpoint", "NSM_OPEN_TELEMETRY_ENDPOINT"),
         ("--config", "NSM_CONFIG"),
         ("--socket-group", "NSM_SOCKET_GROUP"),
     ] {
@@ -95,7 +97,20 @@ struct BadConfig {
     want: &'static str,
 }
 
-const BAD_CONFIGS: [BadConfig; 11] = [
+const BAD_CONFIGS: [BadConfig; 13] = [
+    BadConfig {
+        env: &[
+            ("TELEMETRY", "true"),
+            ("NSM_OPEN_TELEMETRY_ENDPOINT", "collector"),
+        ],
+        args: &[],
+        want: "NSM_OPEN_TELEMETRY_ENDPOINT: \"collector\" is not host:port",
+    },
+    BadConfig {
+        env: &[("TELEMETRY", "maybe")],
+        args: &[],
+        want: "TELEMETRY: \"maybe\" is not true or false",
+    },
     BadConfig {
         env: &[("NSM_METRICS_LISTEN_ON", "9090")],
         args: &[],

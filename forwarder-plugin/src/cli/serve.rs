@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use forwarder_plugin::serve::{EXIT_CONFIG, ServeArgs, ServeConfig};
+use nsm_api::telemetry::Telemetry;
 
 pub fn run(args: ServeArgs) -> ExitCode {
     let (check_only, probe) = (args.check_config, args.probe);
@@ -25,12 +26,6 @@ pub fn run(args: ServeArgs) -> ExitCode {
             &cfg.identity,
         );
     }
-    let logging = nsm_api::logging::init(
-        cfg.log_level,
-        cfg.log_format,
-        nsm_api::logging::all_targets,
-        true,
-    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -41,11 +36,36 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The OTLP exporter's connection lives in the runtime.
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        match cfg
+            .telemetry
+            .as_ref()
+            .map(|t| Telemetry::start(t, &cfg.name))
+        {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                eprintln!("forwarder-plugin serve: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    };
+    let logging = nsm_api::logging::init(
+        cfg.log_level,
+        cfg.log_format,
+        nsm_api::logging::all_targets,
+        true,
+        telemetry.as_ref().map(Telemetry::tracer),
+    );
     let run = async {
         if let Err(e) = logging.switch_on_signals() {
             tracing::warn!(error = %e, "no log level switching on SIGUSR1/SIGUSR2");
         }
-        forwarder_plugin::serve::run(cfg).await
+        let result = forwarder_plugin::serve::run(cfg).await;
+        nsm_api::telemetry::shutdown(telemetry).await;
+        result
     };
     match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,

@@ -96,6 +96,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub policies: ServerPolicyArgs,
 
+    #[command(flatten)]
+    pub telemetry: nsm_api::telemetry::TelemetryArgs,
+
     /// Log level: TRACE, DEBUG, INFO, WARN, ERROR (FATAL and PANIC mean ERROR).
     #[arg(long, env = "NSM_LOG_LEVEL", default_value = "INFO")]
     pub log_level: String,
@@ -150,6 +153,8 @@ pub struct ServeConfig {
     pub socket_group: Option<u32>,
     /// Where our SVID comes from; `Source::Insecure` only when asked.
     pub identity: Source,
+    /// `TELEMETRY=true`: where spans go.
+    pub telemetry: Option<nsm_api::telemetry::TelemetryConfig>,
     /// What the forwarder registers as (`NSM_SERVICE_NAME`, `NSM_LABELS`).
     pub service_name: String,
     pub labels: std::collections::BTreeMap<String, String>,
@@ -240,6 +245,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
 
     fn try_from(a: ServeArgs) -> Result<Self, Self::Error> {
         let identity = a.identity.source()?;
+        let telemetry = a.telemetry.config().map_err(|e| ConfigError::Flag {
+            flag: "telemetry",
+            reason: e.to_string(),
+        })?;
         let given = |v: &Option<String>| {
             v.as_deref()
                 .map(str::trim)
@@ -319,6 +328,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 ),
             },
             identity,
+            telemetry,
             service_name: parse_name(&a.service_name)
                 .map_err(invalid("NSM_SERVICE_NAME", "service-name"))?,
             labels: nsm_api::env::parse_labels(&a.labels)

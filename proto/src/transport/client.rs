@@ -286,6 +286,7 @@ impl Session {
                 })?;
         let mut req = tonic::Request::new(msg);
         metadata::insert_token(req.metadata_mut(), &token);
+        crate::telemetry::inject(req.metadata_mut());
         Ok(req)
     }
 

@@ -64,6 +64,16 @@ pub enum ServeError {
     Tls(#[from] TlsError),
 }
 
+/// With telemetry on, a span per call (probes' health checks excepted),
+/// child of the caller's traceparent.
+fn call_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let path = req.uri().path();
+    if !crate::telemetry::enabled() || path.starts_with("/grpc.health.") {
+        return tracing::Span::none();
+    }
+    crate::telemetry::server_span(path, req.headers())
+}
+
 /// Serves `service` and `monitor` on `listen` until `shutdown` completes,
 /// then stops gracefully (see the module doc). With `tls`, every connection
 /// is mTLS with SPIFFE SVIDs (fds still travel beneath TLS on unix).
@@ -81,6 +91,7 @@ pub async fn serve<S: NetworkService>(
             .await;
     }
     let router = tonic::transport::Server::builder()
+        .trace_fn(call_span)
         .add_service(health_service)
         .add_service(NetworkServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE_SIZE))
         .add_service(
