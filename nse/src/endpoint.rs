@@ -123,6 +123,8 @@ impl Endpoint {
         let timeout = Arc::new(Timeout::new());
         let ipam = Arc::new(P2pIpam::new(&opts.cidr_groups, opts.ipam_policy));
         let monitor = MonitorHub::new().with_selector_check(check_selector);
+        let metrics = Arc::new(nsm_api::metrics::CallMetrics::new("nsm_endpoint"));
+        let function_metrics = crate::metrics::FunctionMetrics::register(&metrics);
         let elements: Vec<Arc<dyn Element<NseError>>> = vec![
             Arc::new(ServiceFilter::new(opts.service_names.clone())),
             Arc::new(UpdatePath::new(opts.name.clone())),
@@ -134,7 +136,7 @@ impl Endpoint {
             Arc::new(TrimPath),
             Arc::new(KernelMechanism::new(netns.clone())),
             Arc::new(Ipam::new(ipam.clone())),
-            Arc::new(Functions::new(chains)),
+            Arc::new(Functions::new(chains).with_metrics(function_metrics)),
         ];
         Ok(Endpoint {
             head: Next::chain(elements),
@@ -143,7 +145,7 @@ impl Endpoint {
             ipam,
             monitor,
             netns,
-            metrics: Arc::new(nsm_api::metrics::CallMetrics::new("nsm_endpoint")),
+            metrics,
         })
     }
 

@@ -20,6 +20,7 @@ pub mod functions;
 pub mod ipam;
 pub mod mechanism;
 pub mod mesh_proxy;
+pub mod metrics;
 pub mod netns;
 pub mod own_table;
 pub mod register;

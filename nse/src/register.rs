@@ -20,6 +20,7 @@ pub fn registrar(
     config: &Config,
     url: &str,
     identity: Option<&Arc<Identity>>,
+    metrics: Arc<nsm_api::metrics::CallMetrics>,
 ) -> Result<Arc<Registrar>, ServeError> {
     let target: Target = url.parse().map_err(ServeError::Register)?;
     let dialer = Dialer::new(target, REGISTRY_DIAL_TIMEOUT).with_tls(identity)?;
@@ -66,15 +67,18 @@ pub fn registrar(
     } else {
         Vec::new()
     };
-    Ok(Arc::new(Registrar::new(
-        dialer,
-        tokens,
-        Registration {
-            endpoint,
-            services,
-            unregister_on_exit: config.unregister_itself,
-        },
-    )))
+    Ok(Arc::new(
+        Registrar::new(
+            dialer,
+            tokens,
+            Registration {
+                endpoint,
+                services,
+                unregister_on_exit: config.unregister_itself,
+            },
+        )
+        .with_metrics(metrics),
+    ))
 }
 
 /// Dialing the registry (nsmgr), each attempt.

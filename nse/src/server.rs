@@ -194,7 +194,15 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         "starting"
     );
     let registration = match &config.connect_to {
-        Some(url) => Some(crate::register::registrar(&config, url, identity.as_ref())?.start()),
+        Some(url) => Some(
+            crate::register::registrar(
+                &config,
+                url,
+                identity.as_ref(),
+                endpoint.metrics().clone(),
+            )?
+            .start(),
+        ),
         None => None,
     };
     let term = nsm_api::listen::termination()?;

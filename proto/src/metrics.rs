@@ -1,7 +1,8 @@
 //! Prometheus metrics every hop of ours keeps, served as text on
 //! `GET /metrics` at `NSM_METRICS_LISTEN_ON` (off by default): Requests and
-//! Closes by gRPC code, their latency, and the connections established now,
-//! under a prefix per program; a program registers more of its own
+//! Closes by gRPC code, their latency, the connections established now and
+//! registrations with NSM's registry by result, under a prefix per program;
+//! a program registers more of its own
 //! ([`CallMetrics::register`]).
 
 use std::net::SocketAddr;
@@ -32,11 +33,17 @@ struct MethodLabels {
     method: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
 pub struct CallMetrics {
     registry: Mutex<Registry>,
     calls: Family<CallLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
     connections: Gauge,
+    registrations: Family<ResultLabels, Counter>,
 }
 
 impl CallMetrics {
@@ -51,6 +58,7 @@ impl CallMetrics {
             ))
         });
         let connections = Gauge::default();
+        let registrations = Family::<ResultLabels, Counter>::default();
         let mut registry = Registry::with_prefix(prefix);
         registry.register(
             "calls",
@@ -67,11 +75,17 @@ impl CallMetrics {
             "Connections established now",
             connections.clone(),
         );
+        registry.register(
+            "registrations",
+            "Registrations and refreshes with NSM's registry, by result (ok or the gRPC code)",
+            registrations.clone(),
+        );
         CallMetrics {
             registry: Mutex::new(registry),
             calls,
             latency,
             connections,
+            registrations,
         }
     }
 
@@ -107,6 +121,15 @@ impl CallMetrics {
             .observe(took.as_secs_f64());
         self.connections
             .set(i64::try_from(connections).unwrap_or(i64::MAX));
+    }
+
+    /// One registration or refresh: `result` is "ok" or the gRPC code / failure.
+    pub fn registered(&self, result: &str) {
+        self.registrations
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     /// The text exposition format.

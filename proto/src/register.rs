@@ -87,6 +87,8 @@ pub struct Registrar {
     reg: Registration,
     /// The paths the registry handed back, per resource, for refreshes.
     paths: Mutex<std::collections::HashMap<String, RegPath>>,
+    /// Where each registration's result is counted.
+    metrics: Option<Arc<crate::metrics::CallMetrics>>,
 }
 
 impl Registrar {
@@ -96,7 +98,14 @@ impl Registrar {
             tokens,
             reg,
             paths: Mutex::default(),
+            metrics: None,
         }
+    }
+
+    /// Counts every registration and refresh in `metrics` by result.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::CallMetrics>) -> Registrar {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn registration(&self) -> &Registration {
@@ -225,7 +234,16 @@ impl Registrar {
         tokio::pin!(stop);
         let mut backoff = MIN_BACKOFF;
         loop {
-            let wait = match self.register().await {
+            let result = self.register().await;
+            if let Some(m) = &self.metrics {
+                m.registered(&match &result {
+                    Ok(_) => "ok".to_owned(),
+                    Err(RegisterError::Status { status, .. }) => format!("{:?}", status.code()),
+                    Err(RegisterError::Call(e)) => format!("{:?}", e.code()),
+                    Err(RegisterError::Fd { .. }) => "fd".to_owned(),
+                });
+            }
+            let wait = match result {
                 Err(RegisterError::Status { status, .. })
                     if status.code() == tonic::Code::Unimplemented =>
                 {

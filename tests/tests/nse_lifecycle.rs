@@ -325,7 +325,8 @@ async fn interleaved_request_and_close_end_consistent() {
 }
 
 /// `NSM_METRICS_LISTEN_ON`: Prometheus text on `GET /metrics` — Requests and
-/// Closes by gRPC code, their latency histogram, the connections now.
+/// Closes by gRPC code, their latency histogram, the connections now, by
+/// function and by chain, and the rule writes by backend.
 #[tokio::test]
 async fn metrics_count_calls_by_code_and_connections() {
     if !is_root() {
@@ -386,6 +387,14 @@ async fn metrics_count_calls_by_code_and_connections() {
         Some(2.0),
         "{text}"
     );
+    // By function and chain (the default configuration: mesh-proxy alone),
+    // and the rule writes that put its interface in the table.
+    let by_function = r#"nsm_endpoint_function_connections{function="mesh-proxy"} "#;
+    let by_chain = r#"nsm_endpoint_chain_connections{chain="default"} "#;
+    assert_eq!(value(&text, by_function), Some(1.0), "{text}");
+    assert_eq!(value(&text, by_chain), Some(1.0), "{text}");
+    let writes = r#"nsm_endpoint_rules_apply_duration_seconds_count{backend="nft"} "#;
+    assert!(value(&text, writes).is_some_and(|n| n >= 1.0), "{text}");
 
     nse.close(conn).await.expect("Close");
     let text = scrape();
@@ -402,6 +411,8 @@ async fn metrics_count_calls_by_code_and_connections() {
         Some(0.0),
         "{text}"
     );
+    assert_eq!(value(&text, by_function), Some(0.0), "{text}");
+    assert_eq!(value(&text, by_chain), Some(0.0), "{text}");
 }
 
 /// A forwarder builds the NSE's side of a connection after the NSE's answer;

@@ -32,6 +32,7 @@ async fn registers_its_services_then_itself_by_fd_and_refreshes_before_expiry() 
         ("NSM_LABELS", "app:mesh"),
         ("NSM_SERVICE_NAMES", "mesh-proxy,other"),
         ("POD_NAME", "nse-0"),
+        ("NSM_METRICS_LISTEN_ON", "127.0.0.1:9467"),
     ])
     .await;
     registry
@@ -101,6 +102,24 @@ async fn registers_its_services_then_itself_by_fd_and_refreshes_before_expiry() 
                 >= 3
         })
         .await;
+    // Each registration and refresh is counted.
+    let scrape = "exec 3<>/dev/tcp/127.0.0.1/9467 && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3";
+    let text = match &nse.netns {
+        Some(ns) => ns.exec_ok(&["bash", "-c", scrape]),
+        None => String::from_utf8(
+            std::process::Command::new("bash")
+                .args(["-c", scrape])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap(),
+    };
+    let ok = text.lines().find_map(|l| {
+        l.strip_prefix(r#"nsm_endpoint_registrations_total{result="ok"} "#)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    assert!(ok.is_some_and(|n| n >= 3.0), "{text}");
     drop(nse);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -17,6 +17,7 @@ pub fn registrar(
     cfg: &ServeConfig,
     identity: Option<&Arc<Identity>>,
     tokens: Arc<TokenIssuer>,
+    metrics: Arc<nsm_api::metrics::CallMetrics>,
 ) -> Result<Arc<Registrar>, TlsError> {
     let dialer =
         Dialer::new(Target::Unix(cfg.next_hop.clone()), cfg.dial_timeout).with_tls(identity)?;
@@ -35,13 +36,16 @@ pub fn registrar(
         url: cfg.listen_on_url(),
         ..Default::default()
     };
-    Ok(Arc::new(Registrar::new(
-        dialer,
-        tokens,
-        Registration {
-            endpoint,
-            services: Vec::new(),
-            unregister_on_exit: cfg.unregister_itself,
-        },
-    )))
+    Ok(Arc::new(
+        Registrar::new(
+            dialer,
+            tokens,
+            Registration {
+                endpoint,
+                services: Vec::new(),
+                unregister_on_exit: cfg.unregister_itself,
+            },
+        )
+        .with_metrics(metrics),
+    ))
 }

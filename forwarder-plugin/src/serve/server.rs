@@ -300,7 +300,8 @@ pub async fn serve(
         TokenIssuer::for_identity(identity.as_ref(), &cfg.name, cfg.max_token_lifetime)
             .map_err(|e| ServeError::Token(e.to_string()))?,
     );
-    let registration = super::register::registrar(cfg, identity.as_ref(), tokens)?.start();
+    let registration =
+        super::register::registrar(cfg, identity.as_ref(), tokens, hop.metrics.clone())?.start();
     // On SIGTERM: unregister (if asked to) while still serving, then stop.
     let shutdown = async move {
         shutdown.await;

@@ -16,6 +16,7 @@ use nsm_api::chain::{Ctx, Element, Next, Req};
 use nsm_api::connection::Connection;
 
 use crate::error::NseError;
+use crate::metrics::FunctionMetrics;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FunctionError {
@@ -124,6 +125,7 @@ pub struct Functions {
     /// Connections whose chain is applied, with that chain: a Close undoes
     /// what was applied, whatever the policy says by then.
     applied: Mutex<HashMap<String, (String, FunctionChain)>>,
+    metrics: FunctionMetrics,
 }
 
 impl Functions {
@@ -131,7 +133,19 @@ impl Functions {
         Functions {
             selector,
             applied: Mutex::new(HashMap::new()),
+            metrics: FunctionMetrics::default(),
         }
+    }
+
+    /// Counts connections and failures by function and chain in `metrics`.
+    pub fn with_metrics(mut self, metrics: FunctionMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    fn count(&self, (chain, funcs): &(String, FunctionChain), by: i64) {
+        self.metrics
+            .moved(chain, funcs.iter().map(|f| f.name()), by);
     }
 
     fn applied(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, FunctionChain)>> {
@@ -211,6 +225,7 @@ impl Element<NseError> for Functions {
             .collect();
         for (i, f) in chain.iter().enumerate() {
             if let Err(e) = f.apply(&mut req.conn).await {
+                self.metrics.failed(f.name());
                 let applied: FunctionChain = chain[..=i]
                     .iter()
                     .filter(|f| contains(&fresh, f))
@@ -225,7 +240,11 @@ impl Element<NseError> for Functions {
         match next.request(ctx, req).await {
             Ok(conn) => {
                 let _ = Self::undo_all(&gone, &conn).await;
-                self.applied().insert(id, (name, chain));
+                let now = (name, chain);
+                self.count(&now, 1);
+                if let Some(before) = self.applied().insert(id, now) {
+                    self.count(&before, -1);
+                }
                 Ok(conn)
             }
             Err(e) => {
@@ -243,8 +262,12 @@ impl Element<NseError> for Functions {
     ) -> Result<(), NseError> {
         // Unknown here (e.g. adopted from a previous run): the chain the
         // policy selects for it.
-        let chain = match self.applied().remove(&conn.id) {
-            Some((_, c)) => c,
+        let removed = self.applied().remove(&conn.id);
+        let chain = match removed {
+            Some(entry) => {
+                self.count(&entry, -1);
+                entry.1
+            }
             None => self.selector.select(&conn).1,
         };
         let undone = Self::undo_all(&chain, &conn).await;

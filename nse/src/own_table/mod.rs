@@ -301,6 +301,7 @@ impl OwnTable {
             next.extend(entry.as_ref().map(|e| e.interface.clone()));
             self.plan(next, ipv6).and_then(|p| self.write(&p))
         };
+        let started = std::time::Instant::now();
         let written = match &st.applied {
             // The rules are there: only the members change.
             Some(applied) if applied.same_rules(&rules_only) => self
@@ -313,6 +314,7 @@ impl OwnTable {
                 }),
             _ => whole(),
         };
+        crate::metrics::rules_applied(self.backend.name(), started.elapsed());
         if let Err(e) = written {
             self.restore(&mut st);
             self.record(&st.live);
@@ -331,7 +333,10 @@ impl OwnTable {
     /// matches it (set members included) and a repair when it drifted.
     fn refresh(&self, st: &mut State) -> Result<(), RulesError> {
         let plan = self.plan(st.members(None), st.ipv6())?;
-        match self.backend.apply(&self.netns, &plan) {
+        let started = std::time::Instant::now();
+        let applied = self.backend.apply(&self.netns, &plan);
+        crate::metrics::rules_applied(self.backend.name(), started.elapsed());
+        match applied {
             Ok(Outcome::Applied) if st.applied.is_some() => {
                 tracing::warn!(table = %self.table(), "repaired the redirect rules, which had drifted");
             }
