@@ -1,12 +1,14 @@
 //! What the endpoint counts beyond its calls ([`nsm_api::metrics`]): how
 //! long its rules take to reach the kernel, by backend, and its connections
 //! and failures by network function and by chain — registered beside the
-//! calls under `nsm_endpoint_`.
+//! calls under `nsm_endpoint_`, and recorded as OpenTelemetry instruments
+//! too (exported with `TELEMETRY=true`).
 
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use nsm_api::metrics::CallMetrics;
+use opentelemetry::KeyValue;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -35,19 +37,49 @@ static RULES_APPLY: LazyLock<Family<BackendLabels, Histogram>> = LazyLock::new(|
     Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.00005, 2.0, 15)))
 });
 
+static OTEL_RULES_APPLY: LazyLock<opentelemetry::metrics::Histogram<f64>> = LazyLock::new(|| {
+    opentelemetry::global::meter("nsm")
+        .f64_histogram("nsm_endpoint_rules_apply_duration_seconds")
+        .with_unit("s")
+        .with_description("How long writing the endpoint's rules to the kernel took, by backend")
+        .build()
+});
+
 /// One write of a table's rules or members to the kernel through `backend`.
 pub fn rules_applied(backend: &'static str, took: Duration) {
     RULES_APPLY
         .get_or_create(&BackendLabels { backend })
         .observe(took.as_secs_f64());
+    OTEL_RULES_APPLY.record(took.as_secs_f64(), &[KeyValue::new("backend", backend)]);
 }
 
 /// Connections and failures by function and chain.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct FunctionMetrics {
     connections: Family<FunctionLabels, Gauge>,
     chains: Family<ChainLabels, Gauge>,
     failures: Family<FunctionLabels, Counter>,
+    otel_connections: opentelemetry::metrics::UpDownCounter<i64>,
+    otel_chains: opentelemetry::metrics::UpDownCounter<i64>,
+    otel_failures: opentelemetry::metrics::Counter<u64>,
+}
+
+impl Default for FunctionMetrics {
+    fn default() -> Self {
+        let meter = opentelemetry::global::meter("nsm");
+        FunctionMetrics {
+            connections: Family::default(),
+            chains: Family::default(),
+            failures: Family::default(),
+            otel_connections: meter
+                .i64_up_down_counter("nsm_endpoint_function_connections")
+                .build(),
+            otel_chains: meter
+                .i64_up_down_counter("nsm_endpoint_chain_connections")
+                .build(),
+            otel_failures: meter.u64_counter("nsm_endpoint_function_failures").build(),
+        }
+    }
 }
 
 impl FunctionMetrics {
@@ -85,12 +117,16 @@ impl FunctionMetrics {
                 chain: chain.to_owned(),
             })
             .inc_by(by);
+        self.otel_chains
+            .add(by, &[KeyValue::new("chain", chain.to_owned())]);
         for f in functions {
             self.connections
                 .get_or_create(&FunctionLabels {
                     function: f.to_owned(),
                 })
                 .inc_by(by);
+            self.otel_connections
+                .add(by, &[KeyValue::new("function", f.to_owned())]);
         }
     }
 
@@ -100,5 +136,7 @@ impl FunctionMetrics {
                 function: function.to_owned(),
             })
             .inc();
+        self.otel_failures
+            .add(1, &[KeyValue::new("function", function.to_owned())]);
     }
 }

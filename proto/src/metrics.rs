@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -39,6 +40,9 @@ struct ResultLabels {
 }
 
 pub struct CallMetrics {
+    /// The same, as OpenTelemetry instruments (exported with
+    /// `TELEMETRY=true`, no-ops otherwise).
+    otel: OtelCalls,
     registry: Mutex<Registry>,
     calls: Family<CallLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
@@ -81,6 +85,7 @@ impl CallMetrics {
             registrations.clone(),
         );
         CallMetrics {
+            otel: OtelCalls::new(prefix),
             registry: Mutex::new(registry),
             calls,
             latency,
@@ -110,21 +115,21 @@ impl CallMetrics {
         took: Duration,
         connections: usize,
     ) {
-        self.calls
-            .get_or_create(&CallLabels {
-                method,
-                code: format!("{code:?}"),
-            })
-            .inc();
+        let code = format!("{code:?}");
+        let connections = i64::try_from(connections).unwrap_or(i64::MAX);
+        self.otel.observe(method, &code, took, connections);
+        self.calls.get_or_create(&CallLabels { method, code }).inc();
         self.latency
             .get_or_create(&MethodLabels { method })
             .observe(took.as_secs_f64());
-        self.connections
-            .set(i64::try_from(connections).unwrap_or(i64::MAX));
+        self.connections.set(connections);
     }
 
     /// One registration or refresh: `result` is "ok" or the gRPC code / failure.
     pub fn registered(&self, result: &str) {
+        self.otel
+            .registrations
+            .add(1, &[KeyValue::new("result", result.to_owned())]);
         self.registrations
             .get_or_create(&ResultLabels {
                 result: result.to_owned(),
@@ -140,6 +145,48 @@ impl CallMetrics {
             out.clear();
         }
         out
+    }
+}
+
+/// [`CallMetrics`] as OpenTelemetry instruments of the global meter
+/// provider ([`crate::telemetry`] sets it before any program makes these).
+struct OtelCalls {
+    calls: opentelemetry::metrics::Counter<u64>,
+    latency: opentelemetry::metrics::Histogram<f64>,
+    connections: opentelemetry::metrics::Gauge<i64>,
+    registrations: opentelemetry::metrics::Counter<u64>,
+}
+
+impl OtelCalls {
+    fn new(prefix: &str) -> Self {
+        let meter = opentelemetry::global::meter("nsm");
+        OtelCalls {
+            calls: meter
+                .u64_counter(format!("{prefix}_calls"))
+                .with_description("Requests and Closes answered, by method and gRPC code")
+                .build(),
+            latency: meter
+                .f64_histogram(format!("{prefix}_call_duration_seconds"))
+                .with_unit("s")
+                .with_description("How long Requests and Closes took")
+                .build(),
+            connections: meter
+                .i64_gauge(format!("{prefix}_connections"))
+                .with_description("Connections established now")
+                .build(),
+            registrations: meter
+                .u64_counter(format!("{prefix}_registrations"))
+                .with_description("Registrations and refreshes with NSM's registry, by result")
+                .build(),
+        }
+    }
+
+    fn observe(&self, method: &'static str, code: &str, took: Duration, connections: i64) {
+        let m = KeyValue::new("method", method);
+        self.calls
+            .add(1, &[m.clone(), KeyValue::new("code", code.to_owned())]);
+        self.latency.record(took.as_secs_f64(), &[m]);
+        self.connections.record(connections, &[]);
     }
 }
 

@@ -1,5 +1,7 @@
 //! OpenTelemetry as NSM's components have it: off unless `TELEMETRY=true`,
-//! then spans exported over OTLP/gRPC to `NSM_OPEN_TELEMETRY_ENDPOINT`
+//! then spans, and every `NSM_METRICS_EXPORT_INTERVAL` the metrics
+//! ([`crate::metrics`] records each also as an OpenTelemetry instrument),
+//! exported over OTLP/gRPC to `NSM_OPEN_TELEMETRY_ENDPOINT`
 //! (`host:port`, NSM's default the collector in `observability`) under the
 //! service name `NSM_NAME`, and the W3C `traceparent` carried on every call
 //! in and out, as NSM's otelgrpc handlers do — so one trace follows a
@@ -15,6 +17,7 @@ use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter, Tracer};
 
@@ -22,6 +25,8 @@ use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter, Tracer
 pub const DEFAULT_ENDPOINT: &str = "otel-collector.observability.svc.cluster.local:4317";
 /// How long one export may take before it is given up.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest metrics export interval taken.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Whether spans are being exported (set once at start).
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -43,6 +48,15 @@ pub struct TelemetryArgs {
     /// The OpenTelemetry collector's OTLP/gRPC address, host:port.
     #[arg(long, env = "NSM_OPEN_TELEMETRY_ENDPOINT", value_name = "HOST:PORT", default_value = DEFAULT_ENDPOINT)]
     pub open_telemetry_endpoint: String,
+
+    /// How often metrics are exported to the collector (Go duration).
+    #[arg(
+        long,
+        env = "NSM_METRICS_EXPORT_INTERVAL",
+        value_name = "DURATION",
+        default_value = "10s"
+    )]
+    pub metrics_export_interval: String,
 }
 
 /// Validated telemetry settings: `None` when off.
@@ -50,6 +64,7 @@ pub struct TelemetryArgs {
 pub struct TelemetryConfig {
     /// `http://host:port`, what the gRPC exporter dials.
     pub endpoint: String,
+    pub metrics_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,6 +73,8 @@ pub enum TelemetryError {
     Flag(String),
     #[error("NSM_OPEN_TELEMETRY_ENDPOINT: {0:?} is not host:port")]
     Endpoint(String),
+    #[error("NSM_METRICS_EXPORT_INTERVAL: {0}")]
+    Interval(String),
     #[error("cannot build the OTLP exporter: {0}")]
     Exporter(String),
 }
@@ -85,8 +102,21 @@ impl TelemetryArgs {
                 self.open_telemetry_endpoint.clone(),
             ));
         }
+        let metrics_interval = crate::duration::parse(&self.metrics_export_interval)
+            .map_err(|e| TelemetryError::Interval(e.to_string()))
+            .and_then(|d| {
+                if d < MIN_INTERVAL {
+                    Err(TelemetryError::Interval(format!(
+                        "{:?} is shorter than {MIN_INTERVAL:?}",
+                        self.metrics_export_interval
+                    )))
+                } else {
+                    Ok(d)
+                }
+            })?;
         Ok(Some(TelemetryConfig {
             endpoint: format!("http://{hp}"),
+            metrics_interval,
         }))
     }
 }
@@ -94,6 +124,7 @@ impl TelemetryArgs {
 /// The exporting pipeline; dropping it flushes what is batched.
 pub struct Telemetry {
     provider: SdkTracerProvider,
+    meters: SdkMeterProvider,
 }
 
 impl Telemetry {
@@ -106,17 +137,30 @@ impl Telemetry {
             .with_timeout(EXPORT_TIMEOUT)
             .build()
             .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name(service.to_owned())
+            .build();
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(WarnOnce::new(exporter, config.endpoint.clone()))
-            .with_resource(
-                opentelemetry_sdk::Resource::builder()
-                    .with_service_name(service.to_owned())
-                    .build(),
-            )
+            .with_resource(resource.clone())
             .build();
+        let metrics = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(config.endpoint.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let reader = PeriodicReader::builder(metrics)
+            .with_interval(config.metrics_interval)
+            .build();
+        let meters = SdkMeterProvider::builder()
+            .with_reader(reader)
+            .with_resource(resource)
+            .build();
+        opentelemetry::global::set_meter_provider(meters.clone());
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         ENABLED.store(true, Ordering::Relaxed);
-        Ok(Telemetry { provider })
+        Ok(Telemetry { provider, meters })
     }
 
     /// What `tracing` spans become OpenTelemetry spans through.
@@ -128,6 +172,7 @@ impl Telemetry {
 impl Drop for Telemetry {
     fn drop(&mut self) {
         let _ = self.provider.shutdown();
+        let _ = self.meters.shutdown();
     }
 }
 
@@ -256,6 +301,7 @@ mod tests {
         TelemetryArgs {
             telemetry: on.into(),
             open_telemetry_endpoint: endpoint.into(),
+            metrics_export_interval: "10s".into(),
         }
     }
 
@@ -265,13 +311,15 @@ mod tests {
         assert_eq!(
             args("true", DEFAULT_ENDPOINT).config().unwrap(),
             Some(TelemetryConfig {
-                endpoint: format!("http://{DEFAULT_ENDPOINT}")
+                endpoint: format!("http://{DEFAULT_ENDPOINT}"),
+                metrics_interval: Duration::from_secs(10),
             })
         );
         assert_eq!(
             args("TRUE", "http://127.0.0.1:4317").config().unwrap(),
             Some(TelemetryConfig {
-                endpoint: "http://127.0.0.1:4317".into()
+                endpoint: "http://127.0.0.1:4317".into(),
+                metrics_interval: Duration::from_secs(10),
             })
         );
         for bad in ["collector", "collector:0", ":4317", "a/b:1", "host:port"] {
@@ -284,5 +332,13 @@ mod tests {
             args("yes", DEFAULT_ENDPOINT).config(),
             Err(TelemetryError::Flag(_))
         ));
+        for bad in ["10", "1ms", "-1s"] {
+            let mut a = args("true", DEFAULT_ENDPOINT);
+            a.metrics_export_interval = bad.into();
+            assert!(
+                matches!(a.config(), Err(TelemetryError::Interval(_))),
+                "{bad}"
+            );
+        }
     }
 }

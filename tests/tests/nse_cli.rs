@@ -12,11 +12,15 @@ use nsm_api::connection::MonitorScopeSelector;
 use nsm_tests::process::{ChildGuard, bin};
 
 /// Runs the NSE with `args` and a clean environment plus `env`; it must exit within `WAIT`.
+/// It runs in the test's namespace: a state directory of its own (unless
+/// `env` names one) keeps it from meeting other tests' endpoints there.
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     use std::io::Read;
+    let state = TempDir::new();
     let mut cmd = Command::new(bin("mesh-proxy-nse"));
     cmd.env_clear()
         .args(args)
+        .env("NSM_STATE_DIR", state.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (k, v) in env {
