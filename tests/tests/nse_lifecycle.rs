@@ -415,6 +415,61 @@ async fn metrics_count_calls_by_code_and_connections() {
     assert_eq!(value(&text, by_chain), Some(0.0), "{text}");
 }
 
+/// JSON log lines from inside a function carry the connection id and the
+/// function's name (the span each function's apply and undo runs in).
+#[tokio::test]
+async fn function_log_lines_name_the_connection_and_the_function() {
+    if !nsm_tests::require_root("function log fields") {
+        return;
+    }
+    let nse = Nse::start(&[("NSM_LOG_FORMAT", "json")]).await;
+    let (conn, _) = nse.request(req_p()).await.expect("Request");
+    let log = nse.log();
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["fields"]["message"] == "mesh-proxy applied")
+        .unwrap_or_else(|| panic!("no 'mesh-proxy applied' line:\n{log}"));
+    let spans = line["spans"].as_array().cloned().unwrap_or_default();
+    assert!(
+        spans.iter().any(|s| s["name"] == "apply"
+            && s["function"] == "mesh-proxy"
+            && s["id"].as_str().is_some_and(|id| !id.is_empty())
+            && s["id"] == line["fields"]["id"]),
+        "{line}"
+    );
+    nse.close(conn).await.expect("Close");
+}
+
+/// A metrics port another process holds is one error line; the endpoint
+/// serves anyway.
+#[tokio::test]
+async fn a_metrics_port_in_use_is_logged_and_the_endpoint_serves() {
+    if !nsm_tests::require_root("metrics port in use") {
+        return;
+    }
+    let ns = nsm_tests::netns::TestNetns::new("metr");
+    let held = forwarder_plugin::netns::Netns::open_path(std::path::Path::new(&ns.path()))
+        .unwrap()
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let nse = Nse::start_with(
+        &[("NSM_METRICS_LISTEN_ON", &addr)],
+        StartOptions {
+            netns: Some(ns),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (conn, _) = nse.request(req_p()).await.expect("Request");
+    nse.close(conn).await.expect("Close");
+    let log = nse.log();
+    assert_eq!(log.matches("cannot serve metrics").count(), 1, "{log}");
+    assert!(log.contains(&addr), "the line names the address: {log}");
+    drop(held);
+}
+
 /// A forwarder builds the NSE's side of a connection after the NSE's answer;
 /// one that dies first (or whose answer was lost) never Closes it, and its
 /// retry comes with a new id. So past the caller's deadline (+5 s grace) a

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use nsm_api::chain::{Ctx, Element, Next, Req};
 use nsm_api::connection::Connection;
+use tracing::Instrument;
 
 use crate::error::NseError;
 use crate::metrics::FunctionMetrics;
@@ -159,7 +160,8 @@ impl Functions {
     ) -> Result<(), FunctionError> {
         let mut first = None;
         for f in funcs.iter().rev() {
-            if let Err(e) = f.undo(conn).await {
+            let span = tracing::info_span!("undo", id = %conn.id, function = f.name());
+            if let Err(e) = f.undo(conn).instrument(span).await {
                 tracing::warn!(id = %conn.id, function = f.name(), error = %e, "undo failed");
                 first.get_or_insert(e);
             }
@@ -224,7 +226,10 @@ impl Element<NseError> for Functions {
             .cloned()
             .collect();
         for (i, f) in chain.iter().enumerate() {
-            if let Err(e) = f.apply(&mut req.conn).await {
+            // Its log lines (and, with telemetry, its span) name the
+            // connection and the function.
+            let span = tracing::info_span!("apply", %id, function = f.name());
+            if let Err(e) = f.apply(&mut req.conn).instrument(span).await {
                 self.metrics.failed(f.name());
                 let applied: FunctionChain = chain[..=i]
                     .iter()
