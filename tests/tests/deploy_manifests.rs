@@ -87,7 +87,7 @@ fn expand(value: &str, env: &BTreeMap<String, String>) -> String {
 
 /// Runs one container of ours through `--check-config`: its env (fieldRefs
 /// as a kubelet would fill them), its ConfigMap volumes written to a scratch
-/// directory, and every env value naming a mount path pointed there.
+/// directory, and every env value or file naming a mount path pointed there.
 fn check_container(
     dir: &Path,
     pod: &serde_norway::Value,
@@ -101,7 +101,7 @@ fn check_container(
         .into_iter()
         .map(|v| (str_of(v, &["name"]), v))
         .collect();
-    let mut mounts = Vec::new();
+    let (mut mounts, mut files) = (Vec::new(), Vec::new());
     for m in seq(container, &["volumeMounts"]) {
         let (name, path) = (str_of(m, &["name"]), str_of(m, &["mountPath"]));
         let local = scratch.join(&name);
@@ -113,10 +113,21 @@ fn check_container(
                 .and_then(|d| d.as_mapping())
                 .unwrap_or_else(|| panic!("{}: ConfigMap {cm} has no data", dir.display()));
             for (k, v) in data {
-                std::fs::write(local.join(k.as_str().unwrap()), v.as_str().unwrap()).unwrap();
+                let file = local.join(k.as_str().unwrap());
+                std::fs::write(&file, v.as_str().unwrap()).unwrap();
+                files.push(file);
             }
         }
         mounts.push((path, local));
+    }
+    // Paths the files name inside the mounts (e.g. NSM_CONFIG's
+    // networkServiceFile) lead to the scratch copies too.
+    for file in &files {
+        let mut text = std::fs::read_to_string(file).unwrap();
+        for (path, local) in &mounts {
+            text = text.replace(&format!("{path}/"), &format!("{}/", local.display()));
+        }
+        std::fs::write(file, text).unwrap();
     }
     let mut env = BTreeMap::new();
     for e in seq(container, &["env"]) {
