@@ -5,6 +5,7 @@
 pub mod hop;
 pub mod link;
 pub mod netns;
+pub mod proxy;
 pub mod rules;
 pub mod serve;
 pub mod wireguard;

@@ -45,7 +45,9 @@ impl NseError {
             NseError::Ipam(IpamError::Exhausted { .. }) => Code::ResourceExhausted,
             NseError::Function(FunctionError::Precondition { .. }) => Code::FailedPrecondition,
             NseError::UnknownService { .. } => Code::NotFound,
-            NseError::CallerGone(_) => Code::Unavailable,
+            NseError::CallerGone(_) | NseError::Function(FunctionError::NotReady { .. }) => {
+                Code::Unavailable
+            }
             NseError::Function(FunctionError::Failed { .. }) | NseError::Internal(_) => {
                 Code::Internal
             }

@@ -45,6 +45,23 @@ static OTEL_RULES_APPLY: LazyLock<opentelemetry::metrics::Histogram<f64>> = Lazy
         .build()
 });
 
+/// Starts of the proxies the endpoint runs (`proxy.process`), restarts apart.
+static PROXY_STARTS: LazyLock<Family<RestartLabels, Counter>> = LazyLock::new(Family::default);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RestartLabels {
+    restart: &'static str,
+}
+
+/// The endpoint started its proxy (`restart`: again, after it failed).
+pub fn proxy_started(restart: bool) {
+    PROXY_STARTS
+        .get_or_create(&RestartLabels {
+            restart: if restart { "true" } else { "false" },
+        })
+        .inc();
+}
+
 /// One write of a table's rules or members to the kernel through `backend`.
 pub fn rules_applied(backend: &'static str, took: Duration) {
     RULES_APPLY
@@ -91,6 +108,11 @@ impl FunctionMetrics {
             "rules_apply_duration_seconds",
             "How long writing the endpoint's rules (or their interface set) to the kernel took, by backend",
             RULES_APPLY.clone(),
+        );
+        calls.register(
+            "proxy_starts",
+            "Starts of the proxy the endpoint runs (proxy.process); restart=\"true\": after it failed",
+            PROXY_STARTS.clone(),
         );
         calls.register(
             "function_connections",

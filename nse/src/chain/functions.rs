@@ -30,6 +30,10 @@ pub enum FunctionError {
     /// The endpoint lacks what the function needs (e.g. a capability).
     #[error("network function {function} is unavailable: {reason}")]
     Precondition { function: String, reason: String },
+    /// What the function needs is not ready now (e.g. its proxy is
+    /// restarting): a retry may succeed.
+    #[error("network function {function} is not ready: {reason}")]
+    NotReady { function: String, reason: String },
 }
 
 /// Something a function owns alone: two instances claiming the same one

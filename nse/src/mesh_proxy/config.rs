@@ -156,6 +156,10 @@ pub struct ProxyConfig {
     pub tproxy_mark: u32,
     /// TPROXY only: table of the local default route.
     pub tproxy_route_table: u32,
+    /// The proxy the endpoint runs and keeps running itself (placement
+    /// proxy: one for every connection); without it, one started beside
+    /// the endpoint by other means.
+    pub process: Option<super::process::ProcessConfig>,
 }
 
 impl Default for ProxyConfig {
@@ -167,6 +171,7 @@ impl Default for ProxyConfig {
             mode: Mode::Redirect,
             tproxy_mark: spec.tproxy_mark,
             tproxy_route_table: spec.tproxy_route_table,
+            process: None,
         }
     }
 }
@@ -305,6 +310,22 @@ impl FunctionConfig {
                 key: "proxy.dnsPort",
                 why: format!("{} is the proxy's port", self.proxy.dns_port),
             });
+        }
+        if let Some(p) = &self.proxy.process {
+            let why = match self.placement {
+                Placement::Proxy => p.spec(&self.proxy).err(),
+                Placement::Sidecar => Some(
+                    "runs the shared proxy of placement proxy; a proxy per connection \
+                     for placement sidecar is not built yet"
+                        .into(),
+                ),
+            };
+            if let Some(why) = why {
+                return Err(FunctionConfigError::Invalid {
+                    key: "proxy.process",
+                    why,
+                });
+            }
         }
         self.own_plan(["nsm0".to_owned()], true)
             .map_err(|e| invalid("proxy", e))?;

@@ -31,6 +31,7 @@ pub mod capability;
 pub mod capture;
 pub mod config;
 pub mod labels;
+pub mod process;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -61,6 +62,9 @@ pub struct MeshProxy {
     own: Arc<OwnTable>,
     /// `CAP_NET_ADMIN`: placement proxy can install its rules.
     net_admin: bool,
+    /// The shared proxy we run (`proxy.process`), and how long a Request
+    /// waits for it to be ready.
+    proxy: Option<(forwarder_plugin::proxy::Supervisor, std::time::Duration)>,
 }
 
 fn rejected(reason: impl Into<String>) -> FunctionError {
@@ -94,6 +98,8 @@ pub enum StartError {
     Netns(#[from] forwarder_plugin::netns::NetnsError),
     #[error(transparent)]
     State(#[from] crate::own_table::state::StateError),
+    #[error("proxy.process: {0}")]
+    Process(String),
 }
 
 impl MeshProxy {
@@ -141,10 +147,24 @@ impl MeshProxy {
                 "no CAP_NET_ADMIN: placement proxy is unavailable (its Requests fail with FailedPrecondition); placement sidecar works"
             );
         }
+        // Checked when the configuration was loaded; again for one built in code.
+        let proxy = match &config.proxy.process {
+            Some(p) => {
+                let spec = p.spec(&config.proxy).map_err(StartError::Process)?;
+                let within = spec.start_timeout;
+                let supervisor = forwarder_plugin::proxy::Supervisor::start(
+                    spec,
+                    Box::new(crate::metrics::proxy_started),
+                );
+                Some((supervisor, within))
+            }
+            None => None,
+        };
         Ok(MeshProxy {
             config,
             own,
             net_admin,
+            proxy,
         })
     }
 
@@ -261,6 +281,9 @@ impl NetworkFunction for MeshProxy {
     /// At exit: removes the table if no connection is left
     /// ([`OwnTable::release`]).
     fn release(&self) {
+        if let Some((p, _)) = &self.proxy {
+            p.stop();
+        }
         if !self.net_admin {
             return;
         }
@@ -290,6 +313,15 @@ impl NetworkFunction for MeshProxy {
                                  `placement: sidecar` or label proxy-placement=sidecar)"
                             .into(),
                     });
+                }
+                if let Some((p, within)) = &self.proxy {
+                    // Nothing is applied for a proxy that cannot serve.
+                    p.ready(*within)
+                        .await
+                        .map_err(|e| FunctionError::NotReady {
+                            function: NAME.into(),
+                            reason: e.to_string(),
+                        })?;
                 }
                 let method = self.method(conn)?;
                 let interface = conn

@@ -17,6 +17,7 @@ fn function(yaml: &str) -> MeshProxy {
         own: Arc::new(own_table(&config).unwrap()),
         config,
         net_admin: false,
+        proxy: None,
     }
 }
 

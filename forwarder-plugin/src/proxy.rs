@@ -1,0 +1,416 @@
+//! A proxy process whose whole life we own: started in the caller's network
+//! namespace (a child inherits it) as the configured user, ready when its
+//! port answers, restarted with backoff when it dies (its redirect rules
+//! stay: traffic waits for it, never bypasses it), stopped with a drain
+//! period, and killed with us if we die (parent-death signal), so it never
+//! outlives the rules that send traffic to it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Lines of the proxy's output kept for the reason of a failure.
+const KEPT_LINES: usize = 20;
+/// Longest output line kept (longer ones are cut).
+const MAX_LINE: usize = 300;
+/// How often readiness is probed while starting.
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Ready this long: the next crash starts the backoff afresh.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// When the proxy counts as ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// A TCP connect to 127.0.0.1:port succeeds.
+    Tcp(u16),
+    /// `GET path` on 127.0.0.1:port answers 200 (e.g. Envoy's `/ready`).
+    Http { port: u16, path: String },
+}
+
+/// What to run, rendered by the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSpec {
+    /// Program and arguments (the program is looked up in `PATH`).
+    pub argv: Vec<String>,
+    /// The whole environment of the process.
+    pub env: BTreeMap<String, String>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub ready: Readiness,
+    /// From spawn to ready, else it is killed and started again.
+    pub start_timeout: Duration,
+    /// From SIGTERM to SIGKILL when stopping.
+    pub drain_timeout: Duration,
+}
+
+/// Where the proxy is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyState {
+    Starting,
+    Ready {
+        pid: u32,
+    },
+    /// It failed (why, with its last output lines); it is started again
+    /// after a backoff.
+    Restarting {
+        reason: String,
+    },
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("the proxy is not ready within {within:?}: {reason}")]
+    NotReady { within: Duration, reason: String },
+    #[error("the proxy is stopped")]
+    Stopped,
+}
+
+/// What the supervisor reports: each start (`true`: a restart).
+pub type OnStart = Box<dyn Fn(bool) + Send + Sync>;
+
+/// One supervised proxy.
+pub struct Supervisor {
+    state: watch::Receiver<ProxyState>,
+    pid: Arc<AtomicU32>,
+    stopping: Arc<AtomicBool>,
+    drain: Duration,
+}
+
+impl Supervisor {
+    /// Starts `spec` now and keeps it running; call inside a Tokio runtime.
+    pub fn start(spec: ProcessSpec, on_start: OnStart) -> Supervisor {
+        let (tx, rx) = watch::channel(ProxyState::Starting);
+        let pid = Arc::new(AtomicU32::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let drain = spec.drain_timeout;
+        tokio::spawn(supervise(spec, tx, pid.clone(), stopping.clone(), on_start));
+        Supervisor {
+            state: rx,
+            pid,
+            stopping,
+            drain,
+        }
+    }
+
+    pub fn state(&self) -> ProxyState {
+        self.state.borrow().clone()
+    }
+
+    /// The running proxy's pid.
+    pub fn pid(&self) -> Option<u32> {
+        match self.pid.load(Ordering::Relaxed) {
+            0 => None,
+            p => Some(p),
+        }
+    }
+
+    /// Waits until the proxy is ready, at most `within`; the error says
+    /// why it is not (its last failure and output).
+    pub async fn ready(&self, within: Duration) -> Result<u32, ProxyError> {
+        let mut rx = self.state.clone();
+        let wait = rx.wait_for(|s| matches!(s, ProxyState::Ready { .. } | ProxyState::Stopped));
+        match tokio::time::timeout(within, wait).await {
+            Ok(Ok(s)) => match &*s {
+                ProxyState::Ready { pid } => Ok(*pid),
+                _ => Err(ProxyError::Stopped),
+            },
+            Ok(Err(_)) => Err(ProxyError::Stopped),
+            Err(_) => Err(ProxyError::NotReady {
+                within,
+                reason: match self.state() {
+                    ProxyState::Restarting { reason } => reason,
+                    other => format!("{other:?}"),
+                },
+            }),
+        }
+    }
+
+    /// Stops the proxy for good: SIGTERM, up to the drain timeout for it to
+    /// finish what it serves, then SIGKILL. Blocks until it is gone.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(pid) = self.pid() {
+            terminate(pid, self.drain);
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// SIGTERM, then SIGKILL after `drain`; returns once `pid` is gone (a
+/// zombie counts as gone: its reaper is elsewhere).
+fn terminate(pid: u32, drain: Duration) {
+    use nix::sys::signal::{Signal, kill};
+    let p = nix::unistd::Pid::from_raw(pid as i32);
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit_once(") ")
+                    .is_none_or(|(_, rest)| rest.starts_with('Z'))
+            })
+            .unwrap_or(true)
+    };
+    if kill(p, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + drain;
+    while std::time::Instant::now() < deadline {
+        if gone() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(p, Signal::SIGKILL);
+    for _ in 0..100 {
+        if gone() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+type Output = Arc<Mutex<VecDeque<String>>>;
+
+fn last_lines(out: &Output) -> String {
+    let lines = out.lock().unwrap_or_else(|p| p.into_inner());
+    if lines.is_empty() {
+        return "no output".into();
+    }
+    format!(
+        "last output: {}",
+        lines.iter().cloned().collect::<Vec<_>>().join(" | ")
+    )
+}
+
+fn keep_output(stream: impl tokio::io::AsyncRead + Unpin + Send + 'static, out: Output) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(mut line)) = lines.next_line().await {
+            tracing::debug!(target: "proxy", "{line}");
+            if line.len() > MAX_LINE {
+                let mut cut = MAX_LINE;
+                while !line.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                line.truncate(cut);
+            }
+            let mut kept = out.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.len() == KEPT_LINES {
+                kept.pop_front();
+            }
+            kept.push_back(line);
+        }
+    });
+}
+
+/// Where programs are looked for when neither we nor the spec have a PATH.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `program` as a path: as given when it names one, else the first match
+/// in the spec's PATH, ours, or the default one.
+fn resolve(program: &str, env: &BTreeMap<String, String>) -> std::path::PathBuf {
+    if program.contains('/') {
+        return program.into();
+    }
+    let path = env
+        .get("PATH")
+        .cloned()
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_else(|| DEFAULT_PATH.to_owned());
+    std::env::split_paths(&path)
+        .chain(std::env::split_paths(DEFAULT_PATH))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| program.into())
+}
+
+fn command(spec: &ProcessSpec) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(resolve(&spec.argv[0], &spec.env));
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .envs(&spec.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(gid) = spec.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = spec.uid {
+        cmd.uid(uid);
+    }
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls prctl(2), which is async-signal-safe. It runs after the uid and
+    // gid changes, which would otherwise clear the parent-death signal.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+async fn is_ready(ready: &Readiness) -> bool {
+    let port = match ready {
+        Readiness::Tcp(p) | Readiness::Http { port: p, .. } => *p,
+    };
+    let Ok(Ok(mut sock)) = tokio::time::timeout(
+        PROBE_EVERY * 4,
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    else {
+        return false;
+    };
+    let Readiness::Http { path, .. } = ready else {
+        return true;
+    };
+    let ask = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let answer = async {
+        sock.write_all(ask.as_bytes()).await.ok()?;
+        let mut head = [0u8; 32];
+        let n = sock.read(&mut head).await.ok()?;
+        let line = String::from_utf8_lossy(&head[..n]).into_owned();
+        Some(line.split_whitespace().nth(1) == Some("200"))
+    };
+    matches!(
+        tokio::time::timeout(PROBE_EVERY * 4, answer).await,
+        Ok(Some(true))
+    )
+}
+
+/// How one run of the process ended.
+enum Ended {
+    Stopping,
+    Failed(String),
+}
+
+async fn run_once(
+    spec: &ProcessSpec,
+    tx: &watch::Sender<ProxyState>,
+    pid_slot: &AtomicU32,
+    stopping: &AtomicBool,
+) -> (Ended, Option<Instant>) {
+    let out: Output = Arc::default();
+    let mut child = match command(spec).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                Ended::Failed(format!("cannot start {:?}: {e}", spec.argv[0])),
+                None,
+            );
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    pid_slot.store(pid, Ordering::SeqCst);
+    if let Some(o) = child.stdout.take() {
+        keep_output(o, out.clone());
+    }
+    if let Some(e) = child.stderr.take() {
+        keep_output(e, out.clone());
+    }
+    tracing::info!(pid, argv = ?spec.argv, "proxy starting");
+    let deadline = Instant::now() + spec.start_timeout;
+    loop {
+        if stopping.load(Ordering::SeqCst) {
+            return (Ended::Stopping, None);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            pid_slot.store(0, Ordering::SeqCst);
+            return (
+                Ended::Failed(format!(
+                    "it exited ({status}) before it was ready; {}",
+                    last_lines(&out)
+                )),
+                None,
+            );
+        }
+        if is_ready(&spec.ready).await {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            pid_slot.store(0, Ordering::SeqCst);
+            return (
+                Ended::Failed(format!(
+                    "not ready within {:?} ({:?}); {}",
+                    spec.start_timeout,
+                    spec.ready,
+                    last_lines(&out)
+                )),
+                None,
+            );
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+    let since = Instant::now();
+    tracing::info!(pid, "proxy ready");
+    let _ = tx.send(ProxyState::Ready { pid });
+    let status = child.wait().await;
+    pid_slot.store(0, Ordering::SeqCst);
+    if stopping.load(Ordering::SeqCst) {
+        return (Ended::Stopping, Some(since));
+    }
+    let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+    (
+        Ended::Failed(format!("it exited ({status}); {}", last_lines(&out))),
+        Some(since),
+    )
+}
+
+async fn supervise(
+    spec: ProcessSpec,
+    tx: watch::Sender<ProxyState>,
+    pid: Arc<AtomicU32>,
+    stopping: Arc<AtomicBool>,
+    on_start: OnStart,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut first = true;
+    loop {
+        if !first {
+            let _ = tx.send(ProxyState::Starting);
+        }
+        on_start(!first);
+        first = false;
+        let (ended, ready_since) = run_once(&spec, &tx, &pid, &stopping).await;
+        let reason = match ended {
+            Ended::Stopping => break,
+            Ended::Failed(reason) => reason,
+        };
+        if ready_since.is_some_and(|t| t.elapsed() >= STABLE_AFTER) {
+            backoff = MIN_BACKOFF;
+        }
+        tracing::warn!(%reason, retry_in = ?backoff, "proxy failed; its rules stay, traffic waits for it");
+        let _ = tx.send(ProxyState::Restarting { reason });
+        let until = Instant::now() + backoff;
+        while Instant::now() < until {
+            if stopping.load(Ordering::SeqCst) {
+                let _ = tx.send(ProxyState::Stopped);
+                return;
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    let _ = tx.send(ProxyState::Stopped);
+}

@@ -1,0 +1,176 @@
+//! `proxy.process` (issue 13, shared placement): the endpoint runs the
+//! proxy itself, HAProxy here, in its own namespace as the proxy user: a
+//! Request is answered once the proxy is ready; a proxy killed with -9 is
+//! started again; a proxy that cannot start fails the Request with the
+//! reason and leaves nothing; the endpoint's end, graceful or not, ends
+//! the proxy.
+
+mod nse_support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use nse_support::*;
+use nsm_tests::netns::TestNetns;
+
+/// The haproxy processes in `ns`, with their uid.
+fn proxies(ns: &TestNetns) -> Vec<(u32, u32)> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns.name()])
+        .output()
+        .expect("ip netns pids");
+    let pids = String::from_utf8_lossy(&out.stdout).into_owned();
+    pids.split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "haproxy")
+        })
+        .filter_map(|p| {
+            let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            let uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((p, uid))
+        })
+        .collect()
+}
+
+/// An endpoint whose config runs `command` as its proxy.
+async fn endpoint(dir: &TempDir, command: &str, start_timeout: &str) -> Nse {
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(&cfg, examples::proxy::haproxy_config(&[15001], 1337)).unwrap();
+    let config = dir.path().join("config.yaml");
+    let command = command.replace("CFG", &cfg.display().to_string());
+    std::fs::write(
+        &config,
+        format!(
+            "version: 1\nplacement: proxy\nproxy:\n  port: 15001\n  process:\n    command: {command}\n    user: 1337\n    startTimeout: {start_timeout}\n    drainTimeout: 1s\n"
+        ),
+    )
+    .unwrap();
+    Nse::start(&[("NSM_CONFIG", config.to_str().unwrap())]).await
+}
+
+async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..100 {
+        if let Some(v) = f() {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 5 s");
+}
+
+#[tokio::test]
+async fn the_endpoint_runs_its_proxy_restarts_it_and_stops_it() {
+    if !nsm_tests::require_root("proxy.process") {
+        return;
+    }
+    if examples::proxy::haproxy_path().is_none() {
+        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
+        eprintln!("SKIPPED: haproxy is not installed");
+        return;
+    }
+    let dir = TempDir::new();
+    let nse = endpoint(&dir, "[haproxy, -db, -f, CFG]", "5s").await;
+    let ns = nse.netns.as_ref().expect("its namespace");
+    let (conn, _) = nse
+        .request(req_p())
+        .await
+        .expect("Request with the proxy ready");
+    let running = proxies(ns);
+    assert_eq!(running.len(), 1, "one proxy: {running:?}\n{}", nse.log());
+    let (first, uid) = running[0];
+    assert_eq!(uid, 1337, "it runs as the proxy user");
+    // It listens where the redirect rules send traffic.
+    ns.exec_ok(&["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/15001"]);
+
+    // kill -9: started again (a new process), and serving again.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let second = wait_for("a new proxy", || {
+        proxies(ns)
+            .into_iter()
+            .map(|(p, _)| p)
+            .find(|p| *p != first)
+    })
+    .await;
+    let (again, _) = nse
+        .request(req_p())
+        .await
+        .expect("Request after the restart");
+    assert!(proxies(ns).iter().any(|(p, _)| *p == second));
+    assert!(nse.log().contains("proxy failed"), "{}", nse.log());
+    nse.close(conn).await.expect("Close");
+    nse.close(again).await.expect("Close");
+
+    // SIGTERM: the endpoint stops its proxy on the way out.
+    let pid = nix::unistd::Pid::from_raw(nse.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_for("the proxy gone after SIGTERM", || {
+        proxies(ns).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_endpoint_takes_its_proxy_with_it() {
+    if !nsm_tests::require_root("proxy.process") {
+        return;
+    }
+    if examples::proxy::haproxy_path().is_none() {
+        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
+        eprintln!("SKIPPED: haproxy is not installed");
+        return;
+    }
+    let dir = TempDir::new();
+    let nse = endpoint(&dir, "[haproxy, -db, -f, CFG]", "5s").await;
+    nse.request(req_p()).await.expect("Request");
+    let ns = nse.kill().expect("its namespace");
+    wait_for("the proxy gone with its endpoint", || {
+        proxies(&ns).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_proxy_that_cannot_start_fails_the_request_with_the_reason() {
+    if !nsm_tests::require_root("proxy.process") {
+        return;
+    }
+    let dir = TempDir::new();
+    let nse = endpoint(&dir, "[no-such-proxy-binary, CFG]", "500ms").await;
+    let err = nse.request(req_p()).await.expect_err("no proxy");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("not ready") && err.message().contains("no-such-proxy-binary"),
+        "{}",
+        err.message()
+    );
+    // Nothing of the connection stayed in the endpoint's table.
+    let ns = nse.netns.as_ref().unwrap();
+    let rules = ns.exec(&["nft", "list", "ruleset"]);
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains("elements"),
+        "{}",
+        String::from_utf8_lossy(&rules.stdout)
+    );
+    // One that exits at once: its own words are in the reason.
+    let dir = TempDir::new();
+    let nse = endpoint(&dir, "[haproxy, -db, -f, /nonexistent.cfg]", "500ms").await;
+    if examples::proxy::haproxy_path().is_some() {
+        let err = nse.request(req_p()).await.expect_err("no proxy");
+        assert!(
+            err.message().contains("exited") && err.message().contains("nonexistent.cfg"),
+            "{}",
+            err.message()
+        );
+    }
+}
