@@ -51,17 +51,9 @@ fn main() -> ExitCode {
         Err(e) => return exit::Failure::Setup(format!("tokio runtime: {e}")).report(),
     };
     // The OTLP exporter's connection lives in the runtime.
-    let telemetry = {
-        let _in_runtime = rt.enter();
-        match cfg
-            .telemetry
-            .as_ref()
-            .map(|t| Telemetry::start(t, &cfg.name))
-        {
-            None => None,
-            Some(Ok(t)) => Some(t),
-            Some(Err(e)) => return exit::Failure::Setup(e.to_string()).report(),
-        }
+    let telemetry = match nsm_api::telemetry::start_in(&rt, cfg.telemetry.as_ref(), &cfg.name) {
+        Ok(t) => t,
+        Err(e) => return exit::Failure::Setup(e.to_string()).report(),
     };
     // Our own events at NSM_LOG_LEVEL; the gRPC stack's only at TRACE.
     let logging = nsm_api::logging::init(

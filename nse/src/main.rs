@@ -35,21 +35,14 @@ fn main() -> ExitCode {
         }
     };
     // The OTLP exporter's connection lives in the runtime.
-    let telemetry = {
-        let _in_runtime = runtime.enter();
-        match config
-            .telemetry
-            .as_ref()
-            .map(|t| Telemetry::start(t, &config.name))
-        {
-            None => None,
-            Some(Ok(t)) => Some(t),
-            Some(Err(e)) => {
+    let telemetry =
+        match nsm_api::telemetry::start_in(&runtime, config.telemetry.as_ref(), &config.name) {
+            Ok(t) => t,
+            Err(e) => {
                 eprintln!("mesh-proxy-nse: {e}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-        }
-    };
+        };
     let logging = nsm_api::logging::init(
         config.log_level,
         config.log_format,

@@ -176,6 +176,16 @@ impl Drop for Telemetry {
     }
 }
 
+/// [`Telemetry::start`] inside `runtime` when `config` asks for it.
+pub fn start_in(
+    runtime: &tokio::runtime::Runtime,
+    config: Option<&TelemetryConfig>,
+    service: &str,
+) -> Result<Option<Telemetry>, TelemetryError> {
+    let _in_runtime = runtime.enter();
+    config.map(|c| Telemetry::start(c, service)).transpose()
+}
+
 /// Flushes what is batched without blocking the runtime the exporter's
 /// connection needs (a current-thread runtime would otherwise stall it).
 pub async fn shutdown(telemetry: Option<Telemetry>) {

@@ -55,6 +55,19 @@ async fn endpoint(dir: &TempDir, command: &str, start_timeout: &str) -> Nse {
     Nse::start(&[("NSM_CONFIG", config.to_str().unwrap())]).await
 }
 
+/// Root and HAProxy, or a printed skip (a failure under CI=true).
+fn can_run() -> bool {
+    if !nsm_tests::require_root("proxy.process") {
+        return false;
+    }
+    if examples::proxy::haproxy_path().is_none() {
+        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
+        eprintln!("SKIPPED: haproxy is not installed");
+        return false;
+    }
+    true
+}
+
 async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     for _ in 0..100 {
         if let Some(v) = f() {
@@ -67,12 +80,7 @@ async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 #[tokio::test]
 async fn the_endpoint_runs_its_proxy_restarts_it_and_stops_it() {
-    if !nsm_tests::require_root("proxy.process") {
-        return;
-    }
-    if examples::proxy::haproxy_path().is_none() {
-        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
-        eprintln!("SKIPPED: haproxy is not installed");
+    if !can_run() {
         return;
     }
     let dir = TempDir::new();
@@ -122,12 +130,7 @@ async fn the_endpoint_runs_its_proxy_restarts_it_and_stops_it() {
 
 #[tokio::test]
 async fn a_killed_endpoint_takes_its_proxy_with_it() {
-    if !nsm_tests::require_root("proxy.process") {
-        return;
-    }
-    if examples::proxy::haproxy_path().is_none() {
-        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
-        eprintln!("SKIPPED: haproxy is not installed");
+    if !can_run() {
         return;
     }
     let dir = TempDir::new();

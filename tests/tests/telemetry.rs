@@ -168,6 +168,24 @@ fn traced<T>(msg: T) -> tonic::Request<T> {
     req
 }
 
+/// A Request and its Close, each with the caller's traceparent.
+async fn request_and_close(nse: &Nse) {
+    let mut req = req_p();
+    if nse.netns.is_none()
+        && let Some(c) = req.connection.as_mut()
+    {
+        forwarder_plugin::hop::announce_features(c);
+    }
+    let (mut client, _fds) = nse.dial().await;
+    let conn = client
+        .request(traced(req))
+        .await
+        .expect("Request")
+        .into_inner();
+    let (mut client, _fds) = nse.dial().await;
+    client.close(traced(conn)).await.expect("Close");
+}
+
 #[tokio::test]
 async fn request_and_close_spans_reach_the_collector_as_children_of_the_callers_trace() {
     let ns = is_root().then(|| TestNetns::new("otel"));
@@ -186,20 +204,7 @@ async fn request_and_close_spans_reach_the_collector_as_children_of_the_callers_
         },
     )
     .await;
-    let mut req = req_p();
-    if nse.netns.is_none()
-        && let Some(c) = req.connection.as_mut()
-    {
-        forwarder_plugin::hop::announce_features(c);
-    }
-    let (mut client, _fds) = nse.dial().await;
-    let conn = client
-        .request(traced(req))
-        .await
-        .expect("Request")
-        .into_inner();
-    let (mut client, _fds) = nse.dial().await;
-    client.close(traced(conn)).await.expect("Close");
+    request_and_close(&nse).await;
 
     let want = [
         "/networkservice.NetworkService/Request",
@@ -307,20 +312,7 @@ async fn a_collector_that_does_not_answer_is_one_warning() {
     )
     .await;
     for _ in 0..5 {
-        let mut req = req_p();
-        if nse.netns.is_none()
-            && let Some(c) = req.connection.as_mut()
-        {
-            forwarder_plugin::hop::announce_features(c);
-        }
-        let (mut client, _fds) = nse.dial().await;
-        let conn = client
-            .request(traced(req))
-            .await
-            .expect("Request while the collector is away")
-            .into_inner();
-        let (mut client, _fds) = nse.dial().await;
-        client.close(traced(conn)).await.expect("Close");
+        request_and_close(&nse).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let warned = |log: &str| log.matches("cannot export spans").count();

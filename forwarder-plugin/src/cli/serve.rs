@@ -37,19 +37,12 @@ pub fn run(args: ServeArgs) -> ExitCode {
         }
     };
     // The OTLP exporter's connection lives in the runtime.
-    let telemetry = {
-        let _in_runtime = runtime.enter();
-        match cfg
-            .telemetry
-            .as_ref()
-            .map(|t| Telemetry::start(t, &cfg.name))
-        {
-            None => None,
-            Some(Ok(t)) => Some(t),
-            Some(Err(e)) => {
-                eprintln!("forwarder-plugin serve: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
+    let telemetry = match nsm_api::telemetry::start_in(&runtime, cfg.telemetry.as_ref(), &cfg.name)
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("forwarder-plugin serve: {e}");
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     let logging = nsm_api::logging::init(
