@@ -113,19 +113,27 @@ async fn starts_with_the_manifests_environment_and_registers_as_nsm_forwarders_d
         Duration::from_secs(60),
         Some(nsmgr),
     );
-    let mut cmd = Command::new(bin("forwarder-plugin"));
-    cmd.arg("serve")
-        .args(["--state-dir", dir.join("state").to_str().unwrap()])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    for (k, v) in &env {
-        match k.as_str() {
-            "NSM_LISTEN_ON" | "NSM_CONNECT_TO" | "SPIFFE_ENDPOINT_SOCKET" => cmd.env(k, moved(v)),
-            // The pod's port, on this host's loopback only (and a free port).
-            "NSM_METRICS_LISTEN_ON" => cmd.env(k, "127.0.0.1:0"),
-            _ => cmd.env(k, v),
-        };
-    }
+    // `forwarder-plugin serve` with the manifest's environment, host paths moved.
+    let serve = |extra: &[&str]| {
+        let mut cmd = Command::new(bin("forwarder-plugin"));
+        cmd.arg("serve")
+            .args(["--state-dir", dir.join("state").to_str().unwrap()])
+            .args(extra)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in &env {
+            match k.as_str() {
+                "NSM_LISTEN_ON" | "NSM_CONNECT_TO" | "SPIFFE_ENDPOINT_SOCKET" => {
+                    cmd.env(k, moved(v))
+                }
+                // The pod's port, on this host's loopback only (and a free port).
+                "NSM_METRICS_LISTEN_ON" => cmd.env(k, "127.0.0.1:0"),
+                _ => cmd.env(k, v),
+            };
+        }
+        cmd
+    };
+    let mut cmd = serve(&[]);
     let log = dir.join("fwd.log");
     cmd.stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
@@ -180,6 +188,16 @@ async fn starts_with_the_manifests_environment_and_registers_as_nsm_forwarders_d
         )),
         "its token, for the registry"
     );
+    // The manifest's exec probe, in the same environment: SERVING, over
+    // mTLS with the Workload API's SVID.
+    let probe = serve(&["--probe"]).output().unwrap();
+    assert!(
+        probe.status.success(),
+        "forwarder-plugin serve --probe: {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
     assert!(child.terminate(WAIT).is_some_and(|s| s.success()));
+    let probe = serve(&["--probe"]).output().unwrap();
+    assert_eq!(probe.status.code(), Some(1), "nothing serves any more");
     let _ = std::fs::remove_dir_all(&dir);
 }
