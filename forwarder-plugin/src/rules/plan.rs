@@ -658,7 +658,14 @@ impl Gen<'_> {
         let s = self.spec;
         let fam = self.base_family();
         let t = Table::Nat;
-        self.push(base(t, Hook::Output), fam, vec![], Jump(OwnChain::Output));
+        // Only TCP is ever redirected but DNS: other protocols skip the
+        // chain, as istio's `-A OUTPUT -p tcp -j ISTIO_OUTPUT`.
+        let entry = if s.capture_dns {
+            vec![]
+        } else {
+            vec![Proto(L4::Tcp)]
+        };
+        self.push(base(t, Hook::Output), fam, entry, Jump(OwnChain::Output));
         let out = own(t, OwnChain::Output);
         // 1. Port excludes, TCP and UDP, before anything can loop back.
         for p in ports(&s.exclude_outbound_ports) {

@@ -476,7 +476,9 @@ mod tests {
             "-A PREROUTING -p tcp -j MESH_PROXY_INBOUND",
             "-A MESH_PROXY_INBOUND -p tcp --dport 15021 -j RETURN",
             "-A MESH_PROXY_INBOUND -p tcp -j MESH_PROXY_IN_REDIRECT",
-            "-A OUTPUT -j MESH_PROXY_OUTPUT",
+            // istio's golden jumps with every protocol; only TCP is ever
+            // redirected here (no DNS capture), so only TCP pays for the chain.
+            "-A OUTPUT -p tcp -j MESH_PROXY_OUTPUT",
             "-A MESH_PROXY_OUTPUT -p udp --dport 15020 -j RETURN",
             "-A MESH_PROXY_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
             "-A MESH_PROXY_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp -m multiport ! --dports 15008,15020,15021,15090 -m owner --uid-owner 1337 -j MESH_PROXY_IN_REDIRECT",
