@@ -379,6 +379,16 @@ impl Netns {
             .is_ok_and(|m| m.dev() == self.id.dev && m.ino() == self.id.ino)
     }
 
+    /// What a child made with our own `pre_exec` hook calls to enter this
+    /// namespace between fork and exec — first, before a uid change drops
+    /// the capability setns(2) needs. `self` must outlive the spawn.
+    pub fn child_entry(&self) -> ChildEntry {
+        ChildEntry {
+            fd: self.fd.as_raw_fd(),
+            stay: self.is_current(),
+        }
+    }
+
     /// Makes `cmd`'s child enter this namespace between fork and exec (a
     /// child of a thread already in it just stays: see [`Netns::run`]).
     pub fn enter_in_child(&self, cmd: &mut std::process::Command) {
@@ -397,6 +407,29 @@ impl Netns {
                 setns(fd, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
             });
         }
+    }
+}
+
+/// A namespace entry for a forked child ([`Netns::child_entry`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ChildEntry {
+    fd: std::os::fd::RawFd,
+    /// Already there: nothing to do.
+    stay: bool,
+}
+
+impl ChildEntry {
+    /// setns(2) into the namespace; async-signal-safe, for a pre-exec hook.
+    pub fn enter(&self) -> std::io::Result<()> {
+        if self.stay {
+            return Ok(());
+        }
+        // SAFETY: `fd` is the open namespace descriptor of the Netns this
+        // entry came from, which its caller keeps alive across the spawn;
+        // the child inherited a copy of the descriptor table.
+        #[allow(unsafe_code)]
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        setns(fd, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
     }
 }
 

@@ -11,9 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::netns::Netns;
 
 /// Lines of the proxy's output kept for the reason of a failure.
 const KEPT_LINES: usize = 20;
@@ -86,13 +88,29 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Starts `spec` now and keeps it running; call inside a Tokio runtime.
+    /// Starts `spec` now in our own namespace and keeps it running; call
+    /// inside a Tokio runtime.
     pub fn start(spec: ProcessSpec, on_start: OnStart) -> Supervisor {
+        Self::start_in(spec, None, on_start)
+    }
+
+    /// [`Supervisor::start`] in `netns` (e.g. a client pod's): the process
+    /// lives on our node, its sockets in that namespace, where its
+    /// readiness is probed too. The supervisor holds the namespace open.
+    pub fn start_in(spec: ProcessSpec, netns: Option<Netns>, on_start: OnStart) -> Supervisor {
         let (tx, rx) = watch::channel(ProxyState::Starting);
         let pid = Arc::new(AtomicU32::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
         let drain = spec.drain_timeout;
-        tokio::spawn(supervise(spec, tx, pid.clone(), stopping.clone(), on_start));
+        let netns = netns.map(Arc::new);
+        tokio::spawn(supervise(
+            spec,
+            netns,
+            tx,
+            pid.clone(),
+            stopping.clone(),
+            on_start,
+        ));
         Supervisor {
             state: rx,
             pid,
@@ -237,7 +255,7 @@ fn resolve(program: &str, env: &BTreeMap<String, String>) -> std::path::PathBuf 
         .unwrap_or_else(|| program.into())
 }
 
-fn command(spec: &ProcessSpec) -> tokio::process::Command {
+fn command(spec: &ProcessSpec, netns: Option<&Netns>) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(resolve(&spec.argv[0], &spec.env));
     cmd.args(&spec.argv[1..])
         .env_clear()
@@ -247,18 +265,35 @@ fn command(spec: &ProcessSpec) -> tokio::process::Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    if let Some(gid) = spec.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = spec.uid {
-        cmd.uid(uid);
-    }
+    let entry = netns.map(Netns::child_entry);
+    let (uid, gid) = (spec.uid, spec.gid);
     // SAFETY: the closure runs in the forked child before exec and only
-    // calls prctl(2), which is async-signal-safe. It runs after the uid and
-    // gid changes, which would otherwise clear the parent-death signal.
+    // makes async-signal-safe system calls: setns(2) first (it needs the
+    // capabilities a uid change drops; the namespace's Netns is held by the
+    // supervisor across the spawn), then setgroups(2)/setgid(2)/setuid(2)
+    // (as std's uid/gid would, but after the setns),
+    // then prctl(2) — last, as a credential change clears the parent-death
+    // signal.
     #[allow(unsafe_code)]
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            if let Some(e) = &entry {
+                e.enter()?;
+            }
+            // No supplementary group of ours goes with a changed identity.
+            if (uid.is_some() || gid.is_some()) && libc::setgroups(0, std::ptr::null()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(g) = gid
+                && libc::setgid(g) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(u) = uid
+                && libc::setuid(u) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -268,33 +303,35 @@ fn command(spec: &ProcessSpec) -> tokio::process::Command {
     cmd
 }
 
-async fn is_ready(ready: &Readiness) -> bool {
-    let port = match ready {
-        Readiness::Tcp(p) | Readiness::Http { port: p, .. } => *p,
-    };
-    let Ok(Ok(mut sock)) = tokio::time::timeout(
-        PROBE_EVERY * 4,
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    else {
-        return false;
-    };
-    let Readiness::Http { path, .. } = ready else {
-        return true;
-    };
-    let ask = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    let answer = async {
-        sock.write_all(ask.as_bytes()).await.ok()?;
+/// One readiness probe, blocking, in `netns` (or ours).
+fn probe(ready: &Readiness, netns: Option<&Netns>) -> bool {
+    let check = || {
+        use std::io::{Read, Write};
+        let port = match ready {
+            Readiness::Tcp(p) | Readiness::Http { port: p, .. } => *p,
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let Ok(mut sock) = std::net::TcpStream::connect_timeout(&addr, PROBE_EVERY * 4) else {
+            return false;
+        };
+        let Readiness::Http { path, .. } = ready else {
+            return true;
+        };
+        let _ = sock.set_read_timeout(Some(PROBE_EVERY * 4));
+        let ask = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
         let mut head = [0u8; 32];
-        let n = sock.read(&mut head).await.ok()?;
-        let line = String::from_utf8_lossy(&head[..n]).into_owned();
-        Some(line.split_whitespace().nth(1) == Some("200"))
+        sock.write_all(ask.as_bytes()).is_ok()
+            && sock.read(&mut head).is_ok_and(|n| {
+                String::from_utf8_lossy(&head[..n])
+                    .split_whitespace()
+                    .nth(1)
+                    == Some("200")
+            })
     };
-    matches!(
-        tokio::time::timeout(PROBE_EVERY * 4, answer).await,
-        Ok(Some(true))
-    )
+    match netns {
+        Some(ns) => ns.run(check).unwrap_or(false),
+        None => check(),
+    }
 }
 
 /// How one run of the process ended.
@@ -305,12 +342,13 @@ enum Ended {
 
 async fn run_once(
     spec: &ProcessSpec,
+    netns: Option<&Arc<Netns>>,
     tx: &watch::Sender<ProxyState>,
     pid_slot: &AtomicU32,
     stopping: &AtomicBool,
 ) -> (Ended, Option<Instant>) {
     let out: Output = Arc::default();
-    let mut child = match command(spec).spawn() {
+    let mut child = match command(spec, netns.map(|n| &**n)).spawn() {
         Ok(c) => c,
         Err(e) => {
             return (
@@ -343,7 +381,11 @@ async fn run_once(
                 None,
             );
         }
-        if is_ready(&spec.ready).await {
+        let (ready, ns) = (spec.ready.clone(), netns.cloned());
+        let up = tokio::task::spawn_blocking(move || probe(&ready, ns.as_deref()))
+            .await
+            .unwrap_or(false);
+        if up {
             break;
         }
         if Instant::now() >= deadline {
@@ -379,6 +421,7 @@ async fn run_once(
 
 async fn supervise(
     spec: ProcessSpec,
+    netns: Option<Arc<Netns>>,
     tx: watch::Sender<ProxyState>,
     pid: Arc<AtomicU32>,
     stopping: Arc<AtomicBool>,
@@ -392,7 +435,7 @@ async fn supervise(
         }
         on_start(!first);
         first = false;
-        let (ended, ready_since) = run_once(&spec, &tx, &pid, &stopping).await;
+        let (ended, ready_since) = run_once(&spec, netns.as_ref(), &tx, &pid, &stopping).await;
         let reason = match ended {
             Ended::Stopping => break,
             Ended::Failed(reason) => reason,
