@@ -68,6 +68,31 @@ fn server_saw_port(lab: &Lab, port: u16) -> bool {
         .any(|l| l.starts_with("server: ") && l.ends_with(&format!(":{port}")))
 }
 
+fn proxy_saw_port(lab: &Lab, port: u16) -> bool {
+    lab.proxy_lines().iter().any(|(_, to)| to.port() == port)
+}
+
+/// A Request from `netns` for `name` that must succeed.
+async fn request(
+    lab: &Lab,
+    c: &DirectClient,
+    netns: &Netns,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> nsm_api::connection::Connection {
+    c.request(netns, name, "mesh-proxy", "nsm-1", labels)
+        .await
+        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()))
+}
+
+/// The endpoint's namespace is as it was `before` (within `within`).
+#[track_caller]
+fn assert_back(lab: &Lab, before: &inspect::NsState, within: Duration, when: &str) {
+    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, before, within) {
+        panic!("{when}: {left:?}{}", lab.logs());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firewall_before_the_proxy_refuses_what_the_proxy_never_sees() {
     if !nsm_tests::require_root("chain: firewall before the proxy") {
@@ -102,22 +127,20 @@ async fn a_firewall_before_the_proxy_refuses_what_the_proxy_never_sees() {
         .await
         .expect_err("a bad placement label is refused");
     assert!(e.to_string().contains("proxy-placement"), "{e}");
-    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(5)) {
-        panic!("a refused Request left: {left:?}{}", lab.logs());
-    }
+    assert_back(
+        &lab,
+        &before,
+        Duration::from_secs(5),
+        "a refused Request left",
+    );
 
-    let conn = c
-        .request(&netns, "web-0", "mesh-proxy", "nsm-1", &[])
-        .await
-        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
+    let conn = request(&lab, &c, &netns, "web-0", &[]).await;
     lab.get_through_proxy(&ns, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("the permitted port: {e}"));
     let denied = examples::traffic::http_get(&ns, denied_port(), Duration::from_secs(3));
     assert!(denied.is_err(), "port 8081 got through: {denied:?}");
     assert!(
-        !lab.proxy_lines()
-            .iter()
-            .any(|(_, to)| to.port() == SERVER_PORT_2),
+        !proxy_saw_port(&lab, SERVER_PORT_2),
         "the proxy saw the denied port: {:?}",
         lab.proxy_lines()
     );
@@ -144,9 +167,7 @@ async fn a_firewall_before_the_proxy_refuses_what_the_proxy_never_sees() {
     assert!(table.contains("tcp dport 8081 reject"), "{table}");
 
     c.close(&conn).await.unwrap();
-    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(10)) {
-        panic!("after Close: {left:?}{}", lab.logs());
-    }
+    assert_back(&lab, &before, Duration::from_secs(10), "after Close");
     assert!(inspect::link(&ns, "nsm-1").unwrap().is_none());
 }
 
@@ -161,10 +182,7 @@ async fn a_firewall_after_the_proxy_filters_what_the_proxy_sends() {
     )]);
     let before = inspect::snapshot(&lab.nse_ns).unwrap();
     let (c, ns, netns) = client(&lab);
-    let conn = c
-        .request(&netns, "web-0", "mesh-proxy", "nsm-1", &[])
-        .await
-        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
+    let conn = request(&lab, &c, &netns, "web-0", &[]).await;
     lab.get_through_proxy(&ns, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("the allowed port: {e}"));
 
@@ -173,11 +191,7 @@ async fn a_firewall_after_the_proxy_filters_what_the_proxy_sends() {
     let denied = examples::traffic::http_get(&ns, denied_port(), Duration::from_secs(3));
     assert!(denied.is_err(), "port 8081 got through: {denied:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !lab
-        .proxy_lines()
-        .iter()
-        .any(|(_, to)| to.port() == SERVER_PORT_2)
-    {
+    while !proxy_saw_port(&lab, SERVER_PORT_2) {
         assert!(
             std::time::Instant::now() < deadline,
             "the proxy never saw the client's connection to 8081: {:?}{}",
@@ -195,9 +209,7 @@ async fn a_firewall_after_the_proxy_filters_what_the_proxy_sends() {
 
     c.close(&conn).await.unwrap();
     // The firewall's table goes with its last connection.
-    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(10)) {
-        panic!("after Close: {left:?}{}", lab.logs());
-    }
+    assert_back(&lab, &before, Duration::from_secs(10), "after Close");
 }
 
 /// The chain comes from NetworkService policy (the first match whose
@@ -225,20 +237,8 @@ async fn network_service_policy_chooses_the_chain_and_a_change_applies_at_refres
     let (c, web, web_netns) = client(&lab);
     let db = lab.client().unwrap();
     let db_netns = Netns::open(db.name()).unwrap();
-    let web_conn = c
-        .request(
-            &web_netns,
-            "web-0",
-            "mesh-proxy",
-            "nsm-1",
-            &[("app", "web")],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
-    let db_conn = c
-        .request(&db_netns, "db-0", "mesh-proxy", "nsm-1", &[("app", "db")])
-        .await
-        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
+    let web_conn = request(&lab, &c, &web_netns, "web-0", &[("app", "web")]).await;
+    let db_conn = request(&lab, &c, &db_netns, "db-0", &[("app", "db")]).await;
     let to_8081 =
         |ns: &Namespace| examples::traffic::http_get(ns, denied_port(), Duration::from_secs(3));
     assert!(
@@ -282,9 +282,7 @@ async fn network_service_policy_chooses_the_chain_and_a_change_applies_at_refres
 
     c.close(&web_conn).await.unwrap();
     c.close(&db_conn).await.unwrap();
-    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(10)) {
-        panic!("after Close: {left:?}{}", lab.logs());
-    }
+    assert_back(&lab, &before, Duration::from_secs(10), "after Close");
 }
 
 /// Traffic the chain ends in the vpn function leaves the endpoint only as
@@ -310,10 +308,7 @@ async fn what_the_vpn_function_sends_leaves_encrypted_to_a_server_behind_the_pee
 
     let before = inspect::snapshot(&lab.nse_ns).unwrap();
     let (c, ns, netns) = client(&lab);
-    let conn = c
-        .request(&netns, "web-0", "mesh-proxy", "nsm-1", &[])
-        .await
-        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
+    let conn = request(&lab, &c, &netns, "web-0", &[]).await;
     let behind = vpn_peer::behind();
     let ex = examples::traffic::http_get(&ns, behind, Duration::from_secs(5)).unwrap_or_else(|e| {
         panic!(
@@ -340,9 +335,7 @@ async fn what_the_vpn_function_sends_leaves_encrypted_to_a_server_behind_the_pee
     assert_eq!(clear, 0, "nothing for the server in clear on the underlay");
 
     c.close(&conn).await.unwrap();
-    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(10)) {
-        panic!("after Close: {left:?}{}", lab.logs());
-    }
+    assert_back(&lab, &before, Duration::from_secs(10), "after Close");
 }
 
 /// The firewall on the iptables backend (its rules in mangle chains
@@ -359,18 +352,13 @@ async fn the_firewall_on_iptables_filters_the_same() {
     )]);
     let before = inspect::snapshot(&lab.nse_ns).unwrap();
     let (c, ns, netns) = client(&lab);
-    let conn = c
-        .request(&netns, "web-0", "mesh-proxy", "nsm-1", &[])
-        .await
-        .unwrap_or_else(|e| panic!("Request: {e}{}", lab.logs()));
+    let conn = request(&lab, &c, &netns, "web-0", &[]).await;
     lab.get_through_proxy(&ns, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("the allowed port: {e}"));
     let denied = examples::traffic::http_get(&ns, denied_port(), Duration::from_secs(2));
     assert!(denied.is_err(), "port 8081 got through: {denied:?}");
     assert!(
-        !lab.proxy_lines()
-            .iter()
-            .any(|(_, to)| to.port() == SERVER_PORT_2),
+        !proxy_saw_port(&lab, SERVER_PORT_2),
         "the proxy saw the denied port"
     );
     let saved = lab.nse_ns.exec(&["iptables-save", "-t", "mangle"]).unwrap();
@@ -381,7 +369,5 @@ async fn the_firewall_on_iptables_filters_the_same() {
         "{saved}"
     );
     c.close(&conn).await.unwrap();
-    if let Err(left) = inspect::wait_nse_back_to(&lab.nse_ns, &before, Duration::from_secs(10)) {
-        panic!("after Close: {left:?}{}", lab.logs());
-    }
+    assert_back(&lab, &before, Duration::from_secs(10), "after Close");
 }
