@@ -389,6 +389,22 @@ impl Lab {
         Ok(Some(Identity::new(ca.material(&ca.issue(path)?)?)))
     }
 
+    /// An in-process NSM client of the lab's forwarder named `name`, with the
+    /// SVID `spiffe://k8s.nsm/ns/default/pod/<name>` in a secure lab and
+    /// tokens that live 10 minutes.
+    pub fn direct_client(&self, name: &str) -> crate::direct_client::DirectClient {
+        let identity = self
+            .identity(&format!("/ns/default/pod/{name}"))
+            .unwrap_or_else(|e| panic!("the lab's CA: {e}"));
+        crate::direct_client::DirectClient::new(
+            &self.forwarder_socket(),
+            name,
+            Duration::from_secs(600),
+            identity.as_ref(),
+        )
+        .unwrap_or_else(|e| panic!("a direct client: {e}"))
+    }
+
     fn control_env(&self, cmd: &mut Command, who: &str, path: &str) -> Result<(), LabError> {
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use examples::direct_client::DirectClient;
 use examples::inspect;
 use examples::lab::{Lab, LabConfig};
 use examples::namespace::Namespace;
@@ -48,14 +47,7 @@ async fn chaos(victim: Victim, kill_at: usize) {
     })
     .unwrap_or_else(|e| panic!("lab: {e}"));
     let before = inspect::snapshot(&lab.nse_ns).unwrap();
-    let identity = lab.identity("/ns/default/pod/chaos").unwrap();
-    let client = DirectClient::new(
-        &lab.forwarder_socket(),
-        "chaos",
-        Duration::from_secs(600),
-        identity.as_ref(),
-    )
-    .unwrap();
+    let client = lab.direct_client("chaos");
     let spaces: Vec<Namespace> = (0..CLIENTS).map(|_| lab.client().unwrap()).collect();
     let handles: Vec<Netns> = spaces
         .iter()

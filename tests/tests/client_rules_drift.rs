@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use examples::direct_client::DirectClient;
 use examples::lab::{Lab, LabConfig};
 use examples::proxy::ProxyKind;
 use forwarder_plugin::netns::Netns;
@@ -21,14 +20,7 @@ async fn flushed_client_rules_are_applied_again() {
         ..Default::default()
     })
     .unwrap_or_else(|e| panic!("lab: {e}"));
-    let identity = lab.identity("/ns/default/pod/drift").unwrap();
-    let c = DirectClient::new(
-        &lab.forwarder_socket(),
-        "drift",
-        Duration::from_secs(600),
-        identity.as_ref(),
-    )
-    .unwrap();
+    let c = lab.direct_client("drift");
     let ns = lab.client().unwrap();
     let netns = Netns::open(ns.name()).unwrap();
     let conn = c

@@ -48,14 +48,7 @@ fn denied_port() -> SocketAddr {
 }
 
 fn client(lab: &Lab) -> (DirectClient, Namespace, Netns) {
-    let identity = lab.identity("/ns/default/pod/chain").unwrap();
-    let c = DirectClient::new(
-        &lab.forwarder_socket(),
-        "chain",
-        Duration::from_secs(600),
-        identity.as_ref(),
-    )
-    .unwrap();
+    let c = lab.direct_client("chain");
     let ns = lab.client().unwrap();
     let netns = Netns::open(ns.name()).unwrap();
     (c, ns, netns)
