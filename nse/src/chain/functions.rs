@@ -347,11 +347,16 @@ mod tests {
     }
 
     fn req() -> Req {
+        refresh_of(Connection {
+            id: "x".into(),
+            ..Default::default()
+        })
+    }
+
+    /// The Request that refreshes `conn`.
+    fn refresh_of(conn: Connection) -> Req {
         Req {
-            conn: Connection {
-                id: "x".into(),
-                ..Default::default()
-            },
+            conn,
             preferences: vec![],
         }
     }
@@ -451,13 +456,7 @@ mod tests {
         *switch.to.lock().unwrap() = "two";
         log.lock().unwrap().clear();
         let conn = chain
-            .request(
-                &mut Ctx::internal(),
-                Req {
-                    conn,
-                    preferences: vec![],
-                },
-            )
+            .request(&mut Ctx::internal(), refresh_of(conn))
             .await
             .unwrap();
         assert_eq!(
@@ -475,25 +474,13 @@ mod tests {
             Arc::new(Functions::new(switch3.clone())) as Arc<dyn Element<NseError>>
         ]);
         let conn = chain
-            .request(
-                &mut Ctx::internal(),
-                Req {
-                    conn,
-                    preferences: vec![],
-                },
-            )
+            .request(&mut Ctx::internal(), refresh_of(conn))
             .await
             .unwrap();
         *switch3.to.lock().unwrap() = "two";
         log.lock().unwrap().clear();
         let e = chain
-            .request(
-                &mut Ctx::internal(),
-                Req {
-                    conn: conn.clone(),
-                    preferences: vec![],
-                },
-            )
+            .request(&mut Ctx::internal(), refresh_of(conn.clone()))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("broken failed"), "{e}");
