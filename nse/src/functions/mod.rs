@@ -66,9 +66,9 @@ pub struct Chains {
     default: String,
     file: Option<PathBuf>,
     policy: RwLock<Policy>,
-    /// What the policy was read from last (its bytes), so a rewrite with
-    /// the same content changes nothing.
-    seen: Mutex<Option<Vec<u8>>>,
+    /// What the policy was read from last, so a rewrite with the same
+    /// content changes nothing.
+    seen: Mutex<Option<String>>,
 }
 
 impl Chains {
@@ -84,22 +84,17 @@ impl Chains {
     /// cannot be read or is wrong keeps the policy in force (logged).
     pub fn reload_if_changed(&self) {
         let Some(path) = &self.file else { return };
-        let bytes = match std::fs::read(path) {
-            Ok(b) if b.len() as u64 <= policy::MAX_FILE_BYTES => b,
-            Ok(b) => {
-                tracing::warn!(file = %path.display(), bytes = b.len(), "the NetworkService policy file is too large: the policy in force stays");
-                return;
-            }
+        let text = match policy::read(path) {
+            Ok(t) => t,
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot read the NetworkService policy: the policy in force stays");
+                tracing::warn!(error = %e, "cannot read the NetworkService policy: the policy in force stays");
                 return;
             }
         };
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.as_deref() == Some(&bytes[..]) {
+        if seen.as_deref() == Some(text.as_str()) {
             return;
         }
-        let text = String::from_utf8_lossy(&bytes);
         match Policy::parse(&text, &self.names()) {
             Ok(p) => {
                 *self.policy.write().unwrap_or_else(|p| p.into_inner()) = p;
@@ -109,7 +104,7 @@ impl Chains {
                 tracing::warn!(file = %path.display(), error = %e, "the NetworkService policy is wrong: the policy in force stays");
             }
         }
-        *seen = Some(bytes);
+        *seen = Some(text);
     }
 }
 
@@ -221,7 +216,7 @@ pub async fn start(
     let seen = config
         .network_service_file
         .as_ref()
-        .and_then(|p| std::fs::read(p).ok());
+        .and_then(|p| policy::read(p).ok());
     Ok(Started {
         instances,
         chains: Arc::new(Chains {

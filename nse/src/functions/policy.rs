@@ -88,20 +88,26 @@ struct MatchMeta {
     labels: BTreeMap<String, String>,
 }
 
+/// The policy file's text, at most [`MAX_FILE_BYTES`] of it read.
+pub fn read(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "{}: more than {MAX_FILE_BYTES} bytes",
+            path.display()
+        ));
+    }
+    Ok(text)
+}
+
 impl Policy {
     /// Reads `path`; every chain it names must be one of `chains`.
     pub fn load(path: &Path, chains: &[&str]) -> Result<Policy, String> {
-        let len = std::fs::metadata(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-            .len();
-        if len > MAX_FILE_BYTES {
-            return Err(format!(
-                "{}: {len} bytes, at most {MAX_FILE_BYTES}",
-                path.display()
-            ));
-        }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = read(path)?;
         Self::parse(&text, chains).map_err(|e| format!("{}: {e}", path.display()))
     }
 
