@@ -205,7 +205,23 @@ impl Netns {
     /// forwarders scan to notice a dead pod. For monitoring only — never an
     /// authority to act in a namespace.
     pub fn live_ids() -> std::collections::HashSet<NetnsId> {
+        Self::live_ids_ignoring(&std::collections::HashSet::new())
+    }
+
+    /// [`Netns::live_ids`] without the namespaces of processes `pids`
+    /// (proxies we run in clients' namespaces, which would otherwise keep a
+    /// dead pod's namespace looking alive).
+    pub fn live_ids_ignoring(
+        pids: &std::collections::HashSet<u32>,
+    ) -> std::collections::HashSet<NetnsId> {
         netns_paths()
+            .filter(|p| {
+                p.strip_prefix("/proc")
+                    .ok()
+                    .and_then(|rest| rest.iter().next())
+                    .and_then(|pid| pid.to_str()?.parse::<u32>().ok())
+                    .is_none_or(|pid| !pids.contains(&pid))
+            })
             .filter_map(|p| {
                 std::fs::metadata(p).ok().map(|m| NetnsId {
                     dev: m.dev(),

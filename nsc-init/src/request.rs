@@ -333,12 +333,22 @@ impl Client {
         let start = Instant::now();
         let deadline = start + timeout;
         let mut backoff = Backoff::new();
+        // The last answer with a reason: what the user is told when the
+        // final attempt only ran out of time.
+        let mut answered: Option<tonic::Status> = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let err = match self.request_once(svc, conn, left).await {
+            let mut err = match self.request_once(svc, conn, left).await {
                 Ok(c) => return Ok(c),
                 Err(e) => e,
             };
+            match &err {
+                AttemptError::Status(s) => answered = Some(s.clone()),
+                AttemptError::Timeout(_) if answered.is_some() => {
+                    err = AttemptError::Status(answered.clone().expect("checked"));
+                }
+                _ => {}
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if !err.retryable() || left.is_zero() {
                 return Err(self.failure(svc, err, start.elapsed()));

@@ -164,6 +164,7 @@ impl PlumbedClient {
         )
         .expect("a veth plan from the returned connection");
         let record = HopRecord {
+            proxy: None,
             plan,
             rules: None,
             capture: capture_spec(conn),

@@ -311,6 +311,7 @@ mod tests {
 
     fn record(capture: Option<CaptureSpec>, policies: Vec<Policy>) -> HopRecord {
         HopRecord {
+            proxy: None,
             plan: VethPlan {
                 a: end(&["198.18.0.1/32", "fd00::1/128"]),
                 b: end(&["198.18.0.0/32", "fd00::/128"]),

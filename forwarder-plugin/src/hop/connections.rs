@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use nsm_api::connection::Connection;
 
+use super::client_proxy::{ClientProxies, client_proxy};
 use super::client_routing::{CLIENT_CAPTURE_KEY, MAX_SLOTS, client_capture, policies};
 use super::dataplane::{self, Applied};
 use super::error::{HopError, Result};
@@ -34,6 +35,8 @@ pub struct HopOptions {
     pub state_dir: PathBuf,
     /// Backend for new rules; recorded per connection.
     pub backend: BackendName,
+    /// Proxies this hop may start in a client's namespace, by name.
+    pub proxies: Option<crate::proxy::ProxyDefinitions>,
 }
 
 /// One connection to plumb.
@@ -79,6 +82,8 @@ pub struct Hop {
     namespaces: KeyedLocks,
     /// Netlink handles of the namespaces connections end in.
     links: LinksCache,
+    /// Proxies started in clients' namespaces.
+    proxies: Option<ClientProxies>,
 }
 
 impl Hop {
@@ -99,7 +104,86 @@ impl Hop {
             connections: KeyedLocks::default(),
             namespaces: KeyedLocks::default(),
             links: LinksCache::default(),
+            proxies: opts.proxies.clone().map(ClientProxies::new),
         })
+    }
+
+    /// The names of the proxies this hop can start in a client's
+    /// namespace, comma-separated (empty: none).
+    pub fn proxy_names(&self) -> String {
+        self.proxies
+            .as_ref()
+            .map(ClientProxies::names)
+            .unwrap_or_default()
+    }
+
+    /// The pids of the proxies running in clients' namespaces.
+    pub fn proxy_pids(&self) -> std::collections::HashSet<u32> {
+        self.proxies
+            .as_ref()
+            .map(ClientProxies::pids)
+            .unwrap_or_default()
+    }
+
+    /// Checks, before anything changes, that proxy `name` can be started.
+    fn check_proxy(&self, name: &str, record: &HopRecord) -> Result<()> {
+        match &self.proxies {
+            Some(p) => p.check(name, record.rules.as_ref()),
+            None => Err(HopError::UnknownProxy {
+                name: name.to_owned(),
+                known: "none".into(),
+            }),
+        }
+    }
+
+    /// Starts connection `id`'s client proxy, if it has one and it is not
+    /// running yet (a new connection, or one adopted after a restart).
+    async fn ensure_proxy(&self, id: &str, record: &HopRecord, client: &Netns) -> Result<()> {
+        match (&record.proxy, &self.proxies) {
+            (Some(name), Some(p)) => p.start(id, name, client, record).await,
+            (Some(name), None) => self.check_proxy(name, record),
+            (None, _) => Ok(()),
+        }
+    }
+
+    /// Starts again the client proxies of connections adopted from an
+    /// earlier run (they died with it: their rules stayed, so the pods'
+    /// traffic waited instead of bypassing them). A client namespace that
+    /// is gone is left to the dead-client sweep. Returns the failures.
+    pub async fn start_adopted_proxies(&self) -> Vec<(String, HopError)> {
+        let mut failed = Vec::new();
+        for (id, rec) in self.adopted() {
+            let Some(name) = rec.proxy.clone() else {
+                continue;
+            };
+            if rec.session.closing {
+                continue;
+            }
+            let _conn = self.connections.lock(&id).await;
+            let client = match dataplane::held_or_found(None, &rec.client_netns, rec.client_cookie)
+            {
+                Ok(Some(ns)) => ns,
+                Ok(None) => continue,
+                Err(e) => {
+                    failed.push((id, e));
+                    continue;
+                }
+            };
+            match self.ensure_proxy(&id, &rec, &client).await {
+                Ok(()) => {
+                    tracing::info!(%id, proxy = %name, "started the adopted connection's client proxy again")
+                }
+                Err(e) => failed.push((id, e)),
+            }
+        }
+        failed
+    }
+
+    /// Stops connection `id`'s client proxy, if one runs (drained first).
+    async fn stop_proxy(&self, id: &str) {
+        if let Some(p) = &self.proxies {
+            p.stop(id).await;
+        }
     }
 
     /// The namespace the hop runs in: never plumbed into.
@@ -218,10 +302,12 @@ impl Hop {
                 b: CLIENT_CAPTURE_KEY,
             });
         }
+        let proxy = client_proxy(req.connection)?;
         let mut record = HopRecord {
             plan,
             rules,
             capture,
+            proxy,
             policies: policies(req.connection)?,
             slot: None,
             backend: self.backend,
@@ -232,6 +318,9 @@ impl Hop {
             endpoint_cookie: Some(cookies.1),
             session: req.session,
         };
+        if let Some(name) = &record.proxy {
+            self.check_proxy(name, &record)?;
+        }
         let id = req.id;
         let client_links = match req.client_links {
             Some(l) if l.netns_id() == req.client.id() => l,
@@ -279,6 +368,9 @@ impl Hop {
             let _ns = self.rules_lock(&record).await;
             dataplane::apply(&record, client, &held.endpoint, false).await?
         };
+        // Adopted after a restart (its proxy died with the old hop), or
+        // given up on: started again, or the refresh fails (traffic waits).
+        self.ensure_proxy(id, &record, &held.client).await?;
         self.state.put(id, &record)?;
         let mut reg = self.registry();
         reg.set(id, record.clone());
@@ -301,6 +393,7 @@ impl Hop {
             reg.index(id, new);
             reg.held.get(id).cloned()
         };
+        self.stop_proxy(id).await;
         let _ns = self.rules_lock(old).await;
         let undone = match dataplane::undo(
             old,
@@ -359,6 +452,15 @@ impl Hop {
             self.registry().forget(id);
             return Err(e.into());
         }
+        // The proxy first: ready before any rule sends traffic to it, and
+        // the cheapest thing to take back if it never is.
+        if let Err(e) = self.ensure_proxy(id, record, &held.client).await {
+            if let Err(se) = self.state.remove(id) {
+                tracing::warn!(id, error = %se, "cannot forget the failed connection in the state directory");
+            }
+            self.registry().forget(id);
+            return Err(e);
+        }
         let _ns = self.rules_lock(record).await;
         match dataplane::apply(record, client, &held.endpoint, true).await {
             Ok(applied) => {
@@ -366,6 +468,7 @@ impl Hop {
                 Ok(applied)
             }
             Err(e) => {
+                self.stop_proxy(id).await;
                 if let Err(se) = self.state.remove(id) {
                     tracing::warn!(id, error = %se, "cannot forget the failed connection in the state directory");
                 }
@@ -393,6 +496,8 @@ impl Hop {
                 }
             }
         };
+        // Drained while its rules still send it the pod's traffic.
+        self.stop_proxy(id).await;
         let _ns = self.rules_lock(&record).await;
         dataplane::undo(
             &record,

@@ -187,7 +187,11 @@ fn firewall_plan(rec: &HopRecord, routing: &ClientRouting) -> Result<Option<Plan
 /// inode `url` after a restart — only if its cookie is the recorded one: an
 /// inode number may name a newer namespace once the recorded one is gone.
 /// `None`: gone.
-fn held_or_found(held: Option<&Netns>, url: &str, cookie: Option<u64>) -> Result<Option<Netns>> {
+pub(crate) fn held_or_found(
+    held: Option<&Netns>,
+    url: &str,
+    cookie: Option<u64>,
+) -> Result<Option<Netns>> {
     if let Some(ns) = held {
         return ns
             .try_clone()

@@ -77,6 +77,18 @@ pub enum HopError {
         mark: u32,
         table: u32,
     },
+    /// The endpoint named a proxy this hop has no definition of.
+    #[error(
+        "the endpoint's connection asks for client proxy {name:?}; this forwarder defines {known} (forwarder-plugin serve --proxies)"
+    )]
+    UnknownProxy { name: String, known: String },
+    /// A client proxy makes sense only with the rules that send it traffic,
+    /// and only when its own traffic is not sent back to itself.
+    #[error("client proxy {name:?}: {why}")]
+    ProxyRefused { name: String, why: String },
+    /// The client proxy did not become ready; nothing of the connection stays.
+    #[error("client proxy {name:?} in the client's namespace: {reason}")]
+    ProxyNotReady { name: String, reason: String },
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]

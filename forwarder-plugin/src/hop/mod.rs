@@ -16,6 +16,7 @@
 //! * [`Hop`]: plumb / refresh / replace / unplumb, each connection recorded
 //!   in its own file of the [`StateDir`]; connections plumb in parallel.
 
+mod client_proxy;
 mod client_routing;
 mod connections;
 pub mod dataplane;
@@ -29,6 +30,7 @@ mod registry;
 pub mod state;
 mod veth_plan;
 
+pub use client_proxy::{ClientProxies, client_proxy};
 pub use client_routing::{
     CLIENT_CAPTURE_KEY, ClientRouting, MAX_POLICIES, MAX_POLICY_ROUTES, MAX_SLOTS, Policy,
     TABLE_BASE, capture_table, client_capture, policies,
@@ -38,9 +40,9 @@ pub use dataplane::Applied;
 pub use error::{HopError, Result};
 pub use record::{HopRecord, Session};
 pub use redirect::{
-    BackendName, CLIENT_REDIRECT_KEY, CONTRACT_PREFIX, FEATURE_CLIENT_CAPTURE,
-    FEATURE_CLIENT_REDIRECT, FORWARDER_FEATURES_KEY, announce_features, client_redirect,
-    has_feature, owner_for,
+    BackendName, CLIENT_PROXY_KEY, CLIENT_REDIRECT_KEY, CONTRACT_PREFIX, FEATURE_CLIENT_CAPTURE,
+    FEATURE_CLIENT_PROXY, FEATURE_CLIENT_REDIRECT, FORWARDER_FEATURES_KEY, FORWARDER_PROXIES_KEY,
+    announce, announce_features, announced_proxies, client_redirect, has_feature, owner_for,
 };
 pub use state::{CONNECTIONS_DIR, ConnectionFile, STATE_VERSION, StateDir, StateError, file_stem};
 pub use veth_plan::{DEFAULT_MTU, Ends, veth_plan};

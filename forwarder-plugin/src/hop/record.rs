@@ -19,6 +19,10 @@ pub struct HopRecord {
     /// Client-side capture by intent, if the endpoint asked for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<CaptureSpec>,
+    /// The node agent's proxy started in the client's namespace for this
+    /// connection (its definition's name), if the endpoint named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
     /// NSM policy routes the endpoint returned (`ip_context.policies`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<Policy>,
@@ -53,6 +57,7 @@ impl HopRecord {
         self.plan == other.plan
             && self.rules == other.rules
             && self.capture == other.capture
+            && self.proxy == other.proxy
             && self.policies == other.policies
             && self.slot == other.slot
             && self.backend == other.backend

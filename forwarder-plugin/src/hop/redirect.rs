@@ -8,8 +8,9 @@ use super::error::{HopError, Result};
 use crate::rules::{BackendKind, Owner, Plan, RedirectSpec};
 
 pub use nsm_api::contract::{
-    CLIENT_REDIRECT_KEY, CONTRACT_PREFIX, FEATURE_CLIENT_CAPTURE, FEATURE_CLIENT_REDIRECT,
-    FORWARDER_FEATURES_KEY, announce_features, has_feature,
+    CLIENT_PROXY_KEY, CLIENT_REDIRECT_KEY, CONTRACT_PREFIX, FEATURE_CLIENT_CAPTURE,
+    FEATURE_CLIENT_PROXY, FEATURE_CLIENT_REDIRECT, FORWARDER_FEATURES_KEY, FORWARDER_PROXIES_KEY,
+    announce, announce_features, announced_proxies, has_feature,
 };
 
 /// The validated redirect spec the endpoint asked for, if any. An absent or

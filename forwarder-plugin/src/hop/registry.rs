@@ -209,6 +209,7 @@ mod tests {
             neighbours: vec![],
         };
         HopRecord {
+            proxy: None,
             plan: VethPlan {
                 a: end(client_ns, client_if),
                 b: end("inode://4/2", endpoint_if),

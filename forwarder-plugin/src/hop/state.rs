@@ -400,6 +400,7 @@ mod tests {
             neighbours: vec![],
         };
         HopRecord {
+            proxy: None,
             plan: VethPlan {
                 a: end("inode://4/1", "nsm-1"),
                 b: end("inode://4/2", "nse-1"),

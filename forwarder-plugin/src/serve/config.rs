@@ -123,6 +123,15 @@ pub struct ServeArgs {
     #[arg(long)]
     pub cleanup_on_exit: bool,
 
+    /// A YAML file of named proxies (version 1, `proxies: {NAME: {command, env, user, group, ready, startTimeout, drainTimeout}}`) this node agent starts inside a client's namespace when an endpoint names one (placement sidecar with an injected proxy); empty: none. Template fields: {{connectionId}}, {{interface}}, {{proxyPort}}, {{inboundPort}}, {{dnsPort}}, {{clientIp}}, {{name}}.
+    #[arg(
+        long,
+        env = "NSM_PROXIES_FILE",
+        value_name = "FILE",
+        default_value = ""
+    )]
+    pub proxies: String,
+
     /// Group (name or number) of the unix socket, which is 0660 in a directory others cannot write to; empty: the process's group.
     #[arg(
         long,
@@ -161,6 +170,8 @@ pub struct ServeConfig {
     pub unregister_itself: bool,
     /// NSM's policies checked on every caller's path (`NSM_SERVER_POLICIES`).
     pub server_policies: Policies,
+    /// The proxies it may start in clients' namespaces (`NSM_PROXIES_FILE`).
+    pub proxies: Option<crate::proxy::ProxyDefinitions>,
 }
 
 impl ServeConfig {
@@ -282,7 +293,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 parse_unix_url(&n, example).map_err(invalid("NSM_NEXT_HOP", "next-hop"))?
             }
         };
+        let proxies = match a.proxies.trim() {
+            "" => None,
+            path => Some(
+                crate::proxy::ProxyDefinitions::load(std::path::Path::new(path))
+                    .map_err(|e| invalid("NSM_PROXIES_FILE", "proxies")(e.to_string()))?,
+            ),
+        };
         let cfg = ServeConfig {
+            proxies,
             name: parse_name(&a.name).map_err(invalid("NSM_NAME", "name"))?,
             listen_on: parse_unix_url(&a.listen_on, DEFAULT_LISTEN_ON)
                 .map_err(invalid("NSM_LISTEN_ON", "listen-on"))?,
@@ -395,11 +414,40 @@ mod tests {
         assert_eq!(c.backend, BackendName::Nft);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert!(!c.cleanup_on_exit);
+        assert_eq!(c.proxies, None);
+    }
+
+    #[test]
+    fn a_proxies_file_is_read_and_checked_at_start() {
+        let dir = std::env::temp_dir().join(format!("fp-proxies-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("proxies.yaml");
+        std::fs::write(
+            &file,
+            "version: 1\nproxies: {haproxy: {command: [haproxy], user: 1337}}\n",
+        )
+        .unwrap();
+        let c = parse(&["--proxies", file.to_str().unwrap()]).unwrap();
+        assert_eq!(c.proxies.unwrap().names(), "haproxy");
+        std::fs::write(
+            &file,
+            "version: 1\nproxies: {haproxy: {command: ['{{pod}}']}}\n",
+        )
+        .unwrap();
+        let e = parse(&["--proxies", file.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("NSM_PROXIES_FILE") && e.contains("unknown template field {{pod}}"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "one line: {e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn each_bad_value_names_its_variable_and_flag() {
-        let cases: [(&[&str], &str); 10] = [
+        let cases: [(&[&str], &str); 11] = [
             (
                 &["--listen-on", "tcp://127.0.0.1:5000"],
                 "NSM_LISTEN_ON (--listen-on)",
@@ -419,6 +467,10 @@ mod tests {
             (&["--backend", "pf"], "--backend"),
             (&["--state-dir", "rel/dir"], "--state-dir"),
             (&["--name", "a b"], "NSM_NAME (--name)"),
+            (
+                &["--proxies", "/nonexistent/proxies.yaml"],
+                "NSM_PROXIES_FILE (--proxies): cannot read /nonexistent/proxies.yaml",
+            ),
         ];
         for (args, want) in cases {
             let e = parse(args).unwrap_err().to_string();

@@ -50,7 +50,9 @@ pub async fn sweep(forwarder: &Forwarder, monitor: &MonitorHub) -> usize {
     if records.is_empty() {
         return 0;
     }
-    let live = tokio::task::spawn_blocking(Netns::live_ids)
+    // The proxies we run in clients' namespaces do not keep them alive.
+    let ours = forwarder.hop().proxy_pids();
+    let live = tokio::task::spawn_blocking(move || Netns::live_ids_ignoring(&ours))
         .await
         .unwrap_or_default();
     let mut closed = 0;

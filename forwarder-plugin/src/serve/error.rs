@@ -71,6 +71,8 @@ fn hop_code(e: &HopError) -> Code {
         | HopError::Capture { .. }
         | HopError::Ambiguous { .. } => Code::InvalidArgument,
         HopError::SlotsExhausted { .. } => Code::ResourceExhausted,
+        HopError::UnknownProxy { .. } | HopError::ProxyRefused { .. } => Code::FailedPrecondition,
+        HopError::ProxyNotReady { .. } => Code::Unavailable,
         HopError::OwnNetns { .. } => Code::PermissionDenied,
         HopError::SameNetns { .. } => Code::FailedPrecondition,
         HopError::InUse { .. } => Code::AlreadyExists,

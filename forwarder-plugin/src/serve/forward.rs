@@ -126,7 +126,7 @@ impl Forwarder {
             .ok()
             .map(|ns| tokio::task::spawn_blocking(move || Links::open(&ns)));
         let mut down = conn;
-        crate::hop::announce_features(&mut down);
+        crate::hop::announce(&mut down, &self.hop.proxy_names());
         // A refresh presents the endpoint's mechanism as it returned it
         // (NSM's mechanismtranslation); a first Request presents none.
         down.mechanism = known

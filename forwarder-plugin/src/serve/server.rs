@@ -60,6 +60,7 @@ impl ForwarderHop {
         let hop = Arc::new(Hop::open(&HopOptions {
             state_dir: cfg.state_dir.clone(),
             backend: cfg.backend,
+            proxies: cfg.proxies.clone(),
         })?);
         let issuer = Arc::new(
             TokenIssuer::for_identity(identity.as_ref(), &cfg.name, cfg.max_token_lifetime)
@@ -274,6 +275,14 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let hop = Arc::new(ForwarderHop::new(cfg, identity.clone())?);
     hop.arm_adopted_expiry().await;
+    {
+        let hop = hop.forwarder.hop().clone();
+        tokio::spawn(async move {
+            for (id, e) in hop.start_adopted_proxies().await {
+                tracing::error!(%id, error = %e, "cannot start the adopted connection's client proxy again; its traffic waits (refused) until a refresh starts it");
+            }
+        });
+    }
     let metrics = cfg.metrics_listen_on.map(|addr| {
         let m = hop.metrics.clone();
         tokio::spawn(async move {

@@ -21,6 +21,7 @@
 //!   backend: nft              # nft | iptables
 //!   owner: mesh_proxy_nse
 //! sidecar: {}                 # placement sidecar: a redirect spec for the client
+//! sidecarProxy: haproxy       # placement sidecar: the node agent's proxy to start in the client
 //! ```
 
 use std::path::Path;
@@ -216,6 +217,11 @@ pub struct FunctionConfig {
     /// Placement sidecar: the redirect spec for the client's netns
     /// (default: istio's sidecar defaults).
     pub sidecar: RedirectSpec,
+    /// Placement sidecar: the name of a proxy definition of the node agent
+    /// (`forwarder-plugin serve --proxies`) that it starts in each client's
+    /// namespace before the Request returns; unset: a proxy already in the
+    /// pod serves the redirect.
+    pub sidecar_proxy: Option<String>,
 }
 
 impl Default for FunctionConfig {
@@ -228,6 +234,7 @@ impl Default for FunctionConfig {
             proxy: ProxyConfig::default(),
             rules: RulesConfig::default(),
             sidecar: RedirectSpec::default(),
+            sidecar_proxy: None,
         }
     }
 }
@@ -313,10 +320,10 @@ impl FunctionConfig {
         }
         if let Some(p) = &self.proxy.process {
             let why = match self.placement {
-                Placement::Proxy => p.spec(&self.proxy).err(),
+                Placement::Proxy => super::process::spec(p, &self.proxy).err(),
                 Placement::Sidecar => Some(
-                    "runs the shared proxy of placement proxy; a proxy per connection \
-                     for placement sidecar is not built yet"
+                    "runs the shared proxy of placement proxy; for placement sidecar name \
+                     the node agent's proxy to start in each client in sidecarProxy"
                         .into(),
                 ),
             };
@@ -330,6 +337,17 @@ impl FunctionConfig {
         self.own_plan(["nsm0".to_owned()], true)
             .map_err(|e| invalid("proxy", e))?;
         Plan::new(&self.sidecar).map_err(|e| invalid("sidecar", e))?;
+        if let Some(name) = &self.sidecar_proxy
+            && !forwarder_plugin::proxy::config::valid_name(name)
+        {
+            return Err(FunctionConfigError::Invalid {
+                key: "sidecarProxy",
+                why: format!(
+                    "{name:?} is not a proxy name (lowercase letters, digits and '-', at most {})",
+                    forwarder_plugin::proxy::config::MAX_NAME
+                ),
+            });
+        }
         Ok(())
     }
 

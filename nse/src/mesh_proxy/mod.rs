@@ -43,9 +43,10 @@ use nsm_api::connectioncontext::IpContext;
 use nsm_api::contract::{RedirectSpec, SpecError};
 use nsm_api::mechanism::MechanismExt;
 
-pub use nsm_api::contract::{CLIENT_CAPTURE_KEY, CLIENT_REDIRECT_KEY};
+pub use nsm_api::contract::{CLIENT_CAPTURE_KEY, CLIENT_PROXY_KEY, CLIENT_REDIRECT_KEY};
 use nsm_api::contract::{
-    FEATURE_CLIENT_CAPTURE, FEATURE_CLIENT_REDIRECT, FORWARDER_FEATURES_KEY, has_feature,
+    FEATURE_CLIENT_CAPTURE, FEATURE_CLIENT_PROXY, FEATURE_CLIENT_REDIRECT, FORWARDER_FEATURES_KEY,
+    FORWARDER_PROXIES_KEY, announced_proxies, has_feature,
 };
 
 use crate::chain::functions::{Claim, FunctionError, NetworkFunction};
@@ -150,7 +151,7 @@ impl MeshProxy {
         // Checked when the configuration was loaded; again for one built in code.
         let proxy = match &config.proxy.process {
             Some(p) => {
-                let spec = p.spec(&config.proxy).map_err(StartError::Process)?;
+                let spec = process::spec(p, &config.proxy).map_err(StartError::Process)?;
                 let within = spec.start_timeout;
                 let supervisor = forwarder_plugin::proxy::Supervisor::start(
                     spec,
@@ -208,19 +209,50 @@ fn ip_context(conn: &mut Connection) -> Result<&mut IpContext, FunctionError> {
 }
 
 /// The keys of the contract this function writes (each placement and
-/// method writes at most one, and removes the others).
-fn set_extra(conn: &mut Connection, key: Option<(&str, String)>) {
+/// method writes its own, and removes the others).
+fn set_extra(conn: &mut Connection, keys: impl IntoIterator<Item = (&'static str, String)>) {
     let extra = &mut conn.context.get_or_insert_default().extra_context;
     extra.remove(CLIENT_REDIRECT_KEY);
     extra.remove(CLIENT_CAPTURE_KEY);
+    extra.remove(CLIENT_PROXY_KEY);
     // What the forwarder announced is for us, not to be echoed back.
     extra.remove(FORWARDER_FEATURES_KEY);
-    if let Some((k, v)) = key {
+    extra.remove(FORWARDER_PROXIES_KEY);
+    for (k, v) in keys {
         extra.insert(k.to_owned(), v);
     }
 }
 
 impl MeshProxy {
+    /// Placement sidecar with `sidecarProxy`: the name, if this
+    /// connection's forwarder announces it can start that proxy in the
+    /// client (else the client's traffic would be sent to a port where
+    /// nothing listens: refused, with what is missing).
+    fn injected_proxy(&self, conn: &Connection) -> Result<Option<String>, FunctionError> {
+        let Some(name) = &self.config.sidecar_proxy else {
+            return Ok(None);
+        };
+        let offered = announced_proxies(conn);
+        if offered.contains(&name.as_str()) {
+            return Ok(Some(name.clone()));
+        }
+        let why = if has_feature(conn, FEATURE_CLIENT_PROXY) {
+            format!("it offers only {}", offered.join(", "))
+        } else {
+            format!(
+                "it does not announce {FEATURE_CLIENT_PROXY} ({FORWARDER_FEATURES_KEY}): \
+                 run forwarder-plugin serve with --proxies naming {name:?}"
+            )
+        };
+        Err(FunctionError::Precondition {
+            function: NAME.into(),
+            reason: format!(
+                "sidecarProxy {name:?} is to be started in the client's namespace by its \
+                 forwarder, but {why}"
+            ),
+        })
+    }
+
     /// The capture method for `conn`: `auto` follows what its forwarder
     /// announces; `rules` behind a forwarder that does not apply them would
     /// leave the client's traffic beside the proxy, so it is refused.
@@ -249,6 +281,7 @@ pub fn claims(config: &FunctionConfig) -> Vec<Claim> {
         Claim::Table(config.rules.owner.as_str().to_owned()),
         Claim::ContextKey(CLIENT_REDIRECT_KEY.to_owned()),
         Claim::ContextKey(CLIENT_CAPTURE_KEY.to_owned()),
+        Claim::ContextKey(CLIENT_PROXY_KEY.to_owned()),
         Claim::IpPolicies,
     ]
 }
@@ -377,12 +410,18 @@ impl NetworkFunction for MeshProxy {
                     });
                 }
                 let spec = self.sidecar_spec(&o)?;
+                let proxy = self.injected_proxy(conn)?;
                 // Checked before the rules change, so nothing fails after it.
                 ip_context(conn)?;
                 // A connection that was in placement proxy until this refresh.
                 self.update(&conn.id, None).await?;
                 ip_context(conn)?.policies.clear();
-                set_extra(conn, Some((CLIENT_REDIRECT_KEY, spec.to_json())));
+                set_extra(
+                    conn,
+                    [(CLIENT_REDIRECT_KEY, spec.to_json())]
+                        .into_iter()
+                        .chain(proxy.map(|p| (CLIENT_PROXY_KEY, p))),
+                );
                 tracing::debug!(id = %conn.id, %placement, "mesh-proxy applied");
             }
         }

@@ -220,3 +220,37 @@ async fn proxy_placement_without_cap_net_admin_is_a_failed_precondition() {
     f.apply(&mut c).await.unwrap();
     assert!(extra(&c).is_some());
 }
+
+#[tokio::test]
+async fn an_injected_proxy_is_named_only_to_a_forwarder_that_offers_it() {
+    let f = function("placement: sidecar\nsidecarProxy: haproxy\n");
+    let mut c = stock_conn(&[]);
+    forwarder_plugin::hop::announce(&mut c, "envoy,haproxy");
+    f.apply(&mut c).await.unwrap();
+    let extra = &c.context.as_ref().unwrap().extra_context;
+    assert_eq!(extra[CLIENT_PROXY_KEY], "haproxy");
+    assert!(
+        extra.contains_key(CLIENT_REDIRECT_KEY),
+        "and the rules that feed it"
+    );
+    assert!(
+        !extra.contains_key(FORWARDER_PROXIES_KEY),
+        "the forwarder's announcement is not echoed"
+    );
+
+    for (offered, want) in [
+        ("envoy", "offers only envoy"),
+        ("", "does not announce client-proxy"),
+    ] {
+        let mut c = stock_conn(&[]);
+        forwarder_plugin::hop::announce(&mut c, offered);
+        let before = c.clone();
+        let e = f.apply(&mut c).await.unwrap_err();
+        assert!(matches!(e, FunctionError::Precondition { .. }), "{e}");
+        assert!(e.to_string().contains(want), "{offered:?}: {e}");
+        assert_eq!(c, before, "nothing written on refusal");
+    }
+
+    let e = FunctionConfig::parse("placement: sidecar\nsidecarProxy: /bin/sh\n").unwrap_err();
+    assert!(e.to_string().contains("sidecarProxy"), "{e}");
+}

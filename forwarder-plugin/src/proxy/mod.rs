@@ -17,6 +17,10 @@ use tokio::time::Instant;
 
 use crate::netns::Netns;
 
+pub mod config;
+
+pub use config::{ProcessConfig, ProxyDefinitions};
+
 /// Lines of the proxy's output kept for the reason of a failure.
 const KEPT_LINES: usize = 20;
 /// Longest output line kept (longer ones are cut).
@@ -72,6 +76,8 @@ pub enum ProxyState {
 pub enum ProxyError {
     #[error("the proxy is not ready within {within:?}: {reason}")]
     NotReady { within: Duration, reason: String },
+    #[error("the proxy failed to start: {reason}")]
+    Failed { reason: String },
     #[error("the proxy is stopped")]
     Stopped,
 }
@@ -85,6 +91,7 @@ pub struct Supervisor {
     pid: Arc<AtomicU32>,
     stopping: Arc<AtomicBool>,
     drain: Duration,
+    start_timeout: Duration,
 }
 
 impl Supervisor {
@@ -101,7 +108,7 @@ impl Supervisor {
         let (tx, rx) = watch::channel(ProxyState::Starting);
         let pid = Arc::new(AtomicU32::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
-        let drain = spec.drain_timeout;
+        let (drain, start_timeout) = (spec.drain_timeout, spec.start_timeout);
         let netns = netns.map(Arc::new);
         tokio::spawn(supervise(
             spec,
@@ -116,6 +123,7 @@ impl Supervisor {
             pid,
             stopping,
             drain,
+            start_timeout,
         }
     }
 
@@ -148,6 +156,31 @@ impl Supervisor {
                     ProxyState::Restarting { reason } => reason,
                     other => format!("{other:?}"),
                 },
+            }),
+        }
+    }
+
+    /// Waits for the first start only: ready, or the reason it failed as
+    /// soon as it did (exited, or not ready within its start timeout) —
+    /// for a caller that gives up instead of waiting for restarts.
+    pub async fn first_ready(&self) -> Result<u32, ProxyError> {
+        let mut rx = self.state.clone();
+        let within = self.start_timeout;
+        let wait = rx.wait_for(|s| !matches!(s, ProxyState::Starting));
+        // The supervisor's own start timeout ends the first try; this bound
+        // only guards against a supervisor that never reports.
+        match tokio::time::timeout(within + Duration::from_secs(2), wait).await {
+            Ok(Ok(s)) => match &*s {
+                ProxyState::Ready { pid } => Ok(*pid),
+                ProxyState::Restarting { reason } => Err(ProxyError::Failed {
+                    reason: reason.clone(),
+                }),
+                _ => Err(ProxyError::Stopped),
+            },
+            Ok(Err(_)) => Err(ProxyError::Stopped),
+            Err(_) => Err(ProxyError::NotReady {
+                within,
+                reason: "the supervisor did not report".into(),
             }),
         }
     }
@@ -213,7 +246,10 @@ fn last_lines(out: &Output) -> String {
     )
 }
 
-fn keep_output(stream: impl tokio::io::AsyncRead + Unpin + Send + 'static, out: Output) {
+fn keep_output(
+    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    out: Output,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(mut line)) = lines.next_line().await {
@@ -231,7 +267,7 @@ fn keep_output(stream: impl tokio::io::AsyncRead + Unpin + Send + 'static, out: 
             }
             kept.push_back(line);
         }
-    });
+    })
 }
 
 /// Where programs are looked for when neither we nor the spec have a PATH.
@@ -359,12 +395,20 @@ async fn run_once(
     };
     let pid = child.id().unwrap_or(0);
     pid_slot.store(pid, Ordering::SeqCst);
+    let mut readers = Vec::new();
     if let Some(o) = child.stdout.take() {
-        keep_output(o, out.clone());
+        readers.push(keep_output(o, out.clone()));
     }
     if let Some(e) = child.stderr.take() {
-        keep_output(e, out.clone());
+        readers.push(keep_output(e, out.clone()));
     }
+    // A process that exited has said its last words once its pipes are
+    // read to the end (unless a child of its own keeps them open).
+    let drained = |readers: Vec<tokio::task::JoinHandle<()>>| async move {
+        for r in readers {
+            let _ = tokio::time::timeout(Duration::from_millis(500), r).await;
+        }
+    };
     tracing::info!(pid, argv = ?spec.argv, "proxy starting");
     let deadline = Instant::now() + spec.start_timeout;
     loop {
@@ -373,6 +417,7 @@ async fn run_once(
         }
         if let Ok(Some(status)) = child.try_wait() {
             pid_slot.store(0, Ordering::SeqCst);
+            drained(readers).await;
             return (
                 Ended::Failed(format!(
                     "it exited ({status}) before it was ready; {}",
@@ -412,6 +457,7 @@ async fn run_once(
     if stopping.load(Ordering::SeqCst) {
         return (Ended::Stopping, Some(since));
     }
+    drained(readers).await;
     let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
     (
         Ended::Failed(format!("it exited ({status}); {}", last_lines(&out))),

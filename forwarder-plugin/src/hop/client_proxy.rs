@@ -1,0 +1,285 @@
+//! Proxies the hop starts inside a client's namespace (placement sidecar
+//! with an injected proxy): the process lives on the node, under our
+//! supervision, and its sockets live in the pod, so the pod needs neither
+//! a sidecar image nor NET_ADMIN. The endpoint only names a definition
+//! (`extra_context[`[`CLIENT_PROXY_KEY`]`]`); what runs is the node
+//! agent's own (`forwarder-plugin serve --proxies`), rendered with the
+//! connection's values. One proxy per connection, started before the
+//! Request returns, stopped (drained) before its rules go.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+
+use nsm_api::connection::Connection;
+
+use super::error::{HopError, Result};
+use super::record::HopRecord;
+use crate::netns::Netns;
+use crate::proxy::config::{MAX_NAME, fields, valid_name};
+use crate::proxy::{ProxyDefinitions, Supervisor};
+use crate::rules::RedirectSpec;
+
+pub use nsm_api::contract::CLIENT_PROXY_KEY;
+
+/// The proxy the endpoint names for the client, if any (a blank value:
+/// none). Only a name's shape is checked here; the hop knows the names.
+pub fn client_proxy(conn: &Connection) -> Result<Option<String>> {
+    let Some(name) = conn
+        .context
+        .as_ref()
+        .and_then(|c| c.extra_context.get(CLIENT_PROXY_KEY))
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+    else {
+        return Ok(None);
+    };
+    if !valid_name(name) {
+        let shown: String = name.chars().take(MAX_NAME + 1).collect();
+        return Err(HopError::ProxyRefused {
+            name: shown,
+            why: format!(
+                "extra_context[{CLIENT_PROXY_KEY:?}] is not a proxy name (lowercase letters, digits and '-', at most {MAX_NAME})"
+            ),
+        });
+    }
+    Ok(Some(name.to_owned()))
+}
+
+/// The node agent's proxy definitions and the proxies running from them.
+#[derive(Debug)]
+pub struct ClientProxies {
+    defs: ProxyDefinitions,
+    running: Mutex<HashMap<String, Supervisor>>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("pid", &self.pid())
+            .finish()
+    }
+}
+
+impl ClientProxies {
+    pub fn new(defs: ProxyDefinitions) -> ClientProxies {
+        ClientProxies {
+            defs,
+            running: Mutex::default(),
+        }
+    }
+
+    /// The names defined, comma-separated (what the hop announces).
+    pub fn names(&self) -> String {
+        self.defs.names()
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Supervisor>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether connection `id`'s proxy is running (or restarting).
+    pub fn is_running(&self, id: &str) -> bool {
+        self.running().contains_key(id)
+    }
+
+    /// The pids of the proxies running now.
+    pub fn pids(&self) -> HashSet<u32> {
+        self.running()
+            .values()
+            .filter_map(Supervisor::pid)
+            .collect()
+    }
+
+    /// Checks, before anything changes, that proxy `name` can serve a
+    /// connection with the redirect rules `rules`: it is defined, rules send
+    /// traffic to it, and its own traffic is exempt from them (else every
+    /// connection it makes would be sent back to itself).
+    pub fn check(&self, name: &str, rules: Option<&RedirectSpec>) -> Result<()> {
+        let def = self.defs.get(name).ok_or_else(|| HopError::UnknownProxy {
+            name: name.to_owned(),
+            known: known(&self.defs.names()),
+        })?;
+        let refused = |why: String| HopError::ProxyRefused {
+            name: name.to_owned(),
+            why,
+        };
+        let Some(rules) = rules else {
+            return Err(refused(
+                "the endpoint asks for it without client redirect rules that send it traffic"
+                    .into(),
+            ));
+        };
+        let uid = def.user.unwrap_or(0);
+        let gid = def.group.or(def.user).unwrap_or(0);
+        if rules.bypass_mark.is_none()
+            && !rules.proxy_uids.contains(&uid)
+            && !rules.proxy_gids.contains(&gid)
+        {
+            return Err(refused(format!(
+                "it runs as uid {uid} gid {gid}, which the endpoint's redirect rules do not exempt \
+                 (proxyUids {:?}, proxyGids {:?}): its own connections would be sent back to it",
+                rules.proxy_uids, rules.proxy_gids
+            )));
+        }
+        Ok(())
+    }
+
+    /// Starts connection `id`'s proxy `name` in `client` (its namespace)
+    /// and waits until it is ready; if it is not, nothing of it stays and
+    /// the error carries its reason and last output. A proxy already
+    /// running for `id` is kept.
+    pub async fn start(&self, id: &str, name: &str, client: &Netns, rec: &HopRecord) -> Result<()> {
+        if self.is_running(id) {
+            return Ok(());
+        }
+        self.check(name, rec.rules.as_ref())?;
+        let def = self.defs.get(name).expect("checked above");
+        let rules = rec.rules.as_ref().expect("checked above");
+        let values = values(id, name, rec, rules);
+        let spec =
+            def.spec(&values, rules.outbound_port.0)
+                .map_err(|why| HopError::ProxyRefused {
+                    name: name.to_owned(),
+                    why,
+                })?;
+        let netns = client
+            .try_clone()
+            .map_err(|e| HopError::Task(format!("cannot duplicate a namespace descriptor: {e}")))?;
+        let (conn_id, proxy) = (id.to_owned(), name.to_owned());
+        let sup = Supervisor::start_in(
+            spec,
+            Some(netns),
+            Box::new(move |restart| {
+                if restart {
+                    tracing::warn!(id = %conn_id, proxy = %proxy, "client proxy restarting");
+                }
+            }),
+        );
+        match sup.first_ready().await {
+            Ok(pid) => {
+                tracing::info!(%id, proxy = name, pid, "client proxy ready in the client's namespace");
+                self.running().insert(id.to_owned(), sup);
+                Ok(())
+            }
+            Err(e) => {
+                stop(sup).await;
+                Err(HopError::ProxyNotReady {
+                    name: name.to_owned(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Stops connection `id`'s proxy (SIGTERM, its drain timeout, SIGKILL);
+    /// returns once it is gone. Nothing running: nothing to do.
+    pub async fn stop(&self, id: &str) {
+        let sup = self.running().remove(id);
+        if let Some(sup) = sup {
+            stop(sup).await;
+            tracing::info!(%id, "client proxy stopped");
+        }
+    }
+}
+
+/// Stopping blocks for up to the drain timeout: off the runtime's threads.
+async fn stop(sup: Supervisor) {
+    let _ = tokio::task::spawn_blocking(move || drop(sup)).await;
+}
+
+fn known(names: &str) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.to_owned()
+    }
+}
+
+/// The template fields of connection `id` ([`fields`]).
+fn values<'a>(
+    id: &str,
+    name: &str,
+    rec: &HopRecord,
+    rules: &RedirectSpec,
+) -> BTreeMap<&'a str, String> {
+    let client_ip = rec
+        .plan
+        .a
+        .addresses
+        .first()
+        .map(|a| a.addr().to_string())
+        .unwrap_or_default();
+    [
+        (fields::CONNECTION_ID, id.to_owned()),
+        (fields::INTERFACE, rec.plan.a.name.clone()),
+        (fields::PROXY_PORT, rules.outbound_port.0.to_string()),
+        (fields::INBOUND_PORT, rules.inbound_port.0.to_string()),
+        (fields::DNS_PORT, rules.dns_port.0.to_string()),
+        (fields::CLIENT_IP, client_ip),
+        (fields::NAME, name.to_owned()),
+    ]
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nsm_api::connectioncontext::ConnectionContext;
+
+    fn asking(name: &str) -> Connection {
+        Connection {
+            context: Some(ConnectionContext {
+                extra_context: [(CLIENT_PROXY_KEY.to_owned(), name.to_owned())].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn proxies() -> ClientProxies {
+        ClientProxies::new(
+            ProxyDefinitions::parse(
+                "version: 1\nproxies:\n  haproxy: {command: [haproxy], user: 1337}\n  rooted: {command: [x]}\n",
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn the_endpoint_names_a_proxy_by_a_checked_name() {
+        assert_eq!(client_proxy(&Connection::default()).unwrap(), None);
+        assert_eq!(client_proxy(&asking(" ")).unwrap(), None);
+        assert_eq!(
+            client_proxy(&asking("haproxy")).unwrap().as_deref(),
+            Some("haproxy")
+        );
+        for bad in ["/bin/sh -c x", "HAProxy", &"a".repeat(10_000)] {
+            let e = client_proxy(&asking(bad)).unwrap_err();
+            assert!(e.to_string().contains("is not a proxy name"), "{e}");
+            assert!(e.to_string().len() < 400, "the name is cut: {e}");
+        }
+    }
+
+    #[test]
+    fn a_proxy_must_be_defined_fed_by_rules_and_exempt_from_them() {
+        let p = proxies();
+        let spec = RedirectSpec::default();
+        p.check("haproxy", Some(&spec)).unwrap();
+        let e = p.check("envoy", Some(&spec)).unwrap_err();
+        assert!(
+            matches!(&e, HopError::UnknownProxy { known, .. } if known == "haproxy,rooted"),
+            "{e}"
+        );
+        let e = p.check("haproxy", None).unwrap_err();
+        assert!(
+            e.to_string().contains("without client redirect rules"),
+            "{e}"
+        );
+        let e = p.check("rooted", Some(&spec)).unwrap_err();
+        assert!(e.to_string().contains("uid 0 gid 0"), "{e}");
+        assert!(e.to_string().contains("sent back to it"), "{e}");
+        let none = ClientProxies::new(ProxyDefinitions::default());
+        let e = none.check("haproxy", Some(&spec)).unwrap_err();
+        assert!(e.to_string().contains("defines none"), "{e}");
+    }
+}

@@ -1,0 +1,359 @@
+//! Placement sidecar with an injected proxy, end to end: the endpoint names
+//! the node agent's proxy (`sidecarProxy: haproxy`), and `forwarder-plugin
+//! serve --proxies` starts that HAProxy inside the client's namespace as
+//! uid 1337 — a process of the node, sockets of the pod — before nsc-init
+//! returns, so the client's first connection already goes through it. A
+//! crash restarts it while its rules make traffic wait; Close, a dead pod
+//! and a bad definition leave nothing behind; a restarted node agent
+//! starts the proxies of the connections it adopts again.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use examples::inspect::{self, NsState};
+use examples::lab::{Lab, LabConfig, STATIC_CLIENT_IP, server_addr};
+use examples::namespace::Namespace;
+use examples::nsc;
+use examples::proxy::ProxyKind;
+use examples::traffic::http_get;
+use nix::sys::signal::Signal;
+
+const UP: Duration = Duration::from_secs(30);
+const IO: Duration = Duration::from_secs(3);
+const CFG: &str = "injected.cfg";
+
+/// The HAProxy config and the node agent's proxies file in `dir`, with
+/// `command` as the definition's command (`None`: HAProxy on that config).
+fn proxies_file(dir: &Path, command: Option<&str>) -> PathBuf {
+    let cfg = dir.join(CFG);
+    std::fs::write(&cfg, examples::proxy::haproxy_config(&[15001, 15006], 1337)).unwrap();
+    let command = command
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("[haproxy, -db, -f, {}]", cfg.display()));
+    let file = dir.join("proxies.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "version: 1\nproxies:\n  haproxy:\n    command: {command}\n    env: {{MESH_CONNECTION: '{{{{connectionId}}}}', MESH_IF: '{{{{interface}}}}'}}\n    user: 1337\n    startTimeout: 5s\n    drainTimeout: 1s\n"
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// A lab whose endpoint puts every client in placement sidecar with the
+/// node agent's proxy `sidecar_proxy`, and whose forwarder has `proxies`.
+fn lab(dir: &Path, proxies: &Path, sidecar_proxy: &str) -> Option<Lab> {
+    if !nsm_tests::require_root("injected proxy") {
+        return None;
+    }
+    if examples::proxy::haproxy_path().is_none() {
+        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
+        eprintln!("SKIPPED: haproxy is not installed");
+        return None;
+    }
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("version: 1\nplacement: sidecar\nsidecarProxy: {sidecar_proxy}\n"),
+    )
+    .unwrap();
+    Some(
+        Lab::start(LabConfig {
+            // The lab's own proxy beside the endpoint is in nobody's path.
+            proxy: ProxyKind::Builtin,
+            nse_env: vec![("NSM_CONFIG".into(), config.display().to_string())],
+            forwarder_args: vec!["--proxies".into(), proxies.display().to_string()],
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("lab: {e}")),
+    )
+}
+
+fn snapshot(ns: &Namespace) -> NsState {
+    inspect::snapshot(ns).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(nsm_tests::unique(name));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The pids of processes in `ns` whose command line mentions our config.
+fn proxies_in(ns: &Namespace) -> Vec<u32> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", ns.name()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p: &u32| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.contains(CFG))
+        })
+        .collect()
+}
+
+fn uid_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn environ(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+/// Waits until `f` holds, at most `within`.
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A request from `client` went through its own proxy: the server saw a
+/// connection from the client's own address (the pod network) that is not
+/// the app's (the proxy's), and the endpoint's proxy saw nothing of it.
+fn assert_through_the_injected_proxy(lab: &Lab, client: &Namespace) {
+    let ex = http_get(client, server_addr(), IO)
+        .unwrap_or_else(|e| panic!("request through the injected proxy: {e}{}", lab.logs()));
+    assert_eq!(ex.server_saw.ip(), IpAddr::V4(STATIC_CLIENT_IP));
+    assert_ne!(
+        ex.server_saw, ex.local,
+        "the server saw the proxy's connection, not the app's"
+    );
+    assert_eq!(lab.proxy_saw(ex.local), None);
+}
+
+#[test]
+fn the_injected_proxy_is_ready_before_nsc_init_returns_restarts_and_goes_with_close() {
+    let dir = workdir("injected");
+    let file = proxies_file(&dir, None);
+    let Some(lab) = lab(&dir, &file, "haproxy") else {
+        return;
+    };
+    let client = lab.client().unwrap();
+    lab.attach_static_client(&client).unwrap();
+    let before = snapshot(&client);
+    let opts = lab.nsc_options("injected").unwrap();
+    let (mut nsc, up) = nsc::watch(&client, &opts, &lab.dir.join("nsc.log"), UP)
+        .unwrap_or_else(|e| panic!("nsc-init: {e}{}", lab.logs()));
+
+    // Ready as nsc-init returns: already there, listening, as uid 1337,
+    // with the connection's values in its environment.
+    let pids = proxies_in(&client);
+    assert_eq!(
+        pids.len(),
+        1,
+        "one proxy in the client: {pids:?}{}",
+        lab.logs()
+    );
+    let first = pids[0];
+    assert_eq!(uid_of(first), Some(1337), "the proxy runs as the proxy uid");
+    let env = environ(first);
+    assert!(
+        env.contains(&format!("MESH_IF={}", up.iface)),
+        "the template had the client's interface: {env:?}"
+    );
+    let conn = env
+        .iter()
+        .find_map(|v| v.strip_prefix("MESH_CONNECTION="))
+        .unwrap_or_else(|| panic!("no MESH_CONNECTION in {env:?}"));
+    assert!(
+        !conn.is_empty() && lab.logs().contains(conn),
+        "the template had the connection's id {conn:?}"
+    );
+    assert_through_the_injected_proxy(&lab, &client);
+
+    // kill -9: restarted in the client's namespace; meanwhile no request
+    // bypasses it (a bypass would reach the server as the app's own connection).
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    let mut refused = 0;
+    let back = eventually(Duration::from_secs(15), || {
+        match http_get(&client, server_addr(), Duration::from_secs(1)) {
+            Ok(ex) => assert_ne!(
+                ex.server_saw,
+                ex.local,
+                "a request bypassed the proxy while it restarted{}",
+                lab.logs()
+            ),
+            Err(_) => refused += 1,
+        }
+        proxies_in(&client).iter().any(|p| *p != first)
+    });
+    assert!(back, "the proxy came back{}", lab.logs());
+    eprintln!("requests refused while the injected proxy restarted: {refused}");
+    assert!(
+        eventually(Duration::from_secs(5), || http_get(
+            &client,
+            server_addr(),
+            IO
+        )
+        .is_ok()),
+        "requests flow again{}",
+        lab.logs()
+    );
+    assert_through_the_injected_proxy(&lab, &client);
+
+    // Close: the proxy drained and gone, the client as before.
+    let status = nsc.terminate(UP).unwrap();
+    assert!(status.success(), "{status}: {}", nsc.tail());
+    assert_eq!(
+        proxies_in(&client),
+        Vec::<u32>::new(),
+        "no proxy after Close"
+    );
+    assert_eq!(
+        before.diff(&snapshot(&client)),
+        Vec::<String>::new(),
+        "Close removed the client's rules and link"
+    );
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_proxy_that_never_gets_ready_or_is_not_defined_fails_the_request_and_leaves_nothing() {
+    let dir = workdir("injected-bad");
+    // Exits at once, saying why.
+    let file = proxies_file(
+        &dir,
+        Some("[sh, -c, 'echo cannot bind 15001: config broken >&2; exit 3']"),
+    );
+    let Some(lab) = lab(&dir, &file, "haproxy") else {
+        return;
+    };
+    let client = lab.client().unwrap();
+    let (before, nse_before) = (snapshot(&client), snapshot(&lab.nse_ns));
+    let mut opts = lab.nsc_options("bad").unwrap();
+    // Unavailable is retried until this passes: keep the test short.
+    opts.request_timeout = "6s".into();
+    let run = nsc::run(&client, &opts).unwrap();
+    assert_ne!(run.code(), Some(0), "nsc-init must fail: {}", run.reason());
+    let reason = run.reason();
+    assert!(
+        reason.to_lowercase().contains("unavailable")
+            && reason.contains("client proxy \"haproxy\"")
+            && reason.contains("config broken"),
+        "the reason and the proxy's last words reach the client: {reason}"
+    );
+    assert_eq!(before.diff(&snapshot(&client)), Vec::<String>::new());
+    assert_eq!(
+        nse_before.diff(&snapshot(&lab.nse_ns)),
+        Vec::<String>::new()
+    );
+    let left = std::process::Command::new("ip")
+        .args(["netns", "pids", client.name()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&left.stdout).trim(),
+        "",
+        "no process left in the client"
+    );
+    drop(lab);
+
+    // An endpoint that names a proxy the node agent does not define.
+    let file = proxies_file(&dir, None);
+    let lab = self::lab(&dir, &file, "envoy").unwrap();
+    let client = lab.client().unwrap();
+    let before = snapshot(&client);
+    let run = nsc::run(&client, &lab.nsc_options("unknown").unwrap()).unwrap();
+    let reason = run.reason();
+    assert!(
+        reason.contains("FailedPrecondition")
+            && reason.contains("sidecarProxy \"envoy\"")
+            && reason.contains("offers only haproxy"),
+        "{reason}"
+    );
+    assert_eq!(before.diff(&snapshot(&client)), Vec::<String>::new());
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_dead_pod_takes_its_proxy_and_a_restarted_node_agent_starts_the_adopted_ones_again() {
+    let dir = workdir("injected-life");
+    let file = proxies_file(&dir, None);
+    let Some(mut lab) = lab(&dir, &file, "haproxy") else {
+        return;
+    };
+    let alive = lab.client().unwrap();
+    lab.attach_static_client(&alive).unwrap();
+    let (_keep, _) = nsc::watch(
+        &alive,
+        &lab.nsc_options("alive").unwrap(),
+        &lab.dir.join("a.log"),
+        UP,
+    )
+    .unwrap_or_else(|e| panic!("nsc-init: {e}{}", lab.logs()));
+    let doomed = lab.client().unwrap();
+    let (mut gone, _) = nsc::watch(
+        &doomed,
+        &lab.nsc_options("doomed").unwrap(),
+        &lab.dir.join("d.log"),
+        UP,
+    )
+    .unwrap_or_else(|e| panic!("nsc-init: {e}{}", lab.logs()));
+    let doomed_proxy = proxies_in(&doomed);
+    assert_eq!(doomed_proxy.len(), 1);
+
+    // The pod dies without a Close: its processes go, then its namespace
+    // (which our proxy alone must not keep alive).
+    gone.signal(Signal::SIGKILL);
+    let _ = gone.wait(UP);
+    drop(doomed);
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            !Path::new(&format!("/proc/{}", doomed_proxy[0])).exists()
+        }),
+        "the dead pod's proxy was stopped{}",
+        lab.logs()
+    );
+
+    // kill -9 of the node agent: its proxies die with it (their rules stay,
+    // so traffic waits); the restarted agent adopts the connection and
+    // starts its proxy again, without waiting for a refresh.
+    let old = proxies_in(&alive);
+    assert_eq!(old.len(), 1);
+    let fwd = lab.forwarder().unwrap();
+    fwd.signal(Signal::SIGKILL);
+    fwd.wait(UP).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || proxies_in(&alive).is_empty()),
+        "the proxy died with the node agent"
+    );
+    let meanwhile = http_get(&alive, server_addr(), Duration::from_secs(1));
+    assert!(
+        meanwhile.is_err(),
+        "a request passed while no proxy ran: {meanwhile:?}"
+    );
+    lab.start_forwarder().unwrap();
+    let fwd = lab.forwarder().unwrap();
+    let started = fwd.wait_for_line("the adopted proxy started again", UP, |l| {
+        l.contains("started the adopted connection's client proxy again")
+    });
+    assert!(started.is_ok(), "{started:?}{}", lab.logs());
+    assert_eq!(proxies_in(&alive).len(), 1, "one proxy, not a duplicate");
+    assert_through_the_injected_proxy(&lab, &alive);
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}
