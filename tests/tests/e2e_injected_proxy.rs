@@ -357,3 +357,136 @@ fn a_dead_pod_takes_its_proxy_and_a_restarted_node_agent_starts_the_adopted_ones
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An HAProxy whose ports come from its environment (the template), asked
+/// to stop gracefully (SIGUSR1: it stops listening and finishes its
+/// connections), tagged `version`.
+fn upgradable(dir: &Path, version: u32) -> PathBuf {
+    let cfg = dir.join(CFG);
+    let text = examples::proxy::haproxy_config(&[15001], 1337).replace(
+        "    bind :15001\n",
+        "    bind \":${PROXY_PORT}\"\n    bind \":${INBOUND_PORT}\"\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let file = dir.join("proxies.yaml");
+    // Written whole and renamed, as a ConfigMap update is.
+    let tmp = dir.join("proxies.yaml.new");
+    std::fs::write(
+        &tmp,
+        format!(
+            "version: 1\nproxies:\n  haproxy:\n    command: [haproxy, -db, -f, {}]\n    env: {{PROXY_PORT: '{{{{proxyPort}}}}', INBOUND_PORT: '{{{{inboundPort}}}}', VERSION: '{version}'}}\n    user: 1337\n    stopSignal: SIGUSR1\n    drainTimeout: 30s\n",
+            cfg.display()
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    file
+}
+
+#[test]
+fn an_upgrade_sends_new_connections_to_the_new_proxy_while_the_old_one_drains() {
+    let dir = workdir("injected-upgrade");
+    let file = upgradable(&dir, 1);
+    let Some(mut lab) = lab(&dir, &file, "haproxy") else {
+        return;
+    };
+    let client = lab.client().unwrap();
+    lab.attach_static_client(&client).unwrap();
+    let mut opts = lab.nsc_options("upgrade").unwrap();
+    // Refreshes every ~2 s: one comes after the upgrade.
+    opts.request_timeout = "3s".into();
+    opts.token_lifetime = Some("6s".into());
+    let (mut nsc, _) = nsc::watch(&client, &opts, &lab.dir.join("nsc.log"), UP)
+        .unwrap_or_else(|e| panic!("nsc-init: {e}{}", lab.logs()));
+    let old = proxies_in(&client);
+    assert_eq!(old.len(), 1);
+    assert!(examples::proxy::listening(old[0], 15001));
+
+    // A long-lived connection through the first proxy.
+    let target = std::net::SocketAddr::from((examples::lab::SERVER_IP, 9090));
+    let listener = lab
+        .server_ns
+        .run(move || std::net::TcpListener::bind(target))
+        .unwrap()
+        .unwrap();
+    let mut app = client
+        .run(move || std::net::TcpStream::connect_timeout(&target, IO))
+        .unwrap()
+        .unwrap();
+    let (mut server_side, proxy_peer) = listener.accept().unwrap();
+    assert_ne!(proxy_peer, app.local_addr().unwrap(), "through the proxy");
+    let echo = |app: &mut std::net::TcpStream, server: &mut std::net::TcpStream, msg: &[u8]| {
+        use std::io::{Read, Write};
+        server.set_read_timeout(Some(IO)).unwrap();
+        app.write_all(msg).unwrap();
+        let mut got = vec![0; msg.len()];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    };
+    echo(&mut app, &mut server_side, b"before");
+
+    // The definition changes: a new proxy on the upgrade ports, the rules
+    // switched to it, the old one draining.
+    upgradable(&dir, 2);
+    let fwd = lab.forwarder().unwrap();
+    let upgraded = fwd.wait_for_line("the upgrade", UP, |l| l.contains("client proxy upgraded"));
+    assert!(upgraded.is_ok(), "{upgraded:?}{}", lab.logs());
+    let now = proxies_in(&client);
+    let new: Vec<u32> = now.iter().copied().filter(|p| !old.contains(p)).collect();
+    assert_eq!(
+        new.len(),
+        1,
+        "one new proxy beside the draining one: {now:?}"
+    );
+    assert!(environ(new[0]).contains(&"VERSION=2".to_owned()));
+    let shift = 15001 + forwarder_plugin::hop::UPGRADE_PORT_SHIFT;
+    assert!(
+        examples::proxy::listening(new[0], shift),
+        "the new proxy listens on {shift}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || !examples::proxy::listening(
+            old[0], 15001
+        )),
+        "the old proxy stopped listening (draining)"
+    );
+
+    // New connections reach the server (only the new proxy listens), the
+    // old connection still flows through the old proxy, which is alive.
+    assert_through_the_injected_proxy(&lab, &client);
+    echo(&mut app, &mut server_side, b"during the drain");
+    assert!(
+        Path::new(&format!("/proc/{}", old[0])).exists(),
+        "the old proxy drains"
+    );
+
+    // Its last connection ends: it exits.
+    drop(app);
+    drop(server_side);
+    assert!(
+        eventually(Duration::from_secs(10), || proxies_in(&client) == new),
+        "the old proxy exited once drained: {:?}",
+        proxies_in(&client)
+    );
+
+    // A refresh keeps the upgraded proxy and its ports (the endpoint does
+    // not know them); Close stops it.
+    let fwd = lab.forwarder().unwrap();
+    let from = fwd.log().len();
+    let refreshed = fwd.wait_until("a refresh after the upgrade", UP, |p| {
+        p.log()[from..].contains("refreshed=true").then_some(())
+    });
+    assert!(refreshed.is_ok(), "{refreshed:?}{}", lab.logs());
+    assert_eq!(proxies_in(&client), new, "the same proxy after the refresh");
+    assert!(examples::proxy::listening(new[0], shift));
+    assert_through_the_injected_proxy(&lab, &client);
+    let status = nsc.terminate(UP).unwrap();
+    assert!(status.success(), "{status}: {}", nsc.tail());
+    assert_eq!(
+        proxies_in(&client),
+        Vec::<u32>::new(),
+        "no proxy after Close"
+    );
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}

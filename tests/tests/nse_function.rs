@@ -165,6 +165,7 @@ impl PlumbedClient {
         .expect("a veth plan from the returned connection");
         let record = HopRecord {
             proxy: None,
+            proxy_alt: false,
             plan,
             rules: None,
             capture: capture_spec(conn),

@@ -8,16 +8,16 @@
 //! Request returns, stopped (drained) before its rules go.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use nsm_api::connection::Connection;
 
 use super::error::{HopError, Result};
-use super::record::HopRecord;
+use super::record::{HopRecord, UPGRADE_PORT_SHIFT, shifted};
 use crate::netns::Netns;
 use crate::proxy::config::{MAX_NAME, fields, valid_name};
-use crate::proxy::{ProxyDefinitions, Supervisor};
-use crate::rules::RedirectSpec;
+use crate::proxy::{ProcessConfig, ProxyDefinitions, Supervisor};
+use crate::rules::{Plan, RedirectSpec};
 
 pub use nsm_api::contract::CLIENT_PROXY_KEY;
 
@@ -45,11 +45,19 @@ pub fn client_proxy(conn: &Connection) -> Result<Option<String>> {
     Ok(Some(name.to_owned()))
 }
 
-/// The node agent's proxy definitions and the proxies running from them.
+/// The node agent's proxy definitions (reloadable) and the proxies
+/// running from them.
 #[derive(Debug)]
 pub struct ClientProxies {
-    defs: ProxyDefinitions,
-    running: Mutex<HashMap<String, Supervisor>>,
+    defs: RwLock<ProxyDefinitions>,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+/// A connection's proxy and the definition it was started from.
+#[derive(Debug)]
+pub struct Running {
+    sup: Supervisor,
+    def: ProcessConfig,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -63,18 +71,43 @@ impl std::fmt::Debug for Supervisor {
 impl ClientProxies {
     pub fn new(defs: ProxyDefinitions) -> ClientProxies {
         ClientProxies {
-            defs,
+            defs: RwLock::new(defs),
             running: Mutex::default(),
         }
     }
 
-    /// The names defined, comma-separated (what the hop announces).
-    pub fn names(&self) -> String {
-        self.defs.names()
+    fn defs(&self) -> std::sync::RwLockReadGuard<'_, ProxyDefinitions> {
+        self.defs.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Supervisor>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The names defined, comma-separated (what the hop announces).
+    pub fn names(&self) -> String {
+        self.defs().names()
+    }
+
+    /// Takes new definitions; returns the connections (of `names`: id →
+    /// proxy name) whose proxy runs a definition that changed, to be
+    /// upgraded. A connection whose definition was removed keeps its proxy
+    /// until it ends.
+    pub fn reload(&self, defs: ProxyDefinitions, names: &HashMap<String, String>) -> Vec<String> {
+        let mut stale: Vec<String> = self
+            .running()
+            .iter()
+            .filter(|(id, r)| {
+                names
+                    .get(*id)
+                    .and_then(|n| defs.get(n))
+                    .is_some_and(|d| *d != r.def)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        stale.sort();
+        *self.defs.write().unwrap_or_else(|p| p.into_inner()) = defs;
+        stale
     }
 
     /// Whether connection `id`'s proxy is running (or restarting).
@@ -86,18 +119,20 @@ impl ClientProxies {
     pub fn pids(&self) -> HashSet<u32> {
         self.running()
             .values()
-            .filter_map(Supervisor::pid)
+            .filter_map(|r| r.sup.pid())
             .collect()
     }
 
     /// Checks, before anything changes, that proxy `name` can serve a
     /// connection with the redirect rules `rules`: it is defined, rules send
-    /// traffic to it, and its own traffic is exempt from them (else every
-    /// connection it makes would be sent back to itself).
+    /// traffic to it, its own traffic is exempt from them (else every
+    /// connection it makes would be sent back to itself), and the ports an
+    /// upgrade moves it to are valid too.
     pub fn check(&self, name: &str, rules: Option<&RedirectSpec>) -> Result<()> {
-        let def = self.defs.get(name).ok_or_else(|| HopError::UnknownProxy {
+        let defs = self.defs();
+        let def = defs.get(name).ok_or_else(|| HopError::UnknownProxy {
             name: name.to_owned(),
-            known: known(&self.defs.names()),
+            known: known(&defs.names()),
         })?;
         let refused = |why: String| HopError::ProxyRefused {
             name: name.to_owned(),
@@ -121,6 +156,12 @@ impl ClientProxies {
                 rules.proxy_uids, rules.proxy_gids
             )));
         }
+        if shifted(rules).is_none_or(|s| Plan::new(&s).is_err()) {
+            return Err(refused(format!(
+                "its ports moved by {UPGRADE_PORT_SHIFT} for an upgrade (from {}) are not valid redirect ports",
+                rules.outbound_port.0
+            )));
+        }
         Ok(())
     }
 
@@ -132,16 +173,34 @@ impl ClientProxies {
         if self.is_running(id) {
             return Ok(());
         }
+        let running = self.launch(id, name, client, rec).await?;
+        self.running().insert(id.to_owned(), running);
+        Ok(())
+    }
+
+    /// Starts a proxy for connection `id` as `rec` says (on the ports its
+    /// rules send traffic to) and waits until it is ready, beside any that
+    /// runs; [`ClientProxies::swap`] puts it in place.
+    pub async fn launch(
+        &self,
+        id: &str,
+        name: &str,
+        client: &Netns,
+        rec: &HopRecord,
+    ) -> Result<Running> {
         self.check(name, rec.rules.as_ref())?;
-        let def = self.defs.get(name).expect("checked above");
-        let rules = rec.rules.as_ref().expect("checked above");
-        let values = values(id, name, rec, rules);
-        let spec =
-            def.spec(&values, rules.outbound_port.0)
-                .map_err(|why| HopError::ProxyRefused {
-                    name: name.to_owned(),
-                    why,
-                })?;
+        let def = self.defs().get(name).cloned();
+        let (Some(def), Some(rules)) = (def, rec.applied_rules()) else {
+            return Err(HopError::Task(
+                "checked proxy has no definition or rules".into(),
+            ));
+        };
+        let spec = def
+            .spec(&values(id, name, rec, &rules), rules.outbound_port.0)
+            .map_err(|why| HopError::ProxyRefused {
+                name: name.to_owned(),
+                why,
+            })?;
         let netns = client
             .try_clone()
             .map_err(|e| HopError::Task(format!("cannot duplicate a namespace descriptor: {e}")))?;
@@ -157,9 +216,8 @@ impl ClientProxies {
         );
         match sup.first_ready().await {
             Ok(pid) => {
-                tracing::info!(%id, proxy = name, pid, "client proxy ready in the client's namespace");
-                self.running().insert(id.to_owned(), sup);
-                Ok(())
+                tracing::info!(%id, proxy = name, pid, port = rules.outbound_port.0, "client proxy ready in the client's namespace");
+                Ok(Running { sup, def })
             }
             Err(e) => {
                 stop(sup).await;
@@ -171,18 +229,31 @@ impl ClientProxies {
         }
     }
 
-    /// Stops connection `id`'s proxy (SIGTERM, its drain timeout, SIGKILL);
-    /// returns once it is gone. Nothing running: nothing to do.
+    /// Puts `new` in place of connection `id`'s proxy; returns the old one
+    /// (to be drained).
+    pub fn swap(&self, id: &str, new: Running) -> Option<Running> {
+        self.running().insert(id.to_owned(), new)
+    }
+
+    /// Stops connection `id`'s proxy (its stop signal, its drain timeout,
+    /// SIGKILL); returns once it is gone. Nothing running: nothing to do.
     pub async fn stop(&self, id: &str) {
-        let sup = self.running().remove(id);
-        if let Some(sup) = sup {
-            stop(sup).await;
+        let running = self.running().remove(id);
+        if let Some(r) = running {
+            r.stop().await;
             tracing::info!(%id, "client proxy stopped");
         }
     }
 }
 
-/// Stopping blocks for up to the drain timeout: off the runtime's threads.
+impl Running {
+    /// Stops it and returns once it is gone; blocks meanwhile, so off the
+    /// runtime's threads.
+    pub async fn stop(self) {
+        stop(self.sup).await;
+    }
+}
+
 async fn stop(sup: Supervisor) {
     let _ = tokio::task::spawn_blocking(move || drop(sup)).await;
 }

@@ -312,6 +312,7 @@ mod tests {
     fn record(capture: Option<CaptureSpec>, policies: Vec<Policy>) -> HopRecord {
         HopRecord {
             proxy: None,
+            proxy_alt: false,
             plan: VethPlan {
                 a: end(&["198.18.0.1/32", "fd00::1/128"]),
                 b: end(&["198.18.0.0/32", "fd00::/128"]),

@@ -179,6 +179,78 @@ impl Hop {
         failed
     }
 
+    /// Takes new proxy definitions (a reloaded `--proxies` file); returns
+    /// the connections whose proxy runs a definition that changed.
+    pub fn reload_proxies(&self, defs: crate::proxy::ProxyDefinitions) -> Vec<String> {
+        let Some(p) = &self.proxies else {
+            return Vec::new();
+        };
+        let names = self
+            .records()
+            .into_iter()
+            .filter_map(|(id, r)| Some((id, r.proxy?)))
+            .collect();
+        p.reload(defs, &names)
+    }
+
+    /// Upgrades connection `id`'s client proxy to its current definition
+    /// without dropping traffic: the new proxy starts on the other ports
+    /// (the spec's, or those + [`super::record::UPGRADE_PORT_SHIFT`]) and
+    /// must be ready; then the rules switch to it in one transaction (new
+    /// connections go there, established ones stay with the old proxy,
+    /// whose NAT entries still point at it); then the old one is asked to
+    /// stop and drains. Returns the old proxy's drain (to await or not);
+    /// a failure leaves the old proxy and rules as they were.
+    pub async fn upgrade_proxy(
+        &self,
+        id: &str,
+    ) -> Result<Option<impl std::future::Future<Output = ()> + use<>>> {
+        let _conn = self.connections.lock(id).await;
+        let (Some(rec), Some(proxies)) = (self.record(id), &self.proxies) else {
+            return Ok(None);
+        };
+        let Some(name) = rec.proxy.clone() else {
+            return Ok(None);
+        };
+        let held = self.registry().held.get(id).cloned();
+        let Some(client) = dataplane::held_or_found(
+            held.as_ref().map(|h| &h.client),
+            &rec.client_netns,
+            rec.client_cookie,
+        )?
+        else {
+            return Ok(None);
+        };
+        let mut next = rec.clone();
+        next.proxy_alt = !rec.proxy_alt;
+        let new = proxies.launch(id, &name, &client, &next).await?;
+        // Recorded first: a crash from here on restarts the proxy on the
+        // ports the rules are about to name (or, undone, names already).
+        if let Err(e) = self.state.put(id, &next) {
+            new.stop().await;
+            return Err(e.into());
+        }
+        let switched = {
+            let _ns = self.rules_lock(&next).await;
+            dataplane::reapply_rules(&next, Some(&client)).await
+        };
+        if let Err(e) = switched {
+            if let Err(se) = self.state.put(id, &rec) {
+                tracing::warn!(%id, error = %se, "cannot record the connection back as it was");
+            }
+            new.stop().await;
+            return Err(e);
+        }
+        self.registry().set(id, next);
+        let old = proxies.swap(id, new);
+        tracing::info!(%id, proxy = %name, "client proxy upgraded: new connections go to the new one, the old one drains");
+        Ok(Some(async move {
+            if let Some(old) = old {
+                old.stop().await;
+            }
+        }))
+    }
+
     /// Stops connection `id`'s client proxy, if one runs (drained first).
     async fn stop_proxy(&self, id: &str) {
         if let Some(p) = &self.proxies {
@@ -308,6 +380,7 @@ impl Hop {
             rules,
             capture,
             proxy,
+            proxy_alt: false,
             policies: policies(req.connection)?,
             slot: None,
             backend: self.backend,
@@ -336,6 +409,11 @@ impl Hop {
             // A connection keeps its slot (mark, tables) for as long as it needs one.
             record.slot = old.as_ref().filter(|o| o.needs_slot()).and_then(|o| o.slot);
         }
+        // And its proxy the ports an upgrade moved it to (the endpoint
+        // does not know them).
+        record.proxy_alt = old
+            .as_ref()
+            .is_some_and(|o| o.proxy_alt && o.proxy == record.proxy && o.rules == record.rules);
         let replaced = match old {
             Some(old) if old.same_dataplane(&record) => {
                 return self.refresh(id, record, held, &client_links).await;

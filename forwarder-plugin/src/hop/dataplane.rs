@@ -172,7 +172,7 @@ pub async fn repair_rules(rec: &HopRecord, client: Option<&Netns>) -> Result<boo
 /// The firewall rules of the client's namespace: the redirect spec's, or
 /// the capture plan.
 fn firewall_plan(rec: &HopRecord, routing: &ClientRouting) -> Result<Option<Plan>> {
-    if let Some(spec) = &rec.rules {
+    if let Some(spec) = &rec.applied_rules() {
         return Plan::new(spec)
             .map(Some)
             .map_err(|source| HopError::Redirect {

@@ -23,6 +23,11 @@ pub struct HopRecord {
     /// connection (its definition's name), if the endpoint named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<String>,
+    /// The client proxy listens on the upgrade ports (the spec's + [`UPGRADE_PORT_SHIFT`])
+    /// since its last upgrade: what the rules send traffic to. Flips with
+    /// each upgrade; kept across refreshes (the endpoint does not know it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_alt: bool,
     /// NSM policy routes the endpoint returned (`ip_context.policies`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<Policy>,
@@ -50,7 +55,33 @@ pub struct HopRecord {
     pub session: Session,
 }
 
+/// How far an upgraded client proxy's ports are from the spec's: the new
+/// proxy listens there while the old one still serves its connections.
+pub const UPGRADE_PORT_SHIFT: u16 = 100;
+
+/// `spec` with its proxy ports moved by [`UPGRADE_PORT_SHIFT`], if they fit.
+pub fn shifted(spec: &RedirectSpec) -> Option<RedirectSpec> {
+    let mut s = spec.clone();
+    for port in [&mut s.outbound_port, &mut s.inbound_port, &mut s.dns_port] {
+        port.0 = port.0.checked_add(UPGRADE_PORT_SHIFT)?;
+    }
+    Some(s)
+}
+
 impl HopRecord {
+    /// The redirect rules as applied: the endpoint's spec, with the ports
+    /// an upgraded client proxy listens on.
+    pub fn applied_rules(&self) -> Option<RedirectSpec> {
+        let spec = self.rules.as_ref()?;
+        // An upgrade only happens where the shift fits; never fewer rules.
+        Some(
+            self.proxy_alt
+                .then(|| shifted(spec))
+                .flatten()
+                .unwrap_or_else(|| spec.clone()),
+        )
+    }
+
     /// Whether `other` asks for the same kernel state (sessions and the
     /// namespaces' cookies, which only identify, may differ).
     pub fn same_dataplane(&self, other: &HopRecord) -> bool {

@@ -401,6 +401,7 @@ mod tests {
         };
         HopRecord {
             proxy: None,
+            proxy_alt: false,
             plan: VethPlan {
                 a: end("inode://4/1", "nsm-1"),
                 b: end("inode://4/2", "nse-1"),

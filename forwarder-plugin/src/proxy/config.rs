@@ -49,9 +49,46 @@ pub struct ProcessConfig {
     /// Go duration from start to ready (default `10s`).
     #[serde(default = "default_start")]
     pub start_timeout: String,
-    /// Go duration from SIGTERM to SIGKILL when it is stopped (default `5s`).
+    /// Go duration from the stop signal to SIGKILL when it is stopped
+    /// (default `5s`).
     #[serde(default = "default_drain")]
     pub drain_timeout: String,
+    /// The signal that asks it to stop and finish what it serves (default
+    /// `SIGTERM`; HAProxy's graceful stop is `SIGUSR1`).
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+}
+
+/// The signals a proxy may be asked to stop with.
+const STOP_SIGNALS: [(&str, nix::sys::signal::Signal); 6] = [
+    ("SIGTERM", nix::sys::signal::Signal::SIGTERM),
+    ("SIGINT", nix::sys::signal::Signal::SIGINT),
+    ("SIGQUIT", nix::sys::signal::Signal::SIGQUIT),
+    ("SIGHUP", nix::sys::signal::Signal::SIGHUP),
+    ("SIGUSR1", nix::sys::signal::Signal::SIGUSR1),
+    ("SIGUSR2", nix::sys::signal::Signal::SIGUSR2),
+];
+
+fn stop_signal(name: Option<&str>) -> Result<nix::sys::signal::Signal, String> {
+    let Some(name) = name else {
+        return Ok(nix::sys::signal::Signal::SIGTERM);
+    };
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    STOP_SIGNALS
+        .iter()
+        .find(|(n, _)| *n == full)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| {
+            format!(
+                "stopSignal: {name:?} is not one of {}",
+                STOP_SIGNALS.map(|(n, _)| n).join(", ")
+            )
+        })
 }
 
 fn default_start() -> String {
@@ -178,6 +215,7 @@ impl ProcessConfig {
             ready,
             start_timeout: duration("startTimeout", &self.start_timeout, MIN_START)?,
             drain_timeout: duration("drainTimeout", &self.drain_timeout, Duration::ZERO)?,
+            stop_signal: stop_signal(self.stop_signal.as_deref())?,
         })
     }
 
@@ -334,6 +372,12 @@ mod tests {
         assert_eq!((s.uid, s.gid), (Some(1337), Some(1337)));
         assert_eq!(s.ready, Readiness::Tcp(15001));
         assert_eq!(s.start_timeout, Duration::from_secs(10));
+        assert_eq!(s.stop_signal, nix::sys::signal::Signal::SIGTERM);
+        let graceful = parse("command: [haproxy]\nstopSignal: usr1\n");
+        assert_eq!(
+            graceful.spec(&ports(), 1).unwrap().stop_signal,
+            nix::sys::signal::Signal::SIGUSR1
+        );
 
         let e = parse("command: [envoy, '--id={{connectionId}}']")
             .spec(&ports(), 1)
@@ -376,6 +420,7 @@ mod tests {
             ("command: [x]\nstartTimeout: 1ms", "startTimeout"),
             ("command: [x]\ndrainTimeout: 1h", "drainTimeout"),
             ("command: [x]\nstartTimeout: soon", "startTimeout"),
+            ("command: [x]\nstopSignal: SIGKILL", "stopSignal"),
         ] {
             let e = parse(yaml).spec(&ports(), 1).unwrap_err();
             assert!(e.contains(want), "{yaml}: {e}");

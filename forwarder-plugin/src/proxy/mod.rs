@@ -53,8 +53,11 @@ pub struct ProcessSpec {
     pub ready: Readiness,
     /// From spawn to ready, else it is killed and started again.
     pub start_timeout: Duration,
-    /// From SIGTERM to SIGKILL when stopping.
+    /// From the stop signal to SIGKILL when stopping.
     pub drain_timeout: Duration,
+    /// What asks it to stop: SIGTERM, or the proxy's graceful one (HAProxy
+    /// finishes its connections on SIGUSR1, Envoy on SIGTERM).
+    pub stop_signal: nix::sys::signal::Signal,
 }
 
 /// Where the proxy is in its life.
@@ -91,6 +94,7 @@ pub struct Supervisor {
     pid: Arc<AtomicU32>,
     stopping: Arc<AtomicBool>,
     drain: Duration,
+    stop_signal: nix::sys::signal::Signal,
     start_timeout: Duration,
 }
 
@@ -108,7 +112,8 @@ impl Supervisor {
         let (tx, rx) = watch::channel(ProxyState::Starting);
         let pid = Arc::new(AtomicU32::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
-        let (drain, start_timeout) = (spec.drain_timeout, spec.start_timeout);
+        let (drain, start_timeout, stop_signal) =
+            (spec.drain_timeout, spec.start_timeout, spec.stop_signal);
         let netns = netns.map(Arc::new);
         tokio::spawn(supervise(
             spec,
@@ -123,6 +128,7 @@ impl Supervisor {
             pid,
             stopping,
             drain,
+            stop_signal,
             start_timeout,
         }
     }
@@ -190,7 +196,7 @@ impl Supervisor {
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         if let Some(pid) = self.pid() {
-            terminate(pid, self.drain);
+            terminate(pid, self.stop_signal, self.drain);
         }
     }
 }
@@ -201,9 +207,9 @@ impl Drop for Supervisor {
     }
 }
 
-/// SIGTERM, then SIGKILL after `drain`; returns once `pid` is gone (a
+/// `signal`, then SIGKILL after `drain`; returns once `pid` is gone (a
 /// zombie counts as gone: its reaper is elsewhere).
-fn terminate(pid: u32, drain: Duration) {
+fn terminate(pid: u32, signal: nix::sys::signal::Signal, drain: Duration) {
     use nix::sys::signal::{Signal, kill};
     let p = nix::unistd::Pid::from_raw(pid as i32);
     let gone = || {
@@ -214,7 +220,7 @@ fn terminate(pid: u32, drain: Duration) {
             })
             .unwrap_or(true)
     };
-    if kill(p, Signal::SIGTERM).is_err() {
+    if kill(p, signal).is_err() {
         return;
     }
     let deadline = std::time::Instant::now() + drain;

@@ -170,8 +170,10 @@ pub struct ServeConfig {
     pub unregister_itself: bool,
     /// NSM's policies checked on every caller's path (`NSM_SERVER_POLICIES`).
     pub server_policies: Policies,
-    /// The proxies it may start in clients' namespaces (`NSM_PROXIES_FILE`).
+    /// The proxies it may start in clients' namespaces (`NSM_PROXIES_FILE`),
+    /// and the file, re-read when it changes.
     pub proxies: Option<crate::proxy::ProxyDefinitions>,
+    pub proxies_file: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -293,15 +295,20 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 parse_unix_url(&n, example).map_err(invalid("NSM_NEXT_HOP", "next-hop"))?
             }
         };
-        let proxies = match a.proxies.trim() {
+        let proxies_file = match a.proxies.trim() {
             "" => None,
-            path => Some(
-                crate::proxy::ProxyDefinitions::load(std::path::Path::new(path))
+            path => Some(PathBuf::from(path)),
+        };
+        let proxies = match &proxies_file {
+            None => None,
+            Some(path) => Some(
+                crate::proxy::ProxyDefinitions::load(path)
                     .map_err(|e| invalid("NSM_PROXIES_FILE", "proxies")(e.to_string()))?,
             ),
         };
         let cfg = ServeConfig {
             proxies,
+            proxies_file,
             name: parse_name(&a.name).map_err(invalid("NSM_NAME", "name"))?,
             listen_on: parse_unix_url(&a.listen_on, DEFAULT_LISTEN_ON)
                 .map_err(invalid("NSM_LISTEN_ON", "listen-on"))?,

@@ -12,6 +12,7 @@ pub mod downstream;
 pub mod elements;
 pub mod error;
 pub mod forward;
+pub mod proxies;
 pub mod register;
 pub mod route;
 pub mod server;

@@ -291,6 +291,14 @@ pub async fn serve(
             }
         })
     });
+    let proxies_file = match (&cfg.proxies_file, &cfg.proxies) {
+        (Some(path), Some(defs)) => Some(tokio::spawn(super::proxies::watch(
+            hop.forwarder.hop().clone(),
+            path.clone(),
+            defs.clone(),
+        ))),
+        _ => None,
+    };
     let dead_clients = tokio::spawn(super::dead_clients::watch(
         hop.forwarder.clone(),
         hop.monitor.clone(),
@@ -318,6 +326,9 @@ pub async fn serve(
     };
     nsm_api::transport::serve(&listen, identity, handler, hop.monitor.clone(), shutdown).await?;
     dead_clients.abort();
+    if let Some(t) = proxies_file {
+        t.abort();
+    }
     if let Some(m) = metrics {
         m.abort();
     }
