@@ -79,3 +79,24 @@ pub fn go_bin(name: &str, source: &str) -> Option<std::path::PathBuf> {
     eprintln!("SKIPPED {why}");
     None
 }
+
+/// `GET /metrics` from a Prometheus endpoint at `addr` (host:port): the
+/// whole response, which must be a 200.
+pub fn scrape_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("the metrics port");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
+/// The value of the first sample of `series` (name and labels, as
+/// exposed) in a scrape.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}

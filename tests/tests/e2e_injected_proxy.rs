@@ -45,6 +45,10 @@ fn proxies_file(dir: &Path, command: Option<&str>) -> PathBuf {
 /// A lab whose endpoint puts every client in placement sidecar with the
 /// node agent's proxy `sidecar_proxy`, and whose forwarder has `proxies`.
 fn lab(dir: &Path, proxies: &Path, sidecar_proxy: &str) -> Option<Lab> {
+    lab_with(dir, proxies, sidecar_proxy, &[])
+}
+
+fn lab_with(dir: &Path, proxies: &Path, sidecar_proxy: &str, args: &[&str]) -> Option<Lab> {
     if !nsm_tests::require_root("injected proxy") {
         return None;
     }
@@ -64,7 +68,11 @@ fn lab(dir: &Path, proxies: &Path, sidecar_proxy: &str) -> Option<Lab> {
             // The lab's own proxy beside the endpoint is in nobody's path.
             proxy: ProxyKind::Builtin,
             nse_env: vec![("NSM_CONFIG".into(), config.display().to_string())],
-            forwarder_args: vec!["--proxies".into(), proxies.display().to_string()],
+            forwarder_args: ["--proxies", &proxies.display().to_string()]
+                .into_iter()
+                .chain(args.iter().copied())
+                .map(str::to_owned)
+                .collect(),
             ..Default::default()
         })
         .unwrap_or_else(|e| panic!("lab: {e}")),
@@ -387,7 +395,8 @@ fn upgradable(dir: &Path, version: u32) -> PathBuf {
 fn an_upgrade_sends_new_connections_to_the_new_proxy_while_the_old_one_drains() {
     let dir = workdir("injected-upgrade");
     let file = upgradable(&dir, 1);
-    let Some(mut lab) = lab(&dir, &file, "haproxy") else {
+    const METRICS: &str = "127.0.0.1:19467";
+    let Some(mut lab) = lab_with(&dir, &file, "haproxy", &["--metrics-listen-on", METRICS]) else {
         return;
     };
     let client = lab.client().unwrap();
@@ -480,6 +489,15 @@ fn an_upgrade_sends_new_connections_to_the_new_proxy_while_the_old_one_drains() 
     assert_eq!(proxies_in(&client), new, "the same proxy after the refresh");
     assert!(examples::proxy::listening(new[0], shift));
     assert_through_the_injected_proxy(&lab, &client);
+    let metrics = nsm_tests::scrape_metrics(METRICS);
+    for event in ["start", "upgrade"] {
+        let series = format!("nsm_forwarder_client_proxy_events_total{{event=\"{event}\"}}");
+        assert_eq!(
+            nsm_tests::metric_value(&metrics, &series),
+            Some(1.0),
+            "{series}: {metrics}"
+        );
+    }
     let status = nsc.terminate(UP).unwrap();
     assert!(status.success(), "{status}: {}", nsc.tail());
     assert_eq!(

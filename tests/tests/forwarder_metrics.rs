@@ -3,7 +3,6 @@
 //! latency, its plumbing time by rules backend, the connections it holds),
 //! and its log level switched by SIGUSR1/SIGUSR2 while it keeps serving.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use examples::lab::{Lab, LabConfig};
@@ -14,18 +13,11 @@ use nix::sys::signal::Signal;
 const ADDR: &str = "127.0.0.1:19466";
 
 fn scrape() -> String {
-    let mut s = std::net::TcpStream::connect(ADDR).expect("the metrics port");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-    out
+    nsm_tests::scrape_metrics(ADDR)
 }
 
 fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    nsm_tests::metric_value(text, series)
 }
 
 #[test]

@@ -11,6 +11,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, RwLock};
 
 use nsm_api::connection::Connection;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 use super::error::{HopError, Result};
 use super::record::{HopRecord, UPGRADE_PORT_SHIFT, shifted};
@@ -51,6 +54,21 @@ pub fn client_proxy(conn: &Connection) -> Result<Option<String>> {
 pub struct ClientProxies {
     defs: RwLock<ProxyDefinitions>,
     running: Mutex<HashMap<String, Running>>,
+    events: ProxyEvents,
+}
+
+/// What happened to client proxies: `start` (a connection's first),
+/// `restart` (after it died), `upgrade` (a new definition took over),
+/// `failure` (not ready: the Request or upgrade failed).
+pub type ProxyEvents = Family<EventLabel, Counter>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub event: &'static str,
+}
+
+fn count(events: &ProxyEvents, event: &'static str) {
+    events.get_or_create(&EventLabel { event }).inc();
 }
 
 /// A connection's proxy and the definition it was started from.
@@ -73,7 +91,13 @@ impl ClientProxies {
         ClientProxies {
             defs: RwLock::new(defs),
             running: Mutex::default(),
+            events: ProxyEvents::default(),
         }
+    }
+
+    /// Starts, restarts, upgrades and failures so far (for metrics).
+    pub fn events(&self) -> ProxyEvents {
+        self.events.clone()
     }
 
     fn defs(&self) -> std::sync::RwLockReadGuard<'_, ProxyDefinitions> {
@@ -174,6 +198,7 @@ impl ClientProxies {
             return Ok(());
         }
         let running = self.launch(id, name, client, rec).await?;
+        count(&self.events, "start");
         self.running().insert(id.to_owned(), running);
         Ok(())
     }
@@ -204,12 +229,13 @@ impl ClientProxies {
         let netns = client
             .try_clone()
             .map_err(|e| HopError::Task(format!("cannot duplicate a namespace descriptor: {e}")))?;
-        let (conn_id, proxy) = (id.to_owned(), name.to_owned());
+        let (conn_id, proxy, events) = (id.to_owned(), name.to_owned(), self.events.clone());
         let sup = Supervisor::start_in(
             spec,
             Some(netns),
             Box::new(move |restart| {
                 if restart {
+                    count(&events, "restart");
                     tracing::warn!(id = %conn_id, proxy = %proxy, "client proxy restarting");
                 }
             }),
@@ -220,6 +246,7 @@ impl ClientProxies {
                 Ok(Running { sup, def })
             }
             Err(e) => {
+                count(&self.events, "failure");
                 stop(sup).await;
                 Err(HopError::ProxyNotReady {
                     name: name.to_owned(),
@@ -232,6 +259,7 @@ impl ClientProxies {
     /// Puts `new` in place of connection `id`'s proxy; returns the old one
     /// (to be drained).
     pub fn swap(&self, id: &str, new: Running) -> Option<Running> {
+        count(&self.events, "upgrade");
         self.running().insert(id.to_owned(), new)
     }
 

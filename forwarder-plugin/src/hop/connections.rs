@@ -117,6 +117,12 @@ impl Hop {
             .unwrap_or_default()
     }
 
+    /// Client proxy events by kind (start, restart, upgrade, failure);
+    /// `None` without `--proxies`.
+    pub fn proxy_events(&self) -> Option<super::client_proxy::ProxyEvents> {
+        self.proxies.as_ref().map(ClientProxies::events)
+    }
+
     /// The pids of the proxies running in clients' namespaces.
     pub fn proxy_pids(&self) -> std::collections::HashSet<u32> {
         self.proxies

@@ -76,6 +76,13 @@ impl Forwarder {
             "How long a Request's plumbing took here (veth, addresses, routes, rules), by rules backend",
             plumb_seconds.clone(),
         );
+        if let Some(events) = hop.proxy_events() {
+            metrics.register(
+                "client_proxy_events",
+                "Proxies started in clients' namespaces: start, restart (after it died), upgrade (a new definition took over), failure (not ready)",
+                events,
+            );
+        }
         Forwarder {
             hop,
             router,
