@@ -9,6 +9,8 @@
 
 #![forbid(unsafe_code)]
 
+mod injected;
+
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -50,6 +52,9 @@ struct Args {
     /// The endpoint's network functions in packet order: mesh-proxy, with a firewall (denies TCP 8081) before or after it and a WireGuard vpn (to a peer namespace the demo creates) last, e.g. firewall,mesh-proxy,vpn.
     #[arg(long, value_delimiter = ',', default_value = "mesh-proxy")]
     chain: Vec<String>,
+    /// Placement sidecar with no proxy in the pod: the forwarder starts the proxy (--proxy's kind) inside the client's namespace before nsc-init returns (the endpoint's sidecarProxy, forwarder-plugin serve --proxies).
+    #[arg(long, conflicts_with = "chain")]
+    injected: bool,
 }
 
 /// The functions the demo can chain.
@@ -508,9 +513,13 @@ fn demo(
 
 fn run(args: &Args) -> Result<(), DemoError> {
     step(&format!(
-        "1. topology (proxy: {}, chain: {})",
+        "1. topology (proxy: {}, {})",
         args.proxy.name(),
-        args.chain.join(" → ")
+        if args.injected {
+            "injected by the forwarder into the client".to_owned()
+        } else {
+            format!("chain: {}", args.chain.join(" → "))
+        }
     ));
     let scratch = std::env::temp_dir().join(format!("mp-demo-chain-{}", std::process::id()));
     let res = with_scratch(args, &scratch);
@@ -533,12 +542,20 @@ fn with_scratch(args: &Args, scratch: &std::path::Path) -> Result<(), DemoError>
         println!("NSM_CONFIG of the endpoint:\n{}", indent(&text));
         nse_env.push(("NSM_CONFIG".to_owned(), config.display().to_string()));
     }
-    let config = LabConfig {
-        proxy: args.proxy,
-        say: |s| println!("{s}"),
-        secure: !args.insecure,
-        nse_env,
-        ..Default::default()
+    let config = if args.injected {
+        LabConfig {
+            say: |s| println!("{s}"),
+            secure: !args.insecure,
+            ..injected::lab_config(args.proxy, scratch)?
+        }
+    } else {
+        LabConfig {
+            proxy: args.proxy,
+            say: |s| println!("{s}"),
+            secure: !args.insecure,
+            nse_env,
+            ..Default::default()
+        }
     };
     let mut lab = Lab::start(config)?;
     let peer = match &keys {
@@ -566,7 +583,11 @@ fn with_scratch(args: &Args, scratch: &std::path::Path) -> Result<(), DemoError>
         names: &args.chain,
         peer: peer.as_ref(),
     };
-    let res = demo(args, &mut lab, &client, &chain);
+    let res = if args.injected {
+        injected::demo(&mut lab, &client, scratch)
+    } else {
+        demo(args, &mut lab, &client, &chain)
+    };
     if res.is_err() {
         eprintln!("\nlogs:{}", lab.logs());
         if let Some(p) = &peer {
