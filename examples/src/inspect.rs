@@ -176,6 +176,44 @@ pub fn nft_ruleset(ns: &Namespace) -> Result<String, InspectError> {
     Ok(ns.exec(&["nft", "list", "ruleset"])?)
 }
 
+/// The processes in the named namespace (`ip netns pids`); none if it
+/// cannot be listed.
+pub fn pids_in(ns_name: &str) -> Vec<u32> {
+    std::process::Command::new("ip")
+        .args(["netns", "pids", ns_name])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The processes in the named namespace whose command line contains `needle`.
+pub fn pids_running(ns_name: &str, needle: &str) -> Vec<u32> {
+    pids_in(ns_name)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// The effective uid of process `pid`.
+pub fn uid(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 fn have(tool: &str) -> bool {
     ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
         .iter()

@@ -68,6 +68,7 @@ fn lab_with(dir: &Path, proxies: &Path, sidecar_proxy: &str, args: &[&str]) -> O
         Lab::start(LabConfig {
             // The lab's own proxy beside the endpoint is in nobody's path.
             proxy: ProxyKind::Builtin,
+            log_level: std::env::var("MP_LOG_LEVEL").unwrap_or_else(|_| "INFO".into()),
             nse_env: vec![("NSM_CONFIG".into(), config.display().to_string())],
             forwarder_args: ["--proxies", &proxies.display().to_string()]
                 .into_iter()
@@ -92,28 +93,7 @@ fn workdir(name: &str) -> PathBuf {
 
 /// The pids of processes in `ns` whose command line mentions our config.
 fn proxies_in(ns: &Namespace) -> Vec<u32> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "pids", ns.name()])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .filter(|p: &u32| {
-            std::fs::read_to_string(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.contains(CFG))
-        })
-        .collect()
-}
-
-fn uid_of(pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    inspect::pids_running(ns.name(), CFG)
 }
 
 fn environ(pid: u32) -> Vec<String> {
@@ -176,7 +156,11 @@ fn the_injected_proxy_is_ready_before_nsc_init_returns_restarts_and_goes_with_cl
         lab.logs()
     );
     let first = pids[0];
-    assert_eq!(uid_of(first), Some(1337), "the proxy runs as the proxy uid");
+    assert_eq!(
+        inspect::uid(first),
+        Some(1337),
+        "the proxy runs as the proxy uid"
+    );
     let env = environ(first);
     assert!(
         env.contains(&format!("MESH_IF={}", up.iface)),
@@ -449,6 +433,22 @@ fn an_upgrade_sends_new_connections_to_the_new_proxy_while_the_old_one_drains() 
         "one new proxy beside the draining one: {now:?}"
     );
     assert!(environ(new[0]).contains(&"VERSION=2".to_owned()));
+    // Its readiness was checked without a connection to its port, which a
+    // transparent proxy would relay to itself, over and over.
+    let to_itself = std::fs::read_to_string(format!("/proc/{}/net/tcp", new[0]))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.contains(&format!(
+                ":{:04X} ",
+                15001 + forwarder_plugin::hop::UPGRADE_PORT_SHIFT
+            ))
+        })
+        .count();
+    assert!(
+        to_itself <= 1,
+        "only the listener on the new port, no connections to it: {to_itself}"
+    );
     let shift = 15001 + forwarder_plugin::hop::UPGRADE_PORT_SHIFT;
     assert!(
         examples::proxy::listening(new[0], shift),

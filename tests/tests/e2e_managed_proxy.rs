@@ -16,18 +16,7 @@ use examples::traffic::http_get;
 const PORT: u16 = 15002;
 
 fn managed_haproxy_pids(lab: &Lab) -> Vec<u32> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "pids", lab.nse_ns.name()])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .filter(|p: &u32| {
-            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.contains("managed.cfg"))
-        })
-        .collect()
+    examples::inspect::pids_running(lab.nse_ns.name(), "managed.cfg")
 }
 
 #[test]

@@ -18,17 +18,6 @@ fn netns_inode(pid: u32) -> Option<u64> {
         .map(|m| m.ino())
 }
 
-fn uid_of(pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_in_a_pods_namespace_is_probed_there_restarted_and_stopped() {
     if !nsm_tests::require_root("proxy in a namespace") {
@@ -79,7 +68,11 @@ async fn a_proxy_in_a_pods_namespace_is_probed_there_restarted_and_stopped() {
         pod_inode.ends_with(&format!("/{inode}")),
         "the proxy's sockets live in the pod's namespace ({pod_inode}), not {inode}"
     );
-    assert_eq!(uid_of(first), Some(1337), "as the proxy user");
+    assert_eq!(
+        examples::inspect::uid(first),
+        Some(1337),
+        "as the proxy user"
+    );
     // Listening there, where the pod's redirect rules send traffic.
     ns.exec_ok(&["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/15001"]);
 

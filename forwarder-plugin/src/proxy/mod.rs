@@ -35,7 +35,9 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// When the proxy counts as ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Readiness {
-    /// A TCP connect to 127.0.0.1:port succeeds.
+    /// A TCP socket listens on the port (in the proxy's namespace). Not a
+    /// connection: a transparent proxy would relay one made to its own
+    /// port to its original destination — itself — and loop.
     Tcp(u16),
     /// `GET path` on 127.0.0.1:port answers 200 (e.g. Envoy's `/ready`).
     Http { port: u16, path: String },
@@ -345,12 +347,37 @@ fn command(spec: &ProcessSpec, netns: Option<&Netns>) -> tokio::process::Command
     cmd
 }
 
+/// Whether a TCP socket of the calling thread's network namespace listens
+/// on `port` (any address, IPv4 or IPv6).
+fn listening(port: u16) -> bool {
+    // thread-self: the namespace this thread entered, not the process's.
+    ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+        .iter()
+        .any(|table| std::fs::read_to_string(table).is_ok_and(|t| listens_in(&t, port)))
+}
+
+/// Whether `/proc/net/tcp`-format `table` has a LISTEN socket on `port`.
+fn listens_in(table: &str, port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1);
+        let state = fields.nth(1);
+        state == Some(LISTEN)
+            && local
+                .and_then(|l| l.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port)
+    })
+}
+
 /// One readiness probe, blocking, in `netns` (or ours).
 fn probe(ready: &Readiness, netns: Option<&Netns>) -> bool {
     let check = || {
         use std::io::{Read, Write};
         let port = match ready {
-            Readiness::Tcp(p) | Readiness::Http { port: p, .. } => *p,
+            Readiness::Tcp(p) => return listening(*p),
+            Readiness::Http { port, .. } => *port,
         };
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let Ok(mut sock) = std::net::TcpStream::connect_timeout(&addr, PROBE_EVERY * 4) else {
@@ -508,4 +535,27 @@ async fn supervise(
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     let _ = tx.send(ProxyState::Stopped);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_socket_is_found_without_connecting_to_it() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+             0: 00000000:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 1 1\n   \
+             1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1\n";
+        assert!(listens_in(table, 15001));
+        assert!(
+            !listens_in(table, 8080),
+            "an established socket is not a listener"
+        );
+        assert!(!listens_in(table, 15006));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(listening(port));
+        drop(l);
+        assert!(!listening(port));
+    }
 }

@@ -71,21 +71,11 @@ pub fn lab_config(proxy: ProxyKind, scratch: &Path) -> Result<LabConfig, DemoErr
     })
 }
 
-/// The pids of our injected proxy in `ns`.
+/// The pids of our injected proxy in `ns`: its processes of the proxy uid.
 fn proxy_pids(ns: &Namespace) -> Vec<u32> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "pids", ns.name()])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    out.split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .filter(|p: &u32| {
-            std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
-                s.lines()
-                    .any(|l| l.starts_with("Uid:") && l.contains("1337"))
-            })
-        })
+    inspect::pids_in(ns.name())
+        .into_iter()
+        .filter(|p| inspect::uid(*p) == Some(PROXY_UID))
         .collect()
 }
 
