@@ -31,6 +31,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Ready this long: the next crash starts the backoff afresh.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// How long a caller whose wait ran out waits more for the try under way.
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// When the proxy counts as ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +97,8 @@ pub struct Supervisor {
     state: watch::Receiver<ProxyState>,
     pid: Arc<AtomicU32>,
     stopping: Arc<AtomicBool>,
+    /// Why it last failed (kept while a next try is starting).
+    last_failure: Arc<Mutex<Option<String>>>,
     drain: Duration,
     stop_signal: nix::sys::signal::Signal,
     start_timeout: Duration,
@@ -117,18 +121,21 @@ impl Supervisor {
         let (drain, start_timeout, stop_signal) =
             (spec.drain_timeout, spec.start_timeout, spec.stop_signal);
         let netns = netns.map(Arc::new);
+        let last_failure = Arc::new(Mutex::new(None));
         tokio::spawn(supervise(
             spec,
             netns,
             tx,
             pid.clone(),
             stopping.clone(),
+            last_failure.clone(),
             on_start,
         ));
         Supervisor {
             state: rx,
             pid,
             stopping,
+            last_failure,
             drain,
             stop_signal,
             start_timeout,
@@ -152,20 +159,33 @@ impl Supervisor {
     pub async fn ready(&self, within: Duration) -> Result<u32, ProxyError> {
         let mut rx = self.state.clone();
         let wait = rx.wait_for(|s| matches!(s, ProxyState::Ready { .. } | ProxyState::Stopped));
-        match tokio::time::timeout(within, wait).await {
-            Ok(Ok(s)) => match &*s {
-                ProxyState::Ready { pid } => Ok(*pid),
-                _ => Err(ProxyError::Stopped),
-            },
-            Ok(Err(_)) => Err(ProxyError::Stopped),
-            Err(_) => Err(ProxyError::NotReady {
-                within,
-                reason: match self.state() {
-                    ProxyState::Restarting { reason } => reason,
-                    other => format!("{other:?}"),
-                },
-            }),
+        // Owned, so no borrow of the state lives across the waits below.
+        let outcome = match tokio::time::timeout(within, wait).await {
+            Ok(Ok(s)) => Some(s.clone()),
+            Ok(Err(_)) => Some(ProxyState::Stopped),
+            Err(_) => None,
+        };
+        match outcome {
+            Some(ProxyState::Ready { pid }) => return Ok(pid),
+            Some(_) => return Err(ProxyError::Stopped),
+            None => {}
         }
+        // A try still under way (a slow exit, a loaded machine): its
+        // outcome, shortly, says more than "Starting".
+        let mut rx = self.state.clone();
+        let settled = rx.wait_for(|s| !matches!(s, ProxyState::Starting));
+        let _ = tokio::time::timeout(SETTLE, async { settled.await.map(|_| ()) }).await;
+        let reason = match self.state() {
+            ProxyState::Restarting { reason } => reason,
+            ProxyState::Ready { pid } => return Ok(pid),
+            other => self
+                .last_failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| format!("{other:?}")),
+        };
+        Err(ProxyError::NotReady { within, reason })
     }
 
     /// Waits for the first start only: ready, or the reason it failed as
@@ -504,6 +524,7 @@ async fn supervise(
     tx: watch::Sender<ProxyState>,
     pid: Arc<AtomicU32>,
     stopping: Arc<AtomicBool>,
+    last_failure: Arc<Mutex<Option<String>>>,
     on_start: OnStart,
 ) {
     let mut backoff = MIN_BACKOFF;
@@ -523,6 +544,7 @@ async fn supervise(
             backoff = MIN_BACKOFF;
         }
         tracing::warn!(%reason, retry_in = ?backoff, "proxy failed; its rules stay, traffic waits for it");
+        *last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
         let _ = tx.send(ProxyState::Restarting { reason });
         let until = Instant::now() + backoff;
         while Instant::now() < until {
