@@ -339,7 +339,8 @@ impl Hop {
             .stderr(File::create(&log).expect("log file"));
         let mut child = ChildGuard::spawn(&mut cmd);
         let deadline = Instant::now() + WAIT;
-        while !socket.exists() {
+        // Until it accepts: the file alone may come before the listener.
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             if let Ok(Some(st)) = child.0.try_wait() {
                 panic!(
                     "forwarder-plugin exited with {st}: {}",
