@@ -34,6 +34,8 @@ pub enum NamespaceError {
 pub struct Namespace {
     name: String,
     netns: Netns,
+    /// Drop kills what still runs inside (proxies a node agent left).
+    kill_strays: bool,
 }
 
 /// `<prefix>-<pid>` for the first namespace of a prefix in this process,
@@ -81,6 +83,7 @@ pub fn sweep_stale() -> Vec<String> {
         if std::path::Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
+        kill_processes_in(&name);
         if Netns::delete_named(&name).is_ok() {
             gone.push(name);
         }
@@ -93,13 +96,24 @@ impl Namespace {
     pub fn create(prefix: &str) -> Result<Namespace, NamespaceError> {
         let name = unique_name(prefix);
         let netns = Netns::create_named(&name)?;
-        let ns = Namespace { name, netns };
+        let ns = Namespace {
+            name,
+            netns,
+            kill_strays: true,
+        };
         ns.ip("link set lo up")?;
         Ok(ns)
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Deletes the namespace's name as a dying pod's runtime does, leaving
+    /// whatever still runs inside to whoever must notice (the node agent
+    /// stopping the proxies it put there).
+    pub fn delete_leaving_processes(mut self) {
+        self.kill_strays = false;
     }
 
     pub fn netns(&self) -> &Netns {
@@ -155,8 +169,24 @@ impl Namespace {
     }
 }
 
+/// SIGKILLs every process in the named namespace but ours: a process that
+/// outlives its test (a proxy a node agent keeps) would keep it alive.
+fn kill_processes_in(name: &str) {
+    for pid in crate::inspect::pids_in(name) {
+        if pid != std::process::id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 impl Drop for Namespace {
     fn drop(&mut self) {
+        if self.kill_strays {
+            kill_processes_in(&self.name);
+        }
         // The kernel frees the namespace once the last holder is gone: our fd
         // (closed right after this) and the processes the guards have stopped.
         if let Err(e) = Netns::delete_named(&self.name) {

@@ -5,7 +5,8 @@
 //! returns, so the client's first connection already goes through it. A
 //! crash restarts it while its rules make traffic wait; Close, a dead pod
 //! and a bad definition leave nothing behind; a restarted node agent
-//! starts the proxies of the connections it adopts again.
+//! adopts the proxies that kept running (upgrading those whose definition
+//! changed meanwhile) instead of starting duplicates.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -283,9 +284,9 @@ fn a_proxy_that_never_gets_ready_or_is_not_defined_fails_the_request_and_leaves_
 }
 
 #[test]
-fn a_dead_pod_takes_its_proxy_and_a_restarted_node_agent_starts_the_adopted_ones_again() {
+fn a_dead_pod_takes_its_proxy_and_a_restarted_node_agent_adopts_the_running_ones() {
     let dir = workdir("injected-life");
-    let file = proxies_file(&dir, None);
+    let file = upgradable(&dir, 1);
     let Some(mut lab) = lab(&dir, &file, "haproxy") else {
         return;
     };
@@ -313,7 +314,7 @@ fn a_dead_pod_takes_its_proxy_and_a_restarted_node_agent_starts_the_adopted_ones
     // (which our proxy alone must not keep alive).
     gone.signal(Signal::SIGKILL);
     let _ = gone.wait(UP);
-    drop(doomed);
+    doomed.delete_leaving_processes();
     assert!(
         eventually(Duration::from_secs(15), || {
             !Path::new(&format!("/proc/{}", doomed_proxy[0])).exists()
@@ -322,30 +323,71 @@ fn a_dead_pod_takes_its_proxy_and_a_restarted_node_agent_starts_the_adopted_ones
         lab.logs()
     );
 
-    // kill -9 of the node agent: its proxies die with it (their rules stay,
-    // so traffic waits); the restarted agent adopts the connection and
-    // starts its proxy again, without waiting for a refresh.
+    // kill -9 of the node agent: its proxy lives on in the pod and keeps
+    // serving; the restarted agent adopts it (same process, no duplicate)
+    // without waiting for a refresh.
     let old = proxies_in(&alive);
     assert_eq!(old.len(), 1);
     let fwd = lab.forwarder().unwrap();
     fwd.signal(Signal::SIGKILL);
     fwd.wait(UP).unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || proxies_in(&alive).is_empty()),
-        "the proxy died with the node agent"
-    );
-    let meanwhile = http_get(&alive, server_addr(), Duration::from_secs(1));
-    assert!(
-        meanwhile.is_err(),
-        "a request passed while no proxy ran: {meanwhile:?}"
-    );
+    assert_eq!(proxies_in(&alive), old, "the proxy outlived the node agent");
+    assert_through_the_injected_proxy(&lab, &alive);
     lab.start_forwarder().unwrap();
     let fwd = lab.forwarder().unwrap();
-    let started = fwd.wait_for_line("the adopted proxy started again", UP, |l| {
-        l.contains("started the adopted connection's client proxy again")
+    let adopted = fwd.wait_for_line("the running proxy adopted", UP, |l| {
+        l.contains("adopted the connection's running client proxy")
     });
-    assert!(started.is_ok(), "{started:?}{}", lab.logs());
-    assert_eq!(proxies_in(&alive).len(), 1, "one proxy, not a duplicate");
+    assert!(adopted.is_ok(), "{adopted:?}{}", lab.logs());
+    assert_eq!(proxies_in(&alive), old, "the same proxy, not a duplicate");
+    assert_through_the_injected_proxy(&lab, &alive);
+
+    // Adopted means supervised: kill -9 of the adopted proxy starts it again.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old[0] as i32), Signal::SIGKILL).unwrap();
+    assert!(
+        eventually(UP, || {
+            let now = proxies_in(&alive);
+            now.len() == 1 && now != old
+        }),
+        "the adopted proxy was restarted{}",
+        lab.logs()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || http_get(
+            &alive,
+            server_addr(),
+            IO
+        )
+        .is_ok()),
+        "requests flow again{}",
+        lab.logs()
+    );
+    assert_through_the_injected_proxy(&lab, &alive);
+
+    // The definition changed while the agent was down: the restarted agent
+    // adopts the old proxy and upgrades it, not a second copy of the old.
+    let before = proxies_in(&alive);
+    let fwd = lab.forwarder().unwrap();
+    fwd.signal(Signal::SIGKILL);
+    fwd.wait(UP).unwrap();
+    upgradable(&dir, 2);
+    lab.start_forwarder().unwrap();
+    let fwd = lab.forwarder().unwrap();
+    let upgraded = fwd.wait_for_line("the stale proxy upgraded", UP, |l| {
+        l.contains("client proxy upgraded")
+    });
+    assert!(upgraded.is_ok(), "{upgraded:?}{}", lab.logs());
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let now = proxies_in(&alive);
+            now.len() == 1 && !before.contains(&now[0])
+        }),
+        "the old proxy drained away, one new one runs: {:?}{}",
+        proxies_in(&alive),
+        lab.logs()
+    );
+    let now = proxies_in(&alive);
+    assert!(environ(now[0]).contains(&"VERSION=2".to_owned()));
     assert_through_the_injected_proxy(&lab, &alive);
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);

@@ -5,9 +5,14 @@
 //! (`extra_context[`[`CLIENT_PROXY_KEY`]`]`); what runs is the node
 //! agent's own (`forwarder-plugin serve --proxies`), rendered with the
 //! connection's values. One proxy per connection, started before the
-//! Request returns, stopped (drained) before its rules go.
+//! Request returns, stopped (drained) before its rules go. A proxy outlives
+//! the node agent, as its rules do: its pid is recorded under
+//! `<state dir>/proxies/` and a restarted agent adopts it (no second start,
+//! no gap in the pod's traffic).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
 use nsm_api::connection::Connection;
@@ -17,9 +22,10 @@ use prometheus_client::metrics::family::Family;
 
 use super::error::{HopError, Result};
 use super::record::{HopRecord, UPGRADE_PORT_SHIFT, shifted};
+use super::state::file_stem;
 use crate::netns::Netns;
 use crate::proxy::config::{MAX_NAME, fields, valid_name};
-use crate::proxy::{ProcessConfig, ProxyDefinitions, Supervisor};
+use crate::proxy::{Keep, ProcessConfig, ProxyDefinitions, Supervisor, kept};
 use crate::rules::{Plan, RedirectSpec};
 
 pub use nsm_api::contract::CLIENT_PROXY_KEY;
@@ -53,6 +59,8 @@ pub fn client_proxy(conn: &Connection) -> Result<Option<String>> {
 #[derive(Debug)]
 pub struct ClientProxies {
     defs: RwLock<ProxyDefinitions>,
+    /// Where running proxies are recorded (pidfiles and logs).
+    dir: PathBuf,
     running: Mutex<HashMap<String, Running>>,
     events: ProxyEvents,
 }
@@ -76,6 +84,33 @@ fn count(events: &ProxyEvents, event: &'static str) {
 pub struct Running {
     sup: Supervisor,
     def: ProcessConfig,
+    /// Adopted from an earlier run, running another definition.
+    stale: bool,
+}
+
+/// Most proxy records gone through at a start (they are ours, in a 0700
+/// directory, but still bounded).
+const MAX_RECORDS: usize = 1 << 16;
+
+/// How [`ClientProxies::start`] found a connection's proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// Running already under us.
+    Running,
+    /// Started now.
+    Fresh,
+    /// Adopted from an earlier run of the node agent; `stale`: it runs a
+    /// definition that changed since, and wants an upgrade.
+    Adopted { stale: bool },
+}
+
+/// The pidfile and log of connection `id`'s proxy on its ports (`alt`: the
+/// upgrade ports), under `dir`.
+fn keep(dir: &Path, id: &str, alt: bool) -> Keep {
+    Keep::in_dir(
+        dir,
+        &format!("{}-{}", file_stem(id), if alt { 'b' } else { 'a' }),
+    )
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -87,12 +122,58 @@ impl std::fmt::Debug for Supervisor {
 }
 
 impl ClientProxies {
-    pub fn new(defs: ProxyDefinitions) -> ClientProxies {
-        ClientProxies {
+    /// Proxies from `defs`, recorded under `dir` (created 0700).
+    pub fn new(defs: ProxyDefinitions, dir: &Path) -> Result<ClientProxies> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| HopError::Task(format!("cannot create {}: {e}", dir.display())))?;
+        Ok(ClientProxies {
             defs: RwLock::new(defs),
+            dir: dir.to_owned(),
             running: Mutex::default(),
             events: ProxyEvents::default(),
+        })
+    }
+
+    /// Stops the recorded proxies of connections that are not in `live`
+    /// (id → its proxy's ports are the upgrade ones): a connection that
+    /// ended, or the old side of an upgrade, while the agent was down.
+    /// Each is asked to stop as its definition says (drained); returns how
+    /// many records were gone through.
+    pub async fn reap(&self, live: &HashMap<String, (String, bool)>) -> usize {
+        let wanted: HashSet<PathBuf> = live
+            .keys()
+            .map(|id| keep(&self.dir, id, live[id].1).pidfile)
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let orphans: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "pid") && !wanted.contains(p))
+            .take(MAX_RECORDS)
+            .collect();
+        let n = orphans.len();
+        let tasks: Vec<_> = orphans
+            .into_iter()
+            .map(|pidfile| {
+                tokio::task::spawn_blocking(move || {
+                    kept::reap(
+                        &pidfile,
+                        nix::sys::signal::Signal::SIGTERM,
+                        std::time::Duration::from_secs(5),
+                    );
+                    let _ = std::fs::remove_file(pidfile.with_extension("log"));
+                })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
         }
+        n
     }
 
     /// Starts, restarts, upgrades and failures so far (for metrics).
@@ -125,7 +206,7 @@ impl ClientProxies {
                 names
                     .get(*id)
                     .and_then(|n| defs.get(n))
-                    .is_some_and(|d| *d != r.def)
+                    .is_some_and(|d| r.stale || *d != r.def)
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -192,15 +273,28 @@ impl ClientProxies {
     /// Starts connection `id`'s proxy `name` in `client` (its namespace)
     /// and waits until it is ready; if it is not, nothing of it stays and
     /// the error carries its reason and last output. A proxy already
-    /// running for `id` is kept.
-    pub async fn start(&self, id: &str, name: &str, client: &Netns, rec: &HopRecord) -> Result<()> {
+    /// running for `id` is kept; one an earlier run of ours left running is
+    /// adopted.
+    pub async fn start(
+        &self,
+        id: &str,
+        name: &str,
+        client: &Netns,
+        rec: &HopRecord,
+    ) -> Result<Started> {
         if self.is_running(id) {
-            return Ok(());
+            return Ok(Started::Running);
         }
         let running = self.launch(id, name, client, rec).await?;
-        count(&self.events, "start");
+        let started = match running.sup.adopted() {
+            Some(stale) => Started::Adopted { stale },
+            None => {
+                count(&self.events, "start");
+                Started::Fresh
+            }
+        };
         self.running().insert(id.to_owned(), running);
-        Ok(())
+        Ok(started)
     }
 
     /// Starts a proxy for connection `id` as `rec` says (on the ports its
@@ -230,9 +324,10 @@ impl ClientProxies {
             .try_clone()
             .map_err(|e| HopError::Task(format!("cannot duplicate a namespace descriptor: {e}")))?;
         let (conn_id, proxy, events) = (id.to_owned(), name.to_owned(), self.events.clone());
-        let sup = Supervisor::start_in(
+        let sup = Supervisor::start_kept(
             spec,
             Some(netns),
+            Some(keep(&self.dir, id, rec.proxy_alt)),
             Box::new(move |restart| {
                 if restart {
                     count(&events, "restart");
@@ -242,8 +337,9 @@ impl ClientProxies {
         );
         match sup.first_ready().await {
             Ok(pid) => {
-                tracing::info!(%id, proxy = name, pid, port = rules.outbound_port.0, "client proxy ready in the client's namespace");
-                Ok(Running { sup, def })
+                let stale = sup.adopted() == Some(true);
+                tracing::info!(%id, proxy = name, pid, port = rules.outbound_port.0, adopted = sup.adopted().is_some(), "client proxy ready in the client's namespace");
+                Ok(Running { sup, def, stale })
             }
             Err(e) => {
                 count(&self.events, "failure");
@@ -283,7 +379,7 @@ impl Running {
 }
 
 async fn stop(sup: Supervisor) {
-    let _ = tokio::task::spawn_blocking(move || drop(sup)).await;
+    let _ = tokio::task::spawn_blocking(move || sup.stop()).await;
 }
 
 fn known(names: &str) -> String {
@@ -341,7 +437,9 @@ mod tests {
                 "version: 1\nproxies:\n  haproxy: {command: [haproxy], user: 1337}\n  rooted: {command: [x]}\n",
             )
             .unwrap(),
+            &std::env::temp_dir().join(format!("client-proxy-{}", std::process::id())),
         )
+        .unwrap()
     }
 
     #[test]
@@ -377,7 +475,11 @@ mod tests {
         let e = p.check("rooted", Some(&spec)).unwrap_err();
         assert!(e.to_string().contains("uid 0 gid 0"), "{e}");
         assert!(e.to_string().contains("sent back to it"), "{e}");
-        let none = ClientProxies::new(ProxyDefinitions::default());
+        let none = ClientProxies::new(
+            ProxyDefinitions::default(),
+            &std::env::temp_dir().join(format!("client-proxy-{}", std::process::id())),
+        )
+        .unwrap();
         let e = none.check("haproxy", Some(&spec)).unwrap_err();
         assert!(e.to_string().contains("defines none"), "{e}");
     }

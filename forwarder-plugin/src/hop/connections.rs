@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use nsm_api::connection::Connection;
 
-use super::client_proxy::{ClientProxies, client_proxy};
+use super::client_proxy::{ClientProxies, Started, client_proxy};
 use super::client_routing::{CLIENT_CAPTURE_KEY, MAX_SLOTS, client_capture, policies};
 use super::dataplane::{self, Applied};
 use super::error::{HopError, Result};
@@ -28,6 +28,9 @@ use super::state::StateDir;
 use super::veth_plan::{Ends, veth_plan};
 use crate::link::Links;
 use crate::netns::{Netns, NetnsId};
+
+/// Where client proxies are recorded, inside the state directory.
+pub const PROXIES_DIR: &str = "proxies";
 
 #[derive(Debug, Clone)]
 pub struct HopOptions {
@@ -104,7 +107,11 @@ impl Hop {
             connections: KeyedLocks::default(),
             namespaces: KeyedLocks::default(),
             links: LinksCache::default(),
-            proxies: opts.proxies.clone().map(ClientProxies::new),
+            proxies: opts
+                .proxies
+                .clone()
+                .map(|d| ClientProxies::new(d, &opts.state_dir.join(PROXIES_DIR)))
+                .transpose()?,
         })
     }
 
@@ -144,20 +151,42 @@ impl Hop {
 
     /// Starts connection `id`'s client proxy, if it has one and it is not
     /// running yet (a new connection, or one adopted after a restart).
-    async fn ensure_proxy(&self, id: &str, record: &HopRecord, client: &Netns) -> Result<()> {
+    async fn ensure_proxy(
+        &self,
+        id: &str,
+        record: &HopRecord,
+        client: &Netns,
+    ) -> Result<Option<Started>> {
         match (&record.proxy, &self.proxies) {
-            (Some(name), Some(p)) => p.start(id, name, client, record).await,
-            (Some(name), None) => self.check_proxy(name, record),
-            (None, _) => Ok(()),
+            (Some(name), Some(p)) => p.start(id, name, client, record).await.map(Some),
+            (Some(name), None) => self.check_proxy(name, record).map(|()| None),
+            (None, _) => Ok(None),
         }
     }
 
-    /// Starts again the client proxies of connections adopted from an
-    /// earlier run (they died with it: their rules stayed, so the pods'
-    /// traffic waited instead of bypassing them). A client namespace that
-    /// is gone is left to the dead-client sweep. Returns the failures.
+    /// Takes over the client proxies of connections adopted from an
+    /// earlier run: the one still running is adopted (its rules stayed, and
+    /// so did it: the pod's traffic never stopped), one that died with a
+    /// container is started again, one that runs a definition changed since
+    /// is upgraded, and one whose connection is gone is stopped. A client
+    /// namespace that is gone is left to the dead-client sweep. Returns the
+    /// failures.
     pub async fn start_adopted_proxies(&self) -> Vec<(String, HopError)> {
         let mut failed = Vec::new();
+        if let Some(p) = &self.proxies {
+            let live = self
+                .records()
+                .into_iter()
+                .filter_map(|(id, r)| Some((id, (r.proxy?, r.proxy_alt))))
+                .collect();
+            let reaped = p.reap(&live).await;
+            if reaped > 0 {
+                tracing::info!(
+                    proxies = reaped,
+                    "stopped the client proxies of connections that ended while we were down"
+                );
+            }
+        }
         for (id, rec) in self.adopted() {
             let Some(name) = rec.proxy.clone() else {
                 continue;
@@ -175,8 +204,23 @@ impl Hop {
                     continue;
                 }
             };
-            match self.ensure_proxy(&id, &rec, &client).await {
-                Ok(()) => {
+            let started = self.ensure_proxy(&id, &rec, &client).await;
+            drop(_conn);
+            match started {
+                Ok(Some(Started::Adopted { stale: false })) => {
+                    tracing::info!(%id, proxy = %name, "adopted the connection's running client proxy")
+                }
+                Ok(Some(Started::Adopted { stale: true })) => {
+                    tracing::info!(%id, proxy = %name, "adopted the connection's client proxy, whose definition changed: upgrading it");
+                    match self.upgrade_proxy(&id).await {
+                        Ok(Some(drain)) => {
+                            tokio::spawn(drain);
+                        }
+                        Ok(None) => {}
+                        Err(e) => failed.push((id, e)),
+                    }
+                }
+                Ok(_) => {
                     tracing::info!(%id, proxy = %name, "started the adopted connection's client proxy again")
                 }
                 Err(e) => failed.push((id, e)),

@@ -39,6 +39,7 @@ pub use connections::{Hop, HopOptions, PlumbOutcome, PlumbRequest};
 pub use dataplane::Applied;
 pub use error::{HopError, Result};
 pub use record::{HopRecord, Session, UPGRADE_PORT_SHIFT};
+pub(crate) use redirect::fnv1a64;
 pub use redirect::{
     BackendName, CLIENT_PROXY_KEY, CLIENT_REDIRECT_KEY, CONTRACT_PREFIX, FEATURE_CLIENT_CAPTURE,
     FEATURE_CLIENT_PROXY, FEATURE_CLIENT_REDIRECT, FORWARDER_FEATURES_KEY, FORWARDER_PROXIES_KEY,

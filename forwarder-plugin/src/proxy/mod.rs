@@ -2,8 +2,9 @@
 //! namespace (a child inherits it) as the configured user, ready when its
 //! port answers, restarted with backoff when it dies (its redirect rules
 //! stay: traffic waits for it, never bypasses it), stopped with a drain
-//! period, and killed with us if we die (parent-death signal), so it never
-//! outlives the rules that send traffic to it.
+//! period. Without a [`Keep`] it is killed with us (parent-death signal);
+//! with one it outlives us, as the rules that send traffic to it do, and
+//! our next run adopts it ([`kept`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::process::Stdio;
@@ -18,8 +19,10 @@ use tokio::time::Instant;
 use crate::netns::Netns;
 
 pub mod config;
+pub mod kept;
 
 pub use config::{ProcessConfig, ProxyDefinitions};
+pub use kept::Keep;
 
 /// Lines of the proxy's output kept for the reason of a failure.
 const KEPT_LINES: usize = 20;
@@ -33,6 +36,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// How long a caller whose wait ran out waits more for the try under way.
 const SETTLE: Duration = Duration::from_secs(2);
+/// How often a kept proxy's log is checked for its size.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// When the proxy counts as ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +107,11 @@ pub struct Supervisor {
     drain: Duration,
     stop_signal: nix::sys::signal::Signal,
     start_timeout: Duration,
+    /// It outlives us: dropping the supervisor leaves it running.
+    keep: Option<Keep>,
+    /// Its first run was a process adopted from an earlier run of ours
+    /// (`Some(stale)`: whether it runs another spec than ours).
+    adopted: Arc<Mutex<Option<bool>>>,
 }
 
 impl Supervisor {
@@ -115,6 +125,18 @@ impl Supervisor {
     /// lives on our node, its sockets in that namespace, where its
     /// readiness is probed too. The supervisor holds the namespace open.
     pub fn start_in(spec: ProcessSpec, netns: Option<Netns>, on_start: OnStart) -> Supervisor {
+        Self::start_kept(spec, netns, None, on_start)
+    }
+
+    /// [`Supervisor::start_in`], and with `keep` the proxy outlives us: the
+    /// one `keep.pidfile` names is adopted if it still runs (no second
+    /// start), and our next run adopts this one.
+    pub fn start_kept(
+        spec: ProcessSpec,
+        netns: Option<Netns>,
+        keep: Option<Keep>,
+        on_start: OnStart,
+    ) -> Supervisor {
         let (tx, rx) = watch::channel(ProxyState::Starting);
         let pid = Arc::new(AtomicU32::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
@@ -122,12 +144,17 @@ impl Supervisor {
             (spec.drain_timeout, spec.start_timeout, spec.stop_signal);
         let netns = netns.map(Arc::new);
         let last_failure = Arc::new(Mutex::new(None));
+        let adopted = Arc::new(Mutex::new(None));
         tokio::spawn(supervise(
-            spec,
-            netns,
-            tx,
-            pid.clone(),
-            stopping.clone(),
+            Run {
+                spec,
+                netns,
+                keep: keep.clone(),
+                tx,
+                pid: pid.clone(),
+                stopping: stopping.clone(),
+                adopted: adopted.clone(),
+            },
             last_failure.clone(),
             on_start,
         ));
@@ -139,7 +166,16 @@ impl Supervisor {
             drain,
             stop_signal,
             start_timeout,
+            keep,
+            adopted,
         }
+    }
+
+    /// Once its first run is ready: `Some(stale)` if that was a process
+    /// adopted from an earlier run of ours (`stale`: it runs another spec
+    /// than ours, and wants an upgrade), `None` if we started it.
+    pub fn adopted(&self) -> Option<bool> {
+        *self.adopted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn state(&self) -> ProxyState {
@@ -220,18 +256,25 @@ impl Supervisor {
         if let Some(pid) = self.pid() {
             terminate(pid, self.stop_signal, self.drain);
         }
+        if let Some(k) = &self.keep {
+            kept::forget(&k.pidfile);
+        }
     }
 }
 
 impl Drop for Supervisor {
+    /// Stops the proxy, unless it is kept: then it runs on for our next
+    /// run to adopt (its owner calls [`Supervisor::stop`] when it is done).
     fn drop(&mut self) {
-        self.stop();
+        if self.keep.is_none() {
+            self.stop();
+        }
     }
 }
 
 /// `signal`, then SIGKILL after `drain`; returns once `pid` is gone (a
 /// zombie counts as gone: its reaper is elsewhere).
-fn terminate(pid: u32, signal: nix::sys::signal::Signal, drain: Duration) {
+pub(crate) fn terminate(pid: u32, signal: nix::sys::signal::Signal, drain: Duration) {
     use nix::sys::signal::{Signal, kill};
     let p = nix::unistd::Pid::from_raw(pid as i32);
     let gone = || {
@@ -319,30 +362,49 @@ fn resolve(program: &str, env: &BTreeMap<String, String>) -> std::path::PathBuf 
         .unwrap_or_else(|| program.into())
 }
 
-fn command(spec: &ProcessSpec, netns: Option<&Netns>) -> tokio::process::Command {
+fn command(
+    spec: &ProcessSpec,
+    netns: Option<&Netns>,
+    keep: Option<&Keep>,
+) -> std::io::Result<tokio::process::Command> {
     let mut cmd = tokio::process::Command::new(resolve(&spec.argv[0], &spec.env));
     cmd.args(&spec.argv[1..])
         .env_clear()
         .env("PATH", DEFAULT_PATH)
         .envs(&spec.env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stdin(Stdio::null());
+    // Kept: output to its log file, which outlives us as it does.
+    let record = match keep {
+        Some(k) => {
+            let log = kept::open_log(&k.log)?;
+            cmd.stdout(log.try_clone()?).stderr(log).kill_on_drop(false);
+            Some(kept::ChildRecord::new(&k.pidfile)?)
+        }
+        None => {
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            None
+        }
+    };
     let entry = netns.map(Netns::child_entry);
     let (uid, gid) = (spec.uid, spec.gid);
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe system calls: setns(2) first (it needs the
     // capabilities a uid change drops; the namespace's Netns is held by the
-    // supervisor across the spawn), then setgroups(2)/setgid(2)/setuid(2)
-    // (as std's uid/gid would, but after the setns),
-    // then prctl(2) — last, as a credential change clears the parent-death
-    // signal.
+    // supervisor across the spawn), then a kept proxy's own pidfile
+    // (open/write/close, before the uid change: the directory is ours),
+    // then setgroups(2)/setgid(2)/setuid(2) (as std's uid/gid would, but
+    // after the setns), then prctl(2) — last, as a credential change clears
+    // the parent-death signal — for a proxy that must die with us.
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
             if let Some(e) = &entry {
                 e.enter()?;
+            }
+            if let Some(r) = &record {
+                r.write()?;
             }
             // No supplementary group of ours goes with a changed identity.
             if (uid.is_some() || gid.is_some()) && libc::setgroups(0, std::ptr::null()) != 0 {
@@ -358,13 +420,14 @@ fn command(spec: &ProcessSpec, netns: Option<&Netns>) -> tokio::process::Command
             {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            if record.is_none() && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    cmd
+    Ok(cmd)
 }
 
 /// Whether a TCP socket of the calling thread's network namespace listens
@@ -429,113 +492,227 @@ enum Ended {
     Failed(String),
 }
 
-async fn run_once(
-    spec: &ProcessSpec,
-    netns: Option<&Arc<Netns>>,
-    tx: &watch::Sender<ProxyState>,
-    pid_slot: &AtomicU32,
-    stopping: &AtomicBool,
-) -> (Ended, Option<Instant>) {
-    let out: Output = Arc::default();
-    let mut child = match command(spec, netns.map(|n| &**n)).spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            return (
-                Ended::Failed(format!("cannot start {:?}: {e}", spec.argv[0])),
-                None,
-            );
-        }
-    };
-    let pid = child.id().unwrap_or(0);
-    pid_slot.store(pid, Ordering::SeqCst);
-    let mut readers = Vec::new();
-    if let Some(o) = child.stdout.take() {
-        readers.push(keep_output(o, out.clone()));
-    }
-    if let Some(e) = child.stderr.take() {
-        readers.push(keep_output(e, out.clone()));
-    }
-    // A process that exited has said its last words once its pipes are
-    // read to the end (unless a child of its own keeps them open).
-    let drained = |readers: Vec<tokio::task::JoinHandle<()>>| async move {
-        for r in readers {
-            let _ = tokio::time::timeout(Duration::from_millis(500), r).await;
-        }
-    };
-    tracing::info!(pid, argv = ?spec.argv, "proxy starting");
-    let deadline = Instant::now() + spec.start_timeout;
-    loop {
-        if stopping.load(Ordering::SeqCst) {
-            return (Ended::Stopping, None);
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            pid_slot.store(0, Ordering::SeqCst);
-            drained(readers).await;
-            return (
-                Ended::Failed(format!(
-                    "it exited ({status}) before it was ready; {}",
-                    last_lines(&out)
-                )),
-                None,
-            );
-        }
-        let (ready, ns) = (spec.ready.clone(), netns.cloned());
-        let up = tokio::task::spawn_blocking(move || probe(&ready, ns.as_deref()))
-            .await
-            .unwrap_or(false);
-        if up {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            pid_slot.store(0, Ordering::SeqCst);
-            return (
-                Ended::Failed(format!(
-                    "not ready within {:?} ({:?}); {}",
-                    spec.start_timeout,
-                    spec.ready,
-                    last_lines(&out)
-                )),
-                None,
-            );
-        }
-        tokio::time::sleep(PROBE_EVERY).await;
-    }
-    let since = Instant::now();
-    tracing::info!(pid, "proxy ready");
-    let _ = tx.send(ProxyState::Ready { pid });
-    let status = child.wait().await;
-    pid_slot.store(0, Ordering::SeqCst);
-    if stopping.load(Ordering::SeqCst) {
-        return (Ended::Stopping, Some(since));
-    }
-    drained(readers).await;
-    let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-    (
-        Ended::Failed(format!("it exited ({status}); {}", last_lines(&out))),
-        Some(since),
-    )
-}
-
-async fn supervise(
+/// What one supervised proxy runs and reports to.
+struct Run {
     spec: ProcessSpec,
     netns: Option<Arc<Netns>>,
+    keep: Option<Keep>,
     tx: watch::Sender<ProxyState>,
     pid: Arc<AtomicU32>,
     stopping: Arc<AtomicBool>,
-    last_failure: Arc<Mutex<Option<String>>>,
-    on_start: OnStart,
-) {
+    adopted: Arc<Mutex<Option<bool>>>,
+}
+
+/// Where a run's last words are: our pipes' lines, or its log file.
+enum Said {
+    Pipes(Output, Vec<tokio::task::JoinHandle<()>>),
+    Log(std::path::PathBuf),
+}
+
+impl Said {
+    /// Its last lines, once a process that exited has said them (its pipes
+    /// read to the end, unless a child of its own keeps them open).
+    async fn last(self) -> String {
+        match self {
+            Said::Pipes(out, readers) => {
+                for r in readers {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), r).await;
+                }
+                last_lines(&out)
+            }
+            Said::Log(log) => {
+                let lines = kept::last_lines(&log, KEPT_LINES, MAX_LINE);
+                if lines.is_empty() {
+                    "no output".into()
+                } else {
+                    format!("last output: {}", lines.join(" | "))
+                }
+            }
+        }
+    }
+}
+
+impl Run {
+    /// Probes readiness once, off the runtime's threads.
+    async fn probe(&self) -> bool {
+        let (ready, ns) = (self.spec.ready.clone(), self.netns.clone());
+        tokio::task::spawn_blocking(move || probe(&ready, ns.as_deref()))
+            .await
+            .unwrap_or(false)
+    }
+
+    fn ready(&self, pid: u32) {
+        self.pid.store(pid, Ordering::SeqCst);
+        let _ = self.tx.send(ProxyState::Ready { pid });
+    }
+
+    /// A kept proxy that still runs from an earlier run of ours, watched
+    /// until it exits; `None`: there is none.
+    async fn adopt(&self) -> Option<(Ended, Option<Instant>)> {
+        let keep = self.keep.as_ref()?;
+        let (spec, ns, pidfile) = (self.spec.clone(), self.netns.clone(), keep.pidfile.clone());
+        let a = tokio::task::spawn_blocking(move || kept::adopt(&pidfile, &spec, ns.as_deref()))
+            .await
+            .ok()??;
+        let pid = a.pid;
+        self.pid.store(pid, Ordering::SeqCst);
+        tracing::info!(
+            pid,
+            stale = a.stale,
+            "adopted the proxy an earlier run started"
+        );
+        let deadline = Instant::now() + self.spec.start_timeout;
+        while !self.probe().await {
+            if Instant::now() >= deadline || self.stopping.load(Ordering::SeqCst) {
+                terminate(pid, nix::sys::signal::Signal::SIGKILL, Duration::ZERO);
+                self.pid.store(0, Ordering::SeqCst);
+                return Some((
+                    Ended::Failed(format!(
+                        "the adopted proxy (pid {pid}) is not ready ({:?})",
+                        self.spec.ready
+                    )),
+                    None,
+                ));
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+        *self.adopted.lock().unwrap_or_else(|p| p.into_inner()) = Some(a.stale);
+        let since = Instant::now();
+        self.ready(pid);
+        let log = kept::open_log(&keep.log).ok();
+        let exited = kept::exited(a.pidfd);
+        tokio::pin!(exited);
+        loop {
+            tokio::select! {
+                () = &mut exited => break,
+                () = tokio::time::sleep(TRIM_EVERY) => {
+                    if let Some(l) = &log { kept::trim(l); }
+                }
+            }
+        }
+        self.pid.store(0, Ordering::SeqCst);
+        if self.stopping.load(Ordering::SeqCst) {
+            return Some((Ended::Stopping, Some(since)));
+        }
+        let said = Said::Log(keep.log.clone()).last().await;
+        Some((
+            Ended::Failed(format!("the adopted proxy (pid {pid}) exited; {said}")),
+            Some(since),
+        ))
+    }
+
+    async fn once(&self) -> (Ended, Option<Instant>) {
+        let spec = &self.spec;
+        let spawned =
+            command(spec, self.netns.as_deref(), self.keep.as_ref()).and_then(|mut c| c.spawn());
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                return (
+                    Ended::Failed(format!("cannot start {:?}: {e}", spec.argv[0])),
+                    None,
+                );
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        self.pid.store(pid, Ordering::SeqCst);
+        if let Some(k) = &self.keep
+            && let Err(e) = kept::record(&k.pidfile, pid, spec)
+        {
+            tracing::warn!(pid, pidfile = %k.pidfile.display(), error = %e, "cannot record the proxy; a restart will not adopt it");
+        }
+        let said = match &self.keep {
+            Some(k) => Said::Log(k.log.clone()),
+            None => {
+                let out: Output = Arc::default();
+                let mut readers = Vec::new();
+                if let Some(o) = child.stdout.take() {
+                    readers.push(keep_output(o, out.clone()));
+                }
+                if let Some(e) = child.stderr.take() {
+                    readers.push(keep_output(e, out.clone()));
+                }
+                Said::Pipes(out, readers)
+            }
+        };
+        tracing::info!(pid, argv = ?spec.argv, "proxy starting");
+        let deadline = Instant::now() + spec.start_timeout;
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return (Ended::Stopping, None);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                self.pid.store(0, Ordering::SeqCst);
+                return (
+                    Ended::Failed(format!(
+                        "it exited ({status}) before it was ready; {}",
+                        said.last().await
+                    )),
+                    None,
+                );
+            }
+            if self.probe().await {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                self.pid.store(0, Ordering::SeqCst);
+                return (
+                    Ended::Failed(format!(
+                        "not ready within {:?} ({:?}); {}",
+                        spec.start_timeout,
+                        spec.ready,
+                        said.last().await
+                    )),
+                    None,
+                );
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+        let since = Instant::now();
+        tracing::info!(pid, "proxy ready");
+        self.ready(pid);
+        let log = match &self.keep {
+            Some(k) => kept::open_log(&k.log).ok(),
+            None => None,
+        };
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break s,
+                () = tokio::time::sleep(TRIM_EVERY) => {
+                    if let Some(l) = &log { kept::trim(l); }
+                }
+            }
+        };
+        self.pid.store(0, Ordering::SeqCst);
+        if self.stopping.load(Ordering::SeqCst) {
+            return (Ended::Stopping, Some(since));
+        }
+        let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+        (
+            Ended::Failed(format!("it exited ({status}); {}", said.last().await)),
+            Some(since),
+        )
+    }
+}
+
+async fn supervise(run: Run, last_failure: Arc<Mutex<Option<String>>>, on_start: OnStart) {
     let mut backoff = MIN_BACKOFF;
     let mut first = true;
     loop {
-        if !first {
-            let _ = tx.send(ProxyState::Starting);
-        }
-        on_start(!first);
+        let adopted = if first { run.adopt().await } else { None };
+        let (ended, ready_since) = match adopted {
+            Some(outcome) => outcome,
+            None => {
+                if !first {
+                    let _ = run.tx.send(ProxyState::Starting);
+                }
+                on_start(!first);
+                run.once().await
+            }
+        };
         first = false;
-        let (ended, ready_since) = run_once(&spec, netns.as_ref(), &tx, &pid, &stopping).await;
         let reason = match ended {
             Ended::Stopping => break,
             Ended::Failed(reason) => reason,
@@ -545,18 +722,18 @@ async fn supervise(
         }
         tracing::warn!(%reason, retry_in = ?backoff, "proxy failed; its rules stay, traffic waits for it");
         *last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
-        let _ = tx.send(ProxyState::Restarting { reason });
+        let _ = run.tx.send(ProxyState::Restarting { reason });
         let until = Instant::now() + backoff;
         while Instant::now() < until {
-            if stopping.load(Ordering::SeqCst) {
-                let _ = tx.send(ProxyState::Stopped);
+            if run.stopping.load(Ordering::SeqCst) {
+                let _ = run.tx.send(ProxyState::Stopped);
                 return;
             }
             tokio::time::sleep(PROBE_EVERY).await;
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-    let _ = tx.send(ProxyState::Stopped);
+    let _ = run.tx.send(ProxyState::Stopped);
 }
 
 #[cfg(test)]
