@@ -2,8 +2,9 @@
 //! proxy itself, HAProxy here, in its own namespace as the proxy user: a
 //! Request is answered once the proxy is ready; a proxy killed with -9 is
 //! started again; a proxy that cannot start fails the Request with the
-//! reason and leaves nothing; the endpoint's end, graceful or not, ends
-//! the proxy.
+//! reason and leaves nothing; a graceful end with no connection left ends
+//! the proxy, while a killed endpoint leaves it running for the restarted
+//! one to adopt (or replace, when its definition changed meanwhile).
 
 mod nse_support;
 
@@ -41,6 +42,34 @@ fn proxies(ns: &TestNetns) -> Vec<(u32, u32)> {
 
 /// An endpoint whose config runs `command` as its proxy.
 async fn endpoint(dir: &TempDir, command: &str, start_timeout: &str) -> Nse {
+    let config = config(dir, command, start_timeout, "");
+    Nse::start(&[("NSM_CONFIG", config.to_str().unwrap())]).await
+}
+
+/// [`endpoint`] with `extra` lines in its process definition, its state in
+/// `state`, in namespace `netns` (`None`: a fresh one).
+async fn endpoint_in(
+    dir: &TempDir,
+    command: &str,
+    extra: &str,
+    state: &str,
+    netns: Option<nsm_tests::netns::TestNetns>,
+) -> Nse {
+    let config = config(dir, command, "5s", extra);
+    Nse::start_with(
+        &[
+            ("NSM_CONFIG", config.to_str().unwrap()),
+            ("NSM_STATE_DIR", state),
+        ],
+        StartOptions {
+            netns,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+fn config(dir: &TempDir, command: &str, start_timeout: &str, extra: &str) -> std::path::PathBuf {
     let cfg = dir.path().join("haproxy.cfg");
     std::fs::write(&cfg, examples::proxy::haproxy_config(&[15001], 1337)).unwrap();
     let config = dir.path().join("config.yaml");
@@ -48,11 +77,11 @@ async fn endpoint(dir: &TempDir, command: &str, start_timeout: &str) -> Nse {
     std::fs::write(
         &config,
         format!(
-            "version: 1\nplacement: proxy\nproxy:\n  port: 15001\n  process:\n    command: {command}\n    user: 1337\n    startTimeout: {start_timeout}\n    drainTimeout: 1s\n"
+            "version: 1\nplacement: proxy\nproxy:\n  port: 15001\n  process:\n    command: {command}\n    user: 1337\n    startTimeout: {start_timeout}\n    drainTimeout: 1s\n{extra}"
         ),
     )
     .unwrap();
-    Nse::start(&[("NSM_CONFIG", config.to_str().unwrap())]).await
+    config
 }
 
 /// Root and HAProxy, or a printed skip (a failure under CI=true).
@@ -129,18 +158,73 @@ async fn the_endpoint_runs_its_proxy_restarts_it_and_stops_it() {
 }
 
 #[tokio::test]
-async fn a_killed_endpoint_takes_its_proxy_with_it() {
+async fn a_restarted_endpoint_adopts_its_running_proxy_and_replaces_a_changed_one() {
     if !can_run() {
         return;
     }
     let dir = TempDir::new();
-    let nse = endpoint(&dir, "[haproxy, -db, -f, CFG]", "5s").await;
+    let state = dir.path().join("state");
+    let env_state = state.display().to_string();
+    let nse = endpoint_in(&dir, "[haproxy, -db, -f, CFG]", "", &env_state, None).await;
     nse.request(req_p()).await.expect("Request");
+    let ns = nse.netns.as_ref().unwrap();
+    let first = wait_for("the proxy", || proxies(ns).first().map(|(p, _)| *p)).await;
+
+    // kill -9 of the endpoint: the proxy lives on, and the restarted
+    // endpoint adopts it (the same process, no second one).
     let ns = nse.kill().expect("its namespace");
-    wait_for("the proxy gone with its endpoint", || {
-        proxies(&ns).is_empty().then_some(())
+    assert_eq!(
+        proxies(&ns).iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+        [first],
+        "the proxy outlived its endpoint"
+    );
+    let nse = endpoint_in(&dir, "[haproxy, -db, -f, CFG]", "", &env_state, Some(ns)).await;
+    let ns = nse.netns.as_ref().unwrap();
+    nse.request(req_p())
+        .await
+        .expect("Request served by the adopted proxy");
+    assert!(
+        nse.log()
+            .contains("adopted the proxy an earlier run started"),
+        "{}",
+        nse.log()
+    );
+    assert_eq!(
+        proxies(ns).iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+        [first],
+        "the same proxy, not a duplicate"
+    );
+
+    // The definition changes while the endpoint is down: the restarted
+    // endpoint replaces the adopted proxy with one of the new definition.
+    let ns = nse.kill().expect("its namespace");
+    let nse = endpoint_in(
+        &dir,
+        "[haproxy, -db, -f, CFG]",
+        "    env: {VERSION: '2'}\n",
+        &env_state,
+        Some(ns),
+    )
+    .await;
+    let ns = nse.netns.as_ref().unwrap();
+    let replaced = wait_for("the replaced proxy", || {
+        let now = proxies(ns);
+        (now.len() == 1 && now[0].0 != first).then(|| now[0].0)
     })
     .await;
+    let env = std::fs::read(format!("/proc/{replaced}/environ")).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&env).contains("VERSION=2"),
+        "the new definition runs"
+    );
+    nse.request(req_p())
+        .await
+        .expect("Request served by the new proxy");
+    assert!(
+        nse.log().contains("runs a definition that changed"),
+        "{}",
+        nse.log()
+    );
 }
 
 #[tokio::test]

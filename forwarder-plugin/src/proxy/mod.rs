@@ -249,6 +249,17 @@ impl Supervisor {
         }
     }
 
+    /// Ends the running process so that the spec we were started with
+    /// runs instead (an adopted proxy of a definition that changed since):
+    /// asked with the stop signal, drained, then started again by the
+    /// supervision loop. Its rules stay, so traffic waits meanwhile.
+    pub async fn replace(&self) {
+        if let Some(pid) = self.pid() {
+            let (signal, drain) = (self.stop_signal, self.drain);
+            let _ = tokio::task::spawn_blocking(move || terminate(pid, signal, drain)).await;
+        }
+    }
+
     /// Stops the proxy for good: SIGTERM, up to the drain timeout for it to
     /// finish what it serves, then SIGKILL. Blocks until it is gone.
     pub fn stop(&self) {

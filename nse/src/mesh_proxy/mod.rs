@@ -65,7 +65,41 @@ pub struct MeshProxy {
     net_admin: bool,
     /// The shared proxy we run (`proxy.process`), and how long a Request
     /// waits for it to be ready.
-    proxy: Option<(forwarder_plugin::proxy::Supervisor, std::time::Duration)>,
+    proxy: Option<(
+        Arc<forwarder_plugin::proxy::Supervisor>,
+        std::time::Duration,
+    )>,
+}
+
+/// Where the shared proxy's pidfile and log live: it outlives an endpoint
+/// that exits with connections left (their traffic keeps flowing through
+/// it), and the next start adopts it instead of starting a second one.
+fn kept_proxy(state_dir: &Path, table: &str) -> Result<forwarder_plugin::proxy::Keep, StartError> {
+    std::fs::create_dir_all(state_dir).map_err(|e| {
+        StartError::Process(format!("state directory {}: {e}", state_dir.display()))
+    })?;
+    Ok(forwarder_plugin::proxy::Keep::in_dir(
+        state_dir,
+        &format!("proxy-{table}"),
+    ))
+}
+
+/// A proxy adopted from an earlier run that runs a definition changed
+/// since is replaced by ours once it has been adopted (stopped, drained,
+/// started again by its supervisor: its rules stay, so traffic waits and
+/// never bypasses it).
+async fn replace_if_stale(
+    p: Arc<forwarder_plugin::proxy::Supervisor>,
+    within: std::time::Duration,
+) {
+    if p.ready(within).await.is_err() || p.adopted() != Some(true) {
+        return;
+    }
+    tracing::info!(
+        pid = ?p.pid(),
+        "the adopted proxy runs a definition that changed: replacing it"
+    );
+    p.replace().await;
 }
 
 fn rejected(reason: impl Into<String>) -> FunctionError {
@@ -153,14 +187,21 @@ impl MeshProxy {
             Some(p) => {
                 let spec = process::spec(p, &config.proxy).map_err(StartError::Process)?;
                 let within = spec.start_timeout;
-                let supervisor = forwarder_plugin::proxy::Supervisor::start(
+                let supervisor = forwarder_plugin::proxy::Supervisor::start_kept(
                     spec,
+                    None,
+                    state_dir
+                        .map(|d| kept_proxy(d, config.rules.owner.nft_table()))
+                        .transpose()?,
                     Box::new(crate::metrics::proxy_started),
                 );
-                Some((supervisor, within))
+                Some((Arc::new(supervisor), within))
             }
             None => None,
         };
+        if let Some((p, within)) = &proxy {
+            tokio::spawn(replace_if_stale(p.clone(), *within));
+        }
         Ok(MeshProxy {
             config,
             own,
@@ -314,14 +355,22 @@ impl NetworkFunction for MeshProxy {
     /// At exit: removes the table if no connection is left
     /// ([`OwnTable::release`]).
     fn release(&self) {
-        if let Some((p, _)) = &self.proxy {
-            p.stop();
-        }
-        if !self.net_admin {
-            return;
-        }
-        if let Err(e) = self.own.release() {
+        if self.net_admin
+            && let Err(e) = self.own.release()
+        {
             tracing::warn!(table = %self.own.table(), error = %e, "cannot remove the redirect rules at exit");
+        }
+        let Some((p, _)) = &self.proxy else {
+            return;
+        };
+        // Connections left: their rules stay, and so does the proxy they
+        // lead to (the next start adopts both); a proxy not kept ends with
+        // its supervisor anyway.
+        let left = self.own.interfaces().len();
+        if self.net_admin && left > 0 {
+            tracing::info!(pid = ?p.pid(), connections = left, "leaving the proxy running for the connections left; the next start adopts it");
+        } else {
+            p.stop();
         }
     }
 
