@@ -261,3 +261,63 @@ async fn a_proxy_that_cannot_start_fails_the_request_with_the_reason() {
         );
     }
 }
+
+/// A line of `/proc/<pid>/limits` by its name, e.g. "Max open files".
+fn limit(pid: u32, name: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(name))
+        .map(|l| {
+            l[name.len()..]
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+}
+
+#[tokio::test]
+async fn the_proxy_runs_within_its_limits() {
+    if !can_run() {
+        return;
+    }
+    let dir = TempDir::new();
+    let state = dir.path().join("state").display().to_string();
+    let nse = endpoint_in(
+        &dir,
+        "[haproxy, -db, -f, CFG]",
+        "    limits: {openFiles: 16384, memory: 256Mi}\n",
+        &state,
+        None,
+    )
+    .await;
+    if let Err(e) = nse.request(req_p()).await {
+        panic!("Request: {e:?}\n{}", nse.log());
+    }
+    let ns = nse.netns.as_ref().unwrap();
+    let (pid, _) = proxies(ns)[0];
+    assert_eq!(
+        limit(pid, "Max open files").as_deref(),
+        Some("16384 16384"),
+        "the open-files rlimit"
+    );
+    // Memory needs cgroup v2 with the memory controller delegated to us;
+    // where the kernel does not give it, the log says why.
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    if let Some(path) = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .filter(|p| p.contains("/mesh-proxies/"))
+    {
+        let max = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/memory.max")).unwrap();
+        assert_eq!(max.trim(), (256u64 << 20).to_string());
+    } else {
+        assert!(
+            nse.log()
+                .contains("the proxy runs without its memory, CPU and process limits"),
+            "neither in a cgroup of its own ({cgroup}) nor a reason why:\n{}",
+            nse.log()
+        );
+    }
+}

@@ -47,6 +47,7 @@ async fn a_proxy_in_a_pods_namespace_is_probed_there_restarted_and_stopped() {
         start_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(1),
         stop_signal: nix::sys::signal::Signal::SIGTERM,
+        limits: Default::default(),
     };
     let pod = Netns::open_path(Path::new(&ns.path())).unwrap();
     let pod_inode = pod.id().inode_url().to_string();

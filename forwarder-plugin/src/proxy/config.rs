@@ -57,6 +57,10 @@ pub struct ProcessConfig {
     /// `SIGTERM`; HAProxy's graceful stop is `SIGUSR1`).
     #[serde(default)]
     pub stop_signal: Option<String>,
+    /// Resource limits: open files (an rlimit); memory, CPU and processes
+    /// (cgroup v2, where the kernel allows it).
+    #[serde(default)]
+    pub limits: super::limits::LimitsConfig,
 }
 
 /// The signals a proxy may be asked to stop with.
@@ -216,6 +220,7 @@ impl ProcessConfig {
             start_timeout: duration("startTimeout", &self.start_timeout, MIN_START)?,
             drain_timeout: duration("drainTimeout", &self.drain_timeout, Duration::ZERO)?,
             stop_signal: stop_signal(self.stop_signal.as_deref())?,
+            limits: self.limits.check()?,
         })
     }
 

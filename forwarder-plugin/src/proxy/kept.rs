@@ -86,6 +86,10 @@ pub fn digest(spec: &ProcessSpec) -> String {
         text.push_str(&format!("{k}={v}\0"));
     }
     text.push_str(&format!("{:?}/{:?}/{:?}", spec.uid, spec.gid, spec.ready));
+    // Changed limits are a changed definition (none: digests as before).
+    if spec.limits != super::Limits::default() {
+        text.push_str(&format!("/{:?}", spec.limits));
+    }
     format!("{:016x}", crate::hop::fnv1a64(text.as_bytes()))
 }
 
@@ -284,12 +288,14 @@ pub fn trim(f: &std::fs::File) {
 }
 
 /// The last `n` lines of the log, each cut to `max` bytes.
-pub fn last_lines(log: &Path, n: usize, max: usize) -> Vec<String> {
+pub fn last_lines(log: &Path, from: u64, n: usize, max: usize) -> Vec<String> {
     let Ok(mut f) = std::fs::File::open(log) else {
         return Vec::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
+    // From `from` (where this run began) unless the log was trimmed since.
+    let start = if from <= len { from } else { 0 };
+    let _ = f.seek(SeekFrom::Start(start.max(len.saturating_sub(TAIL))));
     let mut buf = Vec::new();
     let _ = f.take(TAIL).read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf);
@@ -389,6 +395,7 @@ mod tests {
             start_timeout: Default::default(),
             drain_timeout: Default::default(),
             stop_signal: nix::sys::signal::Signal::SIGTERM,
+            limits: Default::default(),
         }
     }
 
@@ -450,9 +457,12 @@ mod tests {
         let log = dir.join("x.log");
         let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
         std::fs::write(&log, format!("{text}{}\n", "y".repeat(500))).unwrap();
-        let l = last_lines(&log, 3, 300);
+        let l = last_lines(&log, 0, 3, 300);
         assert_eq!(l[..2], ["line 98", "line 99"]);
         assert_eq!(l[2].len(), 300);
+        // Only what came after `from`: this run's lines, not the last one's.
+        let from = text.len() as u64;
+        assert_eq!(last_lines(&log, from, 3, 10), ["yyyyyyyyyy"]);
         let f = open_log(&log).unwrap();
         f.set_len(MAX_LOG + 1).unwrap();
         trim(&f);

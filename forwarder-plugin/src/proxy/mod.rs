@@ -20,9 +20,11 @@ use crate::netns::Netns;
 
 pub mod config;
 pub mod kept;
+pub mod limits;
 
 pub use config::{ProcessConfig, ProxyDefinitions};
 pub use kept::Keep;
+pub use limits::{Limits, LimitsConfig};
 
 /// Lines of the proxy's output kept for the reason of a failure.
 const KEPT_LINES: usize = 20;
@@ -67,6 +69,7 @@ pub struct ProcessSpec {
     /// What asks it to stop: SIGTERM, or the proxy's graceful one (HAProxy
     /// finishes its connections on SIGUSR1, Envoy on SIGTERM).
     pub stop_signal: nix::sys::signal::Signal,
+    pub limits: Limits,
 }
 
 /// Where the proxy is in its life.
@@ -154,6 +157,8 @@ impl Supervisor {
                 pid: pid.clone(),
                 stopping: stopping.clone(),
                 adopted: adopted.clone(),
+                cgroup_name: cgroup_name(keep.as_ref()),
+                made: Mutex::default(),
             },
             last_failure.clone(),
             on_start,
@@ -377,6 +382,7 @@ fn command(
     spec: &ProcessSpec,
     netns: Option<&Netns>,
     keep: Option<&Keep>,
+    cgroup: Option<Arc<limits::Cgroup>>,
 ) -> std::io::Result<tokio::process::Command> {
     let mut cmd = tokio::process::Command::new(resolve(&spec.argv[0], &spec.env));
     cmd.args(&spec.argv[1..])
@@ -399,13 +405,14 @@ fn command(
         }
     };
     let entry = netns.map(Netns::child_entry);
-    let (uid, gid) = (spec.uid, spec.gid);
+    let (uid, gid, open_files) = (spec.uid, spec.gid, spec.limits.open_files);
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe system calls: setns(2) first (it needs the
     // capabilities a uid change drops; the namespace's Netns is held by the
     // supervisor across the spawn), then a kept proxy's own pidfile
     // (open/write/close, before the uid change: the directory is ours),
-    // then setgroups(2)/setgid(2)/setuid(2) (as std's uid/gid would, but
+    // then its cgroup (open/write/close) and rlimit (setrlimit(2)), which
+    // need our privileges too, then setgroups(2)/setgid(2)/setuid(2) (as std's uid/gid would, but
     // after the setns), then prctl(2) — last, as a credential change clears
     // the parent-death signal — for a proxy that must die with us.
     #[allow(unsafe_code)]
@@ -416,6 +423,12 @@ fn command(
             }
             if let Some(r) = &record {
                 r.write()?;
+            }
+            if let Some(c) = &cgroup {
+                c.join()?;
+            }
+            if let Some(n) = open_files {
+                limits::set_open_files(n)?;
             }
             // No supplementary group of ours goes with a changed identity.
             if (uid.is_some() || gid.is_some()) && libc::setgroups(0, std::ptr::null()) != 0 {
@@ -512,12 +525,32 @@ struct Run {
     pid: Arc<AtomicU32>,
     stopping: Arc<AtomicBool>,
     adopted: Arc<Mutex<Option<bool>>>,
+    /// The name of its cgroup, when its limits need one.
+    cgroup_name: String,
+    /// Its cgroup, once made.
+    made: Mutex<Option<Arc<limits::Cgroup>>>,
+}
+
+/// A kept proxy's cgroup is named as its pidfile (a restart finds it
+/// again); another's by our pid and a sequence number.
+fn cgroup_name(keep: Option<&Keep>) -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    keep.and_then(|k| k.pidfile.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| {
+            format!(
+                "p{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            )
+        })
 }
 
 /// Where a run's last words are: our pipes' lines, or its log file.
 enum Said {
     Pipes(Output, Vec<tokio::task::JoinHandle<()>>),
-    Log(std::path::PathBuf),
+    /// The log and where this run's output begins in it.
+    Log(std::path::PathBuf, u64),
 }
 
 impl Said {
@@ -531,8 +564,8 @@ impl Said {
                 }
                 last_lines(&out)
             }
-            Said::Log(log) => {
-                let lines = kept::last_lines(&log, KEPT_LINES, MAX_LINE);
+            Said::Log(log, from) => {
+                let lines = kept::last_lines(&log, from, KEPT_LINES, MAX_LINE);
                 if lines.is_empty() {
                     "no output".into()
                 } else {
@@ -544,6 +577,38 @@ impl Said {
 }
 
 impl Run {
+    /// The cgroup its limits need, made now; without one (none needed, or
+    /// the kernel does not allow it: logged) it runs without those limits.
+    fn cgroup(&self) -> Option<Arc<limits::Cgroup>> {
+        if !self.spec.limits.cgroup() {
+            return None;
+        }
+        match limits::Cgroup::prepare(
+            std::path::Path::new(limits::CGROUP_ROOT),
+            &self.cgroup_name,
+            &self.spec.limits,
+        ) {
+            Ok(c) => {
+                let c = Arc::new(c);
+                *self.made.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                Some(c)
+            }
+            Err(why) => {
+                tracing::warn!(%why, limits = ?self.spec.limits, "the proxy runs without its memory, CPU and process limits");
+                None
+            }
+        }
+    }
+
+    /// The end of supervision: its cgroup goes with its process (one we
+    /// leave running keeps it).
+    fn stopped(&self) {
+        if let Some(c) = self.made.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            c.remove();
+        }
+        let _ = self.tx.send(ProxyState::Stopped);
+    }
+
     /// Probes readiness once, off the runtime's threads.
     async fn probe(&self) -> bool {
         let (ready, ns) = (self.spec.ready.clone(), self.netns.clone());
@@ -605,7 +670,7 @@ impl Run {
         if self.stopping.load(Ordering::SeqCst) {
             return Some((Ended::Stopping, Some(since)));
         }
-        let said = Said::Log(keep.log.clone()).last().await;
+        let said = Said::Log(keep.log.clone(), 0).last().await;
         Some((
             Ended::Failed(format!("the adopted proxy (pid {pid}) exited; {said}")),
             Some(since),
@@ -614,8 +679,20 @@ impl Run {
 
     async fn once(&self) -> (Ended, Option<Instant>) {
         let spec = &self.spec;
-        let spawned =
-            command(spec, self.netns.as_deref(), self.keep.as_ref()).and_then(|mut c| c.spawn());
+        let cgroup = self.cgroup();
+        // Where this run's output will begin in a kept proxy's log.
+        let from = self
+            .keep
+            .as_ref()
+            .and_then(|k| std::fs::metadata(&k.log).ok())
+            .map_or(0, |m| m.len());
+        let spawned = command(
+            spec,
+            self.netns.as_deref(),
+            self.keep.as_ref(),
+            cgroup.clone(),
+        )
+        .and_then(|mut c| c.spawn());
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -633,7 +710,7 @@ impl Run {
             tracing::warn!(pid, pidfile = %k.pidfile.display(), error = %e, "cannot record the proxy; a restart will not adopt it");
         }
         let said = match &self.keep {
-            Some(k) => Said::Log(k.log.clone()),
+            Some(k) => Said::Log(k.log.clone(), from),
             None => {
                 let out: Output = Arc::default();
                 let mut readers = Vec::new();
@@ -737,14 +814,14 @@ async fn supervise(run: Run, last_failure: Arc<Mutex<Option<String>>>, on_start:
         let until = Instant::now() + backoff;
         while Instant::now() < until {
             if run.stopping.load(Ordering::SeqCst) {
-                let _ = run.tx.send(ProxyState::Stopped);
+                run.stopped();
                 return;
             }
             tokio::time::sleep(PROBE_EVERY).await;
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-    let _ = run.tx.send(ProxyState::Stopped);
+    run.stopped();
 }
 
 #[cfg(test)]
