@@ -280,12 +280,15 @@ fn delegate(ours: &Path, proxies: &Path, wanted: &[&str]) -> Result<(), String> 
         mkdir(&agent)?;
         std::fs::write(agent.join("cgroup.procs"), std::process::id().to_string())
             .map_err(|e| format!("moving us into {}: {e}", agent.display()))?;
-        enable(ours).map_err(|e| {
-            format!(
+        if let Err(e) = enable(ours) {
+            // Others share our cgroup: back where we were, nothing left.
+            let _ = std::fs::write(ours.join("cgroup.procs"), std::process::id().to_string());
+            let _ = std::fs::remove_dir(&agent);
+            return Err(format!(
                 "{}/cgroup.subtree_control: {e} (other processes share our cgroup)",
                 ours.display()
-            )
-        })?;
+            ));
+        }
     }
     mkdir(proxies)?;
     enable(proxies).map_err(|e| format!("{}/cgroup.subtree_control: {e}", proxies.display()))
