@@ -171,7 +171,7 @@ impl Namespace {
 
 /// SIGKILLs every process in the named namespace but ours: a process that
 /// outlives its test (a proxy a node agent keeps) would keep it alive.
-fn kill_processes_in(name: &str) {
+pub fn kill_processes_in(name: &str) {
     for pid in crate::inspect::pids_in(name) {
         if pid != std::process::id() {
             let _ = nix::sys::signal::kill(

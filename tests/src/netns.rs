@@ -59,21 +59,7 @@ impl Drop for TestNetns {
     fn drop(&mut self) {
         // What still runs inside (a proxy its endpoint left for the next
         // start to adopt) would keep the namespace alive.
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>()
-                    && pid as u32 != std::process::id()
-                {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
+        examples::namespace::kill_processes_in(&self.name);
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();

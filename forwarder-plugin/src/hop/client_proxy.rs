@@ -84,8 +84,6 @@ fn count(events: &ProxyEvents, event: &'static str) {
 pub struct Running {
     sup: Supervisor,
     def: ProcessConfig,
-    /// Adopted from an earlier run, running another definition.
-    stale: bool,
 }
 
 /// Most proxy records gone through at a start (they are ours, in a 0700
@@ -140,12 +138,13 @@ impl ClientProxies {
     /// Stops the recorded proxies of connections that are not in `live`
     /// (id → its proxy's ports are the upgrade ones): a connection that
     /// ended, or the old side of an upgrade, while the agent was down.
-    /// Each is asked to stop as its definition says (drained); returns how
-    /// many records were gone through.
+    /// Each still the recorded process gets SIGTERM, then SIGKILL after
+    /// 5 s (its definition is not known any more); returns how many
+    /// records were gone through.
     pub async fn reap(&self, live: &HashMap<String, (String, bool)>) -> usize {
         let wanted: HashSet<PathBuf> = live
-            .keys()
-            .map(|id| keep(&self.dir, id, live[id].1).pidfile)
+            .iter()
+            .map(|(id, (_, alt))| keep(&self.dir, id, *alt).pidfile)
             .collect();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return 0;
@@ -206,7 +205,7 @@ impl ClientProxies {
                 names
                     .get(*id)
                     .and_then(|n| defs.get(n))
-                    .is_some_and(|d| r.stale || *d != r.def)
+                    .is_some_and(|d| r.stale() || *d != r.def)
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -337,9 +336,8 @@ impl ClientProxies {
         );
         match sup.first_ready().await {
             Ok(pid) => {
-                let stale = sup.adopted() == Some(true);
                 tracing::info!(%id, proxy = name, pid, port = rules.outbound_port.0, adopted = sup.adopted().is_some(), "client proxy ready in the client's namespace");
-                Ok(Running { sup, def, stale })
+                Ok(Running { sup, def })
             }
             Err(e) => {
                 count(&self.events, "failure");
@@ -371,6 +369,11 @@ impl ClientProxies {
 }
 
 impl Running {
+    /// Adopted from an earlier run of ours, running another definition.
+    fn stale(&self) -> bool {
+        self.sup.adopted() == Some(true)
+    }
+
     /// Stops it and returns once it is gone; blocks meanwhile, so off the
     /// runtime's threads.
     pub async fn stop(self) {

@@ -115,7 +115,9 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> State
     move |source| StateError::Io { op, path, source }
 }
 
-fn boot_id() -> Option<String> {
+/// This boot's id (what tells a recorded pid or namespace of an earlier
+/// boot from one of this boot).
+pub(crate) fn boot_id() -> Option<String> {
     std::fs::read_to_string(BOOT_ID)
         .ok()
         .map(|s| s.trim().to_owned())

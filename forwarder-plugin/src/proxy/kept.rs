@@ -93,14 +93,10 @@ pub fn digest(spec: &ProcessSpec) -> String {
     format!("{:016x}", crate::hop::fnv1a64(text.as_bytes()))
 }
 
-fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
+use crate::hop::state::boot_id;
 
 /// `/proc/<pid>/stat`'s state letter and start time.
-fn stat(pid: u32) -> Option<(char, u64)> {
+pub(crate) fn stat(pid: u32) -> Option<(char, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = s.rsplit_once(") ")?;
     let mut fields = rest.split_whitespace();
@@ -187,6 +183,16 @@ fn read(pidfile: &Path) -> Option<PidRecord> {
         .filter(|r: &PidRecord| r.version == PIDFILE_VERSION)
 }
 
+/// Whether the record's process still runs and is the one recorded (same
+/// start time, same boot): not a later process that got its pid.
+fn still_recorded(rec: &PidRecord) -> bool {
+    let same_boot = rec.boot_id.is_none() || rec.boot_id == boot_id();
+    matches!(
+        (stat(rec.pid), rec.start_ticks),
+        (Some((state, now)), Some(then)) if state != 'Z' && now == then && same_boot
+    )
+}
+
 /// Records `pid` running `spec` in `pidfile` (a temp file, then rename).
 pub fn record(pidfile: &Path, pid: u32, spec: &ProcessSpec) -> std::io::Result<()> {
     let rec = PidRecord {
@@ -215,12 +221,10 @@ pub fn forget(pidfile: &Path) {
 /// file says is stale and the file is removed.
 pub fn adopt(pidfile: &Path, spec: &ProcessSpec, netns: Option<&Netns>) -> Option<Adopted> {
     let rec = read(pidfile)?;
-    let live = stat(rec.pid).filter(|(state, _)| *state != 'Z');
-    let same_boot = rec.boot_id.is_none() || rec.boot_id == boot_id();
-    let ours = match (live, rec.start_ticks) {
-        (Some((_, now)), Some(then)) => now == then && same_boot,
-        (Some(_), None) => runs(rec.pid, &spec.argv),
-        (None, _) => false,
+    let ours = if rec.start_ticks.is_some() {
+        still_recorded(&rec)
+    } else {
+        stat(rec.pid).is_some_and(|(state, _)| state != 'Z') && runs(rec.pid, &spec.argv)
     };
     if !ours || !in_netns(rec.pid, netns) {
         forget(pidfile);
@@ -257,10 +261,7 @@ pub fn adopt(pidfile: &Path, spec: &ProcessSpec, netns: Option<&Netns>) -> Optio
 /// and `drain`; removes the file.
 pub fn reap(pidfile: &Path, signal: nix::sys::signal::Signal, drain: std::time::Duration) {
     if let Some(rec) = read(pidfile)
-        && let (Some((state, now)), Some(then)) = (stat(rec.pid), rec.start_ticks)
-        && state != 'Z'
-        && now == then
-        && (rec.boot_id.is_none() || rec.boot_id == boot_id())
+        && still_recorded(&rec)
     {
         tracing::info!(pid = rec.pid, pidfile = %pidfile.display(), "stopping a proxy whose connection is gone");
         super::terminate(rec.pid, signal, drain);

@@ -57,6 +57,14 @@ impl Limits {
         self.memory.is_some() || self.cpu_millis.is_some() || self.pids.is_some()
     }
 
+    /// The cgroup v2 controllers these limits need (each file's prefix).
+    fn controllers(&self) -> Vec<&'static str> {
+        self.files()
+            .into_iter()
+            .filter_map(|(file, _)| file.split('.').next())
+            .collect()
+    }
+
     /// The cgroup v2 files and values that set these limits.
     fn files(&self) -> Vec<(&'static str, String)> {
         let mut f = Vec::new();
@@ -173,7 +181,7 @@ impl Cgroup {
         }
         let own = own_cgroup()?;
         let ours = root.join(own.trim_start_matches('/'));
-        let wanted = controllers(limits);
+        let wanted = limits.controllers();
         let proxies = ours.join(PROXIES);
         let dir = proxies.join(name);
         if !dir.exists() {
@@ -222,21 +230,6 @@ fn mkdir(dir: &Path) -> Result<(), String> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(format!("{}: {e}", dir.display())),
     }
-}
-
-/// The controllers `limits` need.
-fn controllers(limits: &Limits) -> Vec<&'static str> {
-    let mut c = Vec::new();
-    if limits.memory.is_some() {
-        c.push("memory");
-    }
-    if limits.cpu_millis.is_some() {
-        c.push("cpu");
-    }
-    if limits.pids.is_some() {
-        c.push("pids");
-    }
-    c
 }
 
 /// Our cgroup v2 path (`0::/path` in /proc/self/cgroup).

@@ -293,14 +293,7 @@ impl Drop for Supervisor {
 pub(crate) fn terminate(pid: u32, signal: nix::sys::signal::Signal, drain: Duration) {
     use nix::sys::signal::{Signal, kill};
     let p = nix::unistd::Pid::from_raw(pid as i32);
-    let gone = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit_once(") ")
-                    .is_none_or(|(_, rest)| rest.starts_with('Z'))
-            })
-            .unwrap_or(true)
-    };
+    let gone = || kept::stat(pid).is_none_or(|(state, _)| state == 'Z');
     if kill(p, signal).is_err() {
         return;
     }
@@ -323,14 +316,20 @@ pub(crate) fn terminate(pid: u32, signal: nix::sys::signal::Signal, drain: Durat
 type Output = Arc<Mutex<VecDeque<String>>>;
 
 fn last_lines(out: &Output) -> String {
-    let lines = out.lock().unwrap_or_else(|p| p.into_inner());
-    if lines.is_empty() {
-        return "no output".into();
+    summary(out.lock().unwrap_or_else(|p| p.into_inner()).iter())
+}
+
+/// A proxy's last lines, for the reason of a failure.
+fn summary<S: AsRef<str>>(lines: impl Iterator<Item = S>) -> String {
+    let text = lines
+        .map(|l| l.as_ref().to_owned())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    if text.is_empty() {
+        "no output".into()
+    } else {
+        format!("last output: {text}")
     }
-    format!(
-        "last output: {}",
-        lines.iter().cloned().collect::<Vec<_>>().join(" | ")
-    )
 }
 
 fn keep_output(
@@ -565,12 +564,7 @@ impl Said {
                 last_lines(&out)
             }
             Said::Log(log, from) => {
-                let lines = kept::last_lines(&log, from, KEPT_LINES, MAX_LINE);
-                if lines.is_empty() {
-                    "no output".into()
-                } else {
-                    format!("last output: {}", lines.join(" | "))
-                }
+                summary(kept::last_lines(&log, from, KEPT_LINES, MAX_LINE).into_iter())
             }
         }
     }
@@ -622,6 +616,21 @@ impl Run {
         let _ = self.tx.send(ProxyState::Ready { pid });
     }
 
+    /// Waits for `exit` (the running proxy's end); meanwhile a kept proxy's
+    /// log is kept below its size limit.
+    async fn until_exit<T>(&self, exit: impl std::future::Future<Output = T>) -> T {
+        let log = self.keep.as_ref().and_then(|k| kept::open_log(&k.log).ok());
+        tokio::pin!(exit);
+        loop {
+            tokio::select! {
+                t = &mut exit => return t,
+                () = tokio::time::sleep(TRIM_EVERY) => {
+                    if let Some(l) = &log { kept::trim(l); }
+                }
+            }
+        }
+    }
+
     /// A kept proxy that still runs from an earlier run of ours, watched
     /// until it exits; `None`: there is none.
     async fn adopt(&self) -> Option<(Ended, Option<Instant>)> {
@@ -655,17 +664,7 @@ impl Run {
         *self.adopted.lock().unwrap_or_else(|p| p.into_inner()) = Some(a.stale);
         let since = Instant::now();
         self.ready(pid);
-        let log = kept::open_log(&keep.log).ok();
-        let exited = kept::exited(a.pidfd);
-        tokio::pin!(exited);
-        loop {
-            tokio::select! {
-                () = &mut exited => break,
-                () = tokio::time::sleep(TRIM_EVERY) => {
-                    if let Some(l) = &log { kept::trim(l); }
-                }
-            }
-        }
+        self.until_exit(kept::exited(a.pidfd)).await;
         self.pid.store(0, Ordering::SeqCst);
         if self.stopping.load(Ordering::SeqCst) {
             return Some((Ended::Stopping, Some(since)));
@@ -761,18 +760,7 @@ impl Run {
         let since = Instant::now();
         tracing::info!(pid, "proxy ready");
         self.ready(pid);
-        let log = match &self.keep {
-            Some(k) => kept::open_log(&k.log).ok(),
-            None => None,
-        };
-        let status = loop {
-            tokio::select! {
-                s = child.wait() => break s,
-                () = tokio::time::sleep(TRIM_EVERY) => {
-                    if let Some(l) = &log { kept::trim(l); }
-                }
-            }
-        };
+        let status = self.until_exit(child.wait()).await;
         self.pid.store(0, Ordering::SeqCst);
         if self.stopping.load(Ordering::SeqCst) {
             return (Ended::Stopping, Some(since));
