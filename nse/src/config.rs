@@ -250,6 +250,9 @@ pub struct Config {
     /// The network functions and their chains (`NSM_CONFIG`); without a
     /// file, mesh-proxy with its defaults.
     pub functions: FunctionsConfig,
+    /// The file `functions` was read from (`None`: the defaults), read
+    /// again while running for proxy upgrades.
+    pub config_file: Option<PathBuf>,
     /// `NSM_STATE_DIR` (absolute), `None` when empty.
     pub state_dir: Option<PathBuf>,
     /// `NSM_METRICS_LISTEN_ON`, `None` when empty.
@@ -502,6 +505,9 @@ impl TryFrom<Args> for Config {
                 .map_err(|e| invalid("NSM_SERVER_POLICIES", "server-policies", e.to_string()))?,
             functions: parse_function_config(&a.config)
                 .map_err(|r| invalid("NSM_CONFIG", "config", r))?,
+            config_file: Some(a.config.trim())
+                .filter(|f| !f.is_empty())
+                .map(PathBuf::from),
         };
         Ok(cfg)
     }

@@ -48,6 +48,14 @@ static OTEL_RULES_APPLY: LazyLock<opentelemetry::metrics::Histogram<f64>> = Lazy
 /// Starts of the proxies the endpoint runs (`proxy.process`), restarts apart.
 static PROXY_STARTS: LazyLock<Family<RestartLabels, Counter>> = LazyLock::new(Family::default);
 
+/// Upgrades of that proxy to a changed definition, by outcome.
+static PROXY_UPGRADES: LazyLock<Family<OutcomeLabels, Counter>> = LazyLock::new(Family::default);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RestartLabels {
     restart: &'static str,
@@ -58,6 +66,16 @@ pub fn proxy_started(restart: bool) {
     PROXY_STARTS
         .get_or_create(&RestartLabels {
             restart: if restart { "true" } else { "false" },
+        })
+        .inc();
+}
+
+/// An upgrade of the endpoint's proxy: `done` (the new one serves) or
+/// `failed` (the old one stays).
+pub fn proxy_upgraded(done: bool) {
+    PROXY_UPGRADES
+        .get_or_create(&OutcomeLabels {
+            outcome: if done { "done" } else { "failed" },
         })
         .inc();
 }
@@ -113,6 +131,11 @@ impl FunctionMetrics {
             "proxy_starts",
             "Starts of the proxy the endpoint runs (proxy.process); restart=\"true\": after it failed",
             PROXY_STARTS.clone(),
+        );
+        calls.register(
+            "proxy_upgrades",
+            "Upgrades of the endpoint's proxy to a changed definition; outcome=\"failed\": the running one stayed",
+            PROXY_UPGRADES.clone(),
         );
         calls.register(
             "function_connections",

@@ -163,14 +163,35 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     // Every second: tables are put back if they drifted (fail closed), and
     // adopted connections never heard of again leave once their interface
     // is gone (their client went while we were away).
+    // NSM_CONFIG read again: a changed proxy definition is upgraded to.
+    let reload = config.config_file.clone().map(|f| {
+        Arc::new(crate::functions::reload::Reload::new(
+            f,
+            config.functions.clone(),
+            started.meshes.iter().map(|(n, _)| n.clone()).collect(),
+        ))
+    });
     let maintenance = {
         let (instances, ep) = (started.instances.clone(), endpoint.clone());
+        let meshes = started.meshes.clone();
         let chains = started.chains.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(crate::functions::MAINTENANCE_PERIOD).await;
                 let c = chains.clone();
                 let _ = tokio::task::spawn_blocking(move || c.reload_if_changed()).await;
+                if let Some(r) = reload.clone()
+                    && let Ok(upgrades) = tokio::task::spawn_blocking(move || r.changed()).await
+                {
+                    for (name, def) in upgrades {
+                        let Some((_, mesh)) = meshes.iter().find(|(n, _)| *n == name) else {
+                            continue;
+                        };
+                        // Up to the proxy's start timeout; upkeep goes on.
+                        let mesh = mesh.clone();
+                        tokio::spawn(async move { mesh.reload_process(def).await });
+                    }
+                }
                 for f in &instances {
                     for id in f.maintain().await {
                         tracing::info!(%id, function = f.name(), "an adopted connection's interface is gone: forgotten");

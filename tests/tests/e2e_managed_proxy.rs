@@ -3,7 +3,11 @@
 //! reach the server through an HAProxy the endpoint started itself on a
 //! port of its own (the lab's separate proxy listens elsewhere and sees
 //! nothing); after kill -9 of that proxy, no request gets past it while it
-//! restarts, and requests flow through it again once it is back.
+//! restarts, and requests flow through it again once it is back. A changed
+//! definition in NSM_CONFIG is upgraded to without dropping traffic: the
+//! new proxy on the other port takes new connections while an open one
+//! drains through the old; a definition that cannot start leaves the
+//! running proxy in place; a restarted endpoint adopts the upgraded one.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -113,6 +117,184 @@ fn the_endpoints_own_proxy_carries_every_client_and_never_lets_one_past_it() {
             .unwrap_or_else(|e| panic!("after the restart: {e}"));
     }
     drop(clients);
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Writes the endpoint's config whole (aside, then renamed, as a ConfigMap
+/// update is): a proxy on the template's port, `version` in its
+/// environment, drained on SIGUSR1 (HAProxy's soft stop); `program` runs it.
+fn upgradable_config(dir: &std::path::Path, version: u32, program: &str) -> std::path::PathBuf {
+    let cfg = dir.join("managed.cfg");
+    let text = examples::proxy::haproxy_config(&[PORT], 1337).replace(
+        &format!("    bind :{PORT}\n"),
+        "    bind \":${PROXY_PORT}\"\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let config = dir.join("config.yaml");
+    let tmp = dir.join("config.yaml.new");
+    std::fs::write(
+        &tmp,
+        format!(
+            "version: 1\nproxy:\n  port: {PORT}\n  process:\n    command: [{program}, -db, -f, {}]\n    env: {{PROXY_PORT: '{{{{proxyPort}}}}', VERSION: '{version}'}}\n    user: 1337\n    stopSignal: SIGUSR1\n    drainTimeout: 30s\n",
+            cfg.display()
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &config).unwrap();
+    config
+}
+
+fn environ(pid: u32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default())
+        .replace('\0', "\n")
+}
+
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+#[test]
+fn an_upgrade_of_the_endpoints_proxy_moves_new_connections_while_open_ones_drain() {
+    use std::io::{Read, Write};
+    if !nsm_tests::require_root("managed proxy upgrade") {
+        return;
+    }
+    if examples::proxy::haproxy_path().is_none() {
+        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
+        eprintln!("SKIPPED: haproxy is not installed");
+        return;
+    }
+    const UP: Duration = Duration::from_secs(30);
+    const IO: Duration = Duration::from_secs(5);
+    let shifted = PORT + forwarder_plugin::proxy::UPGRADE_PORT_SHIFT;
+    let dir = std::env::temp_dir().join(nsm_tests::unique("managed-upgrade"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = upgradable_config(&dir, 1, "haproxy");
+    let mut lab = Lab::start(LabConfig {
+        proxy: ProxyKind::Builtin,
+        nse_env: vec![("NSM_CONFIG".into(), config.display().to_string())],
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("lab: {e}"));
+    let client = lab.client().unwrap();
+    let opts = lab.nsc_options("upgrade").unwrap();
+    let (_nsc, _up) = nsc::watch(&client, &opts, &lab.dir.join("nsc.log"), UP)
+        .unwrap_or_else(|e| panic!("nsc-init: {e}{}", lab.logs()));
+    lab.get_through_proxy(&client, IO)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let old = managed_haproxy_pids(&lab);
+    assert_eq!(old.len(), 1, "{old:?}{}", lab.logs());
+    assert!(examples::proxy::listening(old[0], PORT));
+
+    // A long-lived connection through the first proxy.
+    let target = std::net::SocketAddr::from((examples::lab::SERVER_IP, 9090));
+    let listener = lab
+        .server_ns
+        .run(move || std::net::TcpListener::bind(target))
+        .unwrap()
+        .unwrap();
+    let mut app = client
+        .run(move || std::net::TcpStream::connect_timeout(&target, IO))
+        .unwrap()
+        .unwrap();
+    let (mut server_side, proxy_peer) = listener.accept().unwrap();
+    assert_eq!(proxy_peer.ip(), IpAddr::V4(NSE_UPLINK), "through the proxy");
+    let echo = |app: &mut std::net::TcpStream, server: &mut std::net::TcpStream, msg: &[u8]| {
+        server.set_read_timeout(Some(IO)).unwrap();
+        app.write_all(msg).unwrap();
+        let mut got = vec![0; msg.len()];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    };
+    echo(&mut app, &mut server_side, b"before");
+
+    // The definition changes: the endpoint reads its config again, starts
+    // the new proxy on the other port, moves its rules there in one
+    // transaction and lets the old one drain.
+    upgradable_config(&dir, 2, "haproxy");
+    let nse = lab.nse().unwrap();
+    let upgraded = nse.wait_for_line("the upgrade", UP, |l| l.contains("proxy upgraded"));
+    assert!(upgraded.is_ok(), "{upgraded:?}{}", lab.logs());
+    let now = managed_haproxy_pids(&lab);
+    let new: Vec<u32> = now.iter().copied().filter(|p| !old.contains(p)).collect();
+    assert_eq!(
+        new.len(),
+        1,
+        "one new proxy beside the draining one: {now:?}"
+    );
+    assert!(
+        environ(new[0]).contains("VERSION=2"),
+        "the new definition runs"
+    );
+    assert!(
+        examples::proxy::listening(new[0], shifted),
+        "the new proxy listens on {shifted}"
+    );
+    assert!(
+        eventually(IO, || !examples::proxy::listening(old[0], PORT)),
+        "the old proxy stopped listening (draining)"
+    );
+
+    // New connections go through the new proxy (the only one listening);
+    // the open one still flows through the old one, which is alive.
+    lab.get_through_proxy(&client, IO)
+        .unwrap_or_else(|e| panic!("after the upgrade: {e}"));
+    echo(&mut app, &mut server_side, b"during the drain");
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", old[0])).exists(),
+        "the old proxy drains"
+    );
+    drop(app);
+    drop(server_side);
+    assert!(
+        eventually(Duration::from_secs(10), || managed_haproxy_pids(&lab)
+            == new),
+        "the old proxy exited once drained: {:?}",
+        managed_haproxy_pids(&lab)
+    );
+
+    // A definition whose proxy cannot start: the running one stays.
+    let from = lab.nse().unwrap().log().len();
+    upgradable_config(&dir, 3, "/nonexistent/haproxy");
+    let kept = lab
+        .nse()
+        .unwrap()
+        .wait_until("the failed upgrade", UP, |p| {
+            p.log()[from..]
+                .contains("the upgraded proxy is not ready: the running one stays")
+                .then_some(())
+        });
+    assert!(kept.is_ok(), "{kept:?}{}", lab.logs());
+    assert_eq!(managed_haproxy_pids(&lab), new, "the running proxy stays");
+    lab.get_through_proxy(&client, IO)
+        .unwrap_or_else(|e| panic!("after a failed upgrade: {e}"));
+    // Back to the definition that runs: nothing to upgrade.
+    upgradable_config(&dir, 2, "haproxy");
+
+    // kill -9 of the endpoint: the restarted one adopts the upgraded proxy
+    // (the one its rules lead to), and traffic never meets a closed port.
+    let nse = lab.nse().unwrap();
+    nse.signal(nix::sys::signal::Signal::SIGKILL);
+    nse.wait(UP).unwrap();
+    let from = nse.log().len();
+    lab.start_nse().unwrap_or_else(|e| panic!("{e}"));
+    let adopted = lab.nse().unwrap().wait_until("adoption", UP, |p| {
+        p.log()[from..]
+            .contains("adopted the proxy an earlier run started")
+            .then_some(())
+    });
+    assert!(adopted.is_ok(), "{adopted:?}{}", lab.logs());
+    assert_eq!(managed_haproxy_pids(&lab), new, "the same proxy, adopted");
+    lab.get_through_proxy(&client, IO)
+        .unwrap_or_else(|e| panic!("after the endpoint's restart: {e}"));
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -55,9 +55,7 @@ pub struct HopRecord {
     pub session: Session,
 }
 
-/// How far an upgraded client proxy's ports are from the spec's: the new
-/// proxy listens there while the old one still serves its connections.
-pub const UPGRADE_PORT_SHIFT: u16 = 100;
+pub use crate::proxy::UPGRADE_PORT_SHIFT;
 
 /// `spec` with its proxy ports moved by [`UPGRADE_PORT_SHIFT`], if they fit.
 pub fn shifted(spec: &RedirectSpec) -> Option<RedirectSpec> {

@@ -26,6 +26,11 @@ pub use config::{ProcessConfig, ProxyDefinitions};
 pub use kept::Keep;
 pub use limits::{Limits, LimitsConfig};
 
+/// How far an upgraded proxy's ports are from those it was defined with:
+/// the new proxy listens there while the old one still serves its
+/// connections (the next upgrade moves back).
+pub const UPGRADE_PORT_SHIFT: u16 = 100;
+
 /// Lines of the proxy's output kept for the reason of a failure.
 const KEPT_LINES: usize = 20;
 /// Longest output line kept (longer ones are cut).
@@ -254,23 +259,14 @@ impl Supervisor {
         }
     }
 
-    /// Ends the running process so that the spec we were started with
-    /// runs instead (an adopted proxy of a definition that changed since):
-    /// asked with the stop signal, drained, then started again by the
-    /// supervision loop. Its rules stay, so traffic waits meanwhile.
-    pub async fn replace(&self) {
-        if let Some(pid) = self.pid() {
-            let (signal, drain) = (self.stop_signal, self.drain);
-            let _ = tokio::task::spawn_blocking(move || terminate(pid, signal, drain)).await;
-        }
-    }
-
     /// Stops the proxy for good: SIGTERM, up to the drain timeout for it to
     /// finish what it serves, then SIGKILL. Blocks until it is gone.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         if let Some(pid) = self.pid() {
+            tracing::info!(pid, signal = %self.stop_signal, drain = ?self.drain, "proxy draining");
             terminate(pid, self.stop_signal, self.drain);
+            tracing::info!(pid, "proxy stopped");
         }
         if let Some(k) = &self.keep {
             kept::forget(&k.pidfile);

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod policy;
+pub mod reload;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,9 @@ pub enum StartError {
 pub struct Started {
     pub instances: Vec<Arc<dyn NetworkFunction>>,
     pub chains: Arc<Chains>,
+    /// The mesh-proxy instances by name (their proxy definitions are
+    /// reloadable, [`reload`]).
+    pub meshes: Vec<(String, Arc<MeshProxy>)>,
 }
 
 /// The chains by name and the policy choosing among them, re-read when its
@@ -176,14 +180,21 @@ pub async fn start(
     state_dir: Option<&Path>,
 ) -> Result<Started, StartError> {
     let mut by_name: BTreeMap<&str, Arc<dyn NetworkFunction>> = BTreeMap::new();
+    let mut meshes = Vec::new();
     for (name, kind) in config.used() {
         let f: Arc<dyn NetworkFunction> = match kind {
-            Kind::MeshProxy(c) => Arc::new(MeshProxy::start((**c).clone(), state_dir).map_err(
-                |source| StartError::MeshProxy {
-                    name: name.clone(),
-                    source,
-                },
-            )?),
+            Kind::MeshProxy(c) => {
+                let m = Arc::new(
+                    MeshProxy::start((**c).clone(), state_dir).map_err(|source| {
+                        StartError::MeshProxy {
+                            name: name.clone(),
+                            source,
+                        }
+                    })?,
+                );
+                meshes.push((name.clone(), m.clone()));
+                m
+            }
             Kind::Firewall(c) => {
                 let at = position(config, name).map_err(StartError::Config)?;
                 Arc::new(
@@ -226,6 +237,7 @@ pub async fn start(
             policy: RwLock::new(config.policy.clone()),
             seen: Mutex::new(seen),
         }),
+        meshes,
     })
 }
 

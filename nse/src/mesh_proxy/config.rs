@@ -320,7 +320,9 @@ impl FunctionConfig {
         }
         if let Some(p) = &self.proxy.process {
             let why = match self.placement {
-                Placement::Proxy => super::process::spec(p, &self.proxy).err(),
+                Placement::Proxy => super::process::spec(p, &self.proxy)
+                    .err()
+                    .or_else(|| self.upgrade_slot_error(p)),
                 Placement::Sidecar => Some(
                     "runs the shared proxy of placement proxy; for placement sidecar name \
                      the node agent's proxy to start in each client in sidecarProxy"
@@ -356,6 +358,29 @@ impl FunctionConfig {
     /// (what arrives there for another host and is not TCP is refused) and,
     /// with `capture.dns`, DNS arriving there sent to `proxy.dnsPort`: the
     /// same rules for any members, none included.
+    /// Why the process could not move to the other ports an upgrade uses
+    /// ([`super::shared::slot_ports`]), if it could not.
+    fn upgrade_slot_error(&self, p: &super::process::ProcessConfig) -> Option<String> {
+        let shift = forwarder_plugin::proxy::UPGRADE_PORT_SHIFT;
+        let Some(ports) = super::shared::slot_ports(&self.proxy, true) else {
+            return Some(format!(
+                "an upgrade moves the proxy to proxy.port and proxy.dnsPort + {shift}, which do not fit: choose lower ports"
+            ));
+        };
+        let moved = FunctionConfig {
+            proxy: ports,
+            ..self.clone()
+        };
+        super::process::spec(p, &moved.proxy)
+            .and_then(|_| {
+                moved
+                    .own_plan(["nsm0".to_owned()], true)
+                    .map_err(|e| e.to_string())
+            })
+            .err()
+            .map(|e| format!("on the ports an upgrade moves it to (+{shift}): {e}"))
+    }
+
     pub fn own_plan(
         &self,
         interfaces: impl IntoIterator<Item = String>,

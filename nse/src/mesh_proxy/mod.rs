@@ -32,9 +32,11 @@ pub mod capture;
 pub mod config;
 pub mod labels;
 pub mod process;
+pub mod shared;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use forwarder_plugin::rules::Plan;
@@ -63,43 +65,8 @@ pub struct MeshProxy {
     own: Arc<OwnTable>,
     /// `CAP_NET_ADMIN`: placement proxy can install its rules.
     net_admin: bool,
-    /// The shared proxy we run (`proxy.process`), and how long a Request
-    /// waits for it to be ready.
-    proxy: Option<(
-        Arc<forwarder_plugin::proxy::Supervisor>,
-        std::time::Duration,
-    )>,
-}
-
-/// Where the shared proxy's pidfile and log live: it outlives an endpoint
-/// that exits with connections left (their traffic keeps flowing through
-/// it), and the next start adopts it instead of starting a second one.
-fn kept_proxy(state_dir: &Path, table: &str) -> Result<forwarder_plugin::proxy::Keep, StartError> {
-    std::fs::create_dir_all(state_dir).map_err(|e| {
-        StartError::Process(format!("state directory {}: {e}", state_dir.display()))
-    })?;
-    Ok(forwarder_plugin::proxy::Keep::in_dir(
-        state_dir,
-        &format!("proxy-{table}"),
-    ))
-}
-
-/// A proxy adopted from an earlier run that runs a definition changed
-/// since is replaced by ours once it has been adopted (stopped, drained,
-/// started again by its supervisor: its rules stay, so traffic waits and
-/// never bypasses it).
-async fn replace_if_stale(
-    p: Arc<forwarder_plugin::proxy::Supervisor>,
-    within: std::time::Duration,
-) {
-    if p.ready(within).await.is_err() || p.adopted() != Some(true) {
-        return;
-    }
-    tracing::info!(
-        pid = ?p.pid(),
-        "the adopted proxy runs a definition that changed: replacing it"
-    );
-    p.replace().await;
+    /// The shared proxy we run (`proxy.process`).
+    proxy: Option<Arc<shared::SharedProxy>>,
 }
 
 fn rejected(reason: impl Into<String>) -> FunctionError {
@@ -117,13 +84,25 @@ fn failed(reason: impl Into<String>) -> FunctionError {
 }
 
 /// The table of placement proxy: `config`'s redirect rules for the
-/// connections' interfaces.
-fn own_table(config: &FunctionConfig) -> Result<OwnTable, forwarder_plugin::netns::NetnsError> {
-    let c = config.clone();
+/// connections' interfaces, to the ports of the shared proxy's slot `alt`
+/// (the configured ones unless an upgrade moved it).
+fn own_table(
+    config: &FunctionConfig,
+    alt: Arc<AtomicBool>,
+) -> Result<OwnTable, forwarder_plugin::netns::NetnsError> {
+    let a = config.clone();
+    let mut b = config.clone();
+    // Checked at load when a process may move there.
+    if let Some(p) = shared::slot_ports(&config.proxy, true) {
+        b.proxy = p;
+    }
     OwnTable::new(
         config.rules.backend.kind(),
         config.rules.owner.clone(),
-        Box::new(move |members, ipv6| c.own_plan(members, ipv6)),
+        Box::new(move |members, ipv6| {
+            let c = if alt.load(Ordering::SeqCst) { &b } else { &a };
+            c.own_plan(members, ipv6)
+        }),
     )
 }
 
@@ -160,7 +139,23 @@ impl MeshProxy {
             table = %config.rules.owner,
             "mesh-proxy function"
         );
-        let mut own = own_table(&config)?;
+        // Checked when the configuration was loaded; again for one built in
+        // code. Started first: its recorded slot decides the rules' port.
+        let alt = Arc::new(AtomicBool::new(false));
+        let proxy = match &config.proxy.process {
+            Some(p) => Some(Arc::new(
+                shared::SharedProxy::start(
+                    p.clone(),
+                    config.proxy.clone(),
+                    state_dir,
+                    config.rules.owner.nft_table(),
+                    alt.clone(),
+                )
+                .map_err(StartError::Process)?,
+            )),
+            None => None,
+        };
+        let mut own = own_table(&config, alt)?;
         let net_admin = capability::effective(capability::CAP_NET_ADMIN);
         if let Some(dir) = state_dir.filter(|_| net_admin) {
             let table = own.table();
@@ -182,25 +177,9 @@ impl MeshProxy {
                 "no CAP_NET_ADMIN: placement proxy is unavailable (its Requests fail with FailedPrecondition); placement sidecar works"
             );
         }
-        // Checked when the configuration was loaded; again for one built in code.
-        let proxy = match &config.proxy.process {
-            Some(p) => {
-                let spec = process::spec(p, &config.proxy).map_err(StartError::Process)?;
-                let within = spec.start_timeout;
-                let supervisor = forwarder_plugin::proxy::Supervisor::start_kept(
-                    spec,
-                    None,
-                    state_dir
-                        .map(|d| kept_proxy(d, config.rules.owner.nft_table()))
-                        .transpose()?,
-                    Box::new(crate::metrics::proxy_started),
-                );
-                Some((Arc::new(supervisor), within))
-            }
-            None => None,
-        };
-        if let Some((p, within)) = &proxy {
-            tokio::spawn(replace_if_stale(p.clone(), *within));
+        if let Some(p) = &proxy {
+            let (p, own) = (p.clone(), own.clone());
+            tokio::spawn(async move { p.upgrade_if_stale(&own).await });
         }
         Ok(MeshProxy {
             config,
@@ -208,6 +187,21 @@ impl MeshProxy {
             net_admin,
             proxy,
         })
+    }
+
+    /// A reloaded configuration's `proxy.process`: a changed definition is
+    /// upgraded to without dropping traffic ([`shared::SharedProxy::upgrade`]);
+    /// adding or removing the process takes a restart (logged).
+    pub async fn reload_process(&self, def: Option<process::ProcessConfig>) {
+        match (&self.proxy, def) {
+            (Some(p), Some(def)) => {
+                p.upgrade(def, &self.own).await;
+            }
+            (None, None) => {}
+            _ => tracing::warn!(
+                "proxy.process added or removed: that takes effect when the endpoint restarts"
+            ),
+        }
     }
 
     /// The interfaces whose traffic the NSE's netns hands to the proxy now.
@@ -360,17 +354,15 @@ impl NetworkFunction for MeshProxy {
         {
             tracing::warn!(table = %self.own.table(), error = %e, "cannot remove the redirect rules at exit");
         }
-        let Some((p, _)) = &self.proxy else {
-            return;
-        };
         // Connections left: their rules stay, and so does the proxy they
-        // lead to (the next start adopts both); a proxy not kept ends with
-        // its supervisor anyway.
-        let left = self.own.interfaces().len();
-        if self.net_admin && left > 0 {
-            tracing::info!(pid = ?p.pid(), connections = left, "leaving the proxy running for the connections left; the next start adopts it");
-        } else {
-            p.stop();
+        // lead to (the next start adopts both).
+        if let Some(p) = &self.proxy {
+            let left = if self.net_admin {
+                self.own.interfaces().len()
+            } else {
+                0
+            };
+            p.release(left);
         }
     }
 
@@ -396,14 +388,12 @@ impl NetworkFunction for MeshProxy {
                             .into(),
                     });
                 }
-                if let Some((p, within)) = &self.proxy {
+                if let Some(p) = &self.proxy {
                     // Nothing is applied for a proxy that cannot serve.
-                    p.ready(*within)
-                        .await
-                        .map_err(|e| FunctionError::NotReady {
-                            function: NAME.into(),
-                            reason: e.to_string(),
-                        })?;
+                    p.ready().await.map_err(|e| FunctionError::NotReady {
+                        function: NAME.into(),
+                        reason: e.to_string(),
+                    })?;
                 }
                 let method = self.method(conn)?;
                 let interface = conn

@@ -54,6 +54,11 @@ mod tests {
         );
         let e = bad("version: 1\nplacement: sidecar\nproxy: {process: {command: [envoy]}}");
         assert!(e.contains("sidecarProxy"), "{e}");
+        let e = bad("version: 1\nproxy: {port: 65500, process: {command: [envoy]}}");
+        assert!(
+            e.contains("do not fit"),
+            "an upgrade has no ports to go to: {e}"
+        );
         assert!(FunctionConfig::parse("version: 1\nproxy: {process: {command: [envoy]}}").is_ok());
     }
 }

@@ -14,7 +14,7 @@ use super::*;
 fn function(yaml: &str) -> MeshProxy {
     let config = FunctionConfig::parse(yaml).unwrap();
     MeshProxy {
-        own: Arc::new(own_table(&config).unwrap()),
+        own: Arc::new(own_table(&config, Arc::default()).unwrap()),
         config,
         net_admin: false,
         proxy: None,

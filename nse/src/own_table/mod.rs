@@ -428,6 +428,41 @@ impl OwnTable {
         }
     }
 
+    /// Writes the whole table again from the planner, whose rules changed
+    /// (the shared proxy moved to other ports): one transaction, so
+    /// traffic goes to the old target or the new one, never past both.
+    /// Nothing written yet: nothing to do, the next change writes it.
+    pub fn rewrite(&self) -> Result<(), RulesError> {
+        let mut st = self.lock();
+        if st.applied.is_none() && st.live.is_empty() {
+            return Ok(());
+        }
+        let ipv6 = st.ipv6();
+        let plan = self.plan(st.members(None), ipv6)?;
+        let started = std::time::Instant::now();
+        let written = self.write(&plan);
+        crate::metrics::rules_applied(self.backend.name(), started.elapsed());
+        match written {
+            Ok(()) => {
+                st.applied = Some(self.plan([], ipv6)?);
+                Ok(())
+            }
+            Err(e) => {
+                st.applied = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`OwnTable::rewrite`] off the async runtime.
+    pub async fn replan(self: &Arc<Self>) -> Result<(), String> {
+        let table = self.clone();
+        tokio::task::spawn_blocking(move || table.rewrite())
+            .await
+            .map_err(|e| format!("rules task failed: {e}"))?
+            .map_err(|e| format!("{} in the endpoint's netns: {e}", self.table()))
+    }
+
     /// [`OwnTable::release`] off the async runtime: the table goes if no
     /// connection is live.
     pub async fn remove_if_idle(self: &Arc<Self>) {
