@@ -350,6 +350,40 @@ impl ClientProxies {
         }
     }
 
+    /// Refuses an upgrade of connection `id`'s proxy `name` from the ports
+    /// of `from` to those of `to` that could not tell the new process from
+    /// the old one: a definition with fixed ports (neither `{{proxyPort}}`
+    /// nor `{{inboundPort}}` nor `{{dnsPort}}` used) or a readiness port of
+    /// its own, which the old process would answer. The old one then keeps
+    /// serving (the caller logs why).
+    pub fn check_upgrade(
+        &self,
+        id: &str,
+        name: &str,
+        from: &HopRecord,
+        to: &HopRecord,
+    ) -> Result<()> {
+        let def = self.defs().get(name).cloned();
+        let spec = |rec: &HopRecord| {
+            let rules = rec.applied_rules()?;
+            def.as_ref()?
+                .spec(&values(id, name, rec, &rules), rules.outbound_port.0)
+                .ok()
+        };
+        match (spec(from), spec(to)) {
+            (Some(a), Some(b)) if (a.argv != b.argv || a.env != b.env) && a.ready != b.ready => Ok(()),
+            (Some(_), Some(_)) => Err(HopError::ProxyRefused {
+                name: name.to_owned(),
+                why: "an upgrade starts the new proxy beside the old one on other ports, but this \
+                      definition's ports are fixed (no {{proxyPort}}, {{inboundPort}} or {{dnsPort}}) \
+                      or it has a ready port of its own: the old proxy keeps serving"
+                    .into(),
+            }),
+            // Not defined any more, or no rules: `launch` says why.
+            _ => Ok(()),
+        }
+    }
+
     /// Puts `new` in place of connection `id`'s proxy; returns the old one
     /// (to be drained).
     pub fn swap(&self, id: &str, new: Running) -> Option<Running> {
@@ -443,6 +477,29 @@ mod tests {
             &std::env::temp_dir().join(format!("client-proxy-{}", std::process::id())),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn an_upgrade_needs_a_definition_that_follows_its_ports() {
+        let p = ClientProxies::new(
+            ProxyDefinitions::parse(
+                "version: 1\nproxies:\n  moves: {command: [haproxy], env: {P: '{{proxyPort}}'}, user: 1337}\n  fixed: {command: [haproxy], user: 1337}\n  ownready: {command: [envoy, '{{proxyPort}}'], user: 1337, ready: {tcpPort: 15021}}\n",
+            )
+            .unwrap(),
+            &std::env::temp_dir().join(format!("client-proxy-up-{}", std::process::id())),
+        )
+        .unwrap();
+        let from = crate::hop::state::tests::record();
+        let mut to = from.clone();
+        to.proxy_alt = true;
+        p.check_upgrade("c", "moves", &from, &to).unwrap();
+        for name in ["fixed", "ownready"] {
+            let e = p.check_upgrade("c", name, &from, &to).unwrap_err();
+            assert!(
+                e.to_string().contains("the old proxy keeps serving"),
+                "{name}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -273,6 +273,7 @@ impl Hop {
         };
         let mut next = rec.clone();
         next.proxy_alt = !rec.proxy_alt;
+        proxies.check_upgrade(id, &name, &rec, &next)?;
         let new = proxies.launch(id, &name, &client, &next).await?;
         // Recorded first: a crash from here on restarts the proxy on the
         // ports the rules are about to name (or, undone, names already).

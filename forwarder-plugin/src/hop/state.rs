@@ -380,7 +380,7 @@ fn read_file(path: &Path) -> Result<ConnectionFile, StateError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::hop::record::Session;
     use crate::hop::redirect::BackendName;
