@@ -37,7 +37,7 @@ fn proxies_file(dir: &Path, command: Option<&str>) -> PathBuf {
     std::fs::write(
         &file,
         format!(
-            "version: 1\nproxies:\n  haproxy:\n    command: {command}\n    env: {{MESH_CONNECTION: '{{{{connectionId}}}}', MESH_IF: '{{{{interface}}}}'}}\n    user: 1337\n    startTimeout: 5s\n    drainTimeout: 1s\n"
+            "version: 1\nproxies:\n  haproxy:\n    command: {command}\n    env: {{MESH_CONNECTION: '{{{{connectionId}}}}', MESH_IF: '{{{{interface}}}}', MESH_POD: '{{{{labels.podName}}}}'}}\n    user: 1337\n    startTimeout: 5s\n    drainTimeout: 1s\n"
         ),
     )
     .unwrap();
@@ -143,7 +143,9 @@ fn the_injected_proxy_is_ready_before_nsc_init_returns_restarts_and_goes_with_cl
     let client = lab.client().unwrap();
     lab.attach_static_client(&client).unwrap();
     let before = snapshot(&client);
-    let opts = lab.nsc_options("injected").unwrap();
+    let mut opts = lab.nsc_options("injected").unwrap();
+    // nsc-init labels its connection with the pod's name, as NSM's does.
+    opts.env.push(("POD_NAME".into(), "web-0".into()));
     let (mut nsc, up) = nsc::watch(&client, &opts, &lab.dir.join("nsc.log"), UP)
         .unwrap_or_else(|e| panic!("nsc-init: {e}{}", lab.logs()));
 
@@ -166,6 +168,10 @@ fn the_injected_proxy_is_ready_before_nsc_init_returns_restarts_and_goes_with_cl
     assert!(
         env.contains(&format!("MESH_IF={}", up.iface)),
         "the template had the client's interface: {env:?}"
+    );
+    assert!(
+        env.contains(&"MESH_POD=web-0".to_owned()),
+        "the template had the connection's label podName: {env:?}"
     );
     let conn = env
         .iter()

@@ -166,6 +166,7 @@ impl PlumbedClient {
         let record = HopRecord {
             proxy: None,
             proxy_alt: false,
+            labels: Default::default(),
             plan,
             rules: None,
             capture: capture_spec(conn),

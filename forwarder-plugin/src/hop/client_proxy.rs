@@ -10,7 +10,7 @@
 //! `<state dir>/proxies/` and a restarted agent adopts it (no second start,
 //! no gap in the pod's traffic).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
@@ -24,7 +24,7 @@ use super::error::{HopError, Result};
 use super::record::{HopRecord, UPGRADE_PORT_SHIFT, shifted};
 use super::state::file_stem;
 use crate::netns::Netns;
-use crate::proxy::config::{MAX_NAME, fields, valid_name};
+use crate::proxy::config::{MAX_NAME, Values, fields, valid_name};
 use crate::proxy::{Keep, ProcessConfig, ProxyDefinitions, Supervisor, kept};
 use crate::rules::{Plan, RedirectSpec};
 
@@ -427,13 +427,9 @@ fn known(names: &str) -> String {
     }
 }
 
-/// The template fields of connection `id` ([`fields`]).
-fn values<'a>(
-    id: &str,
-    name: &str,
-    rec: &HopRecord,
-    rules: &RedirectSpec,
-) -> BTreeMap<&'a str, String> {
+/// The template fields of connection `id` ([`fields`]), its labels among
+/// them.
+fn values(id: &str, name: &str, rec: &HopRecord, rules: &RedirectSpec) -> Values {
     let client_ip = rec
         .plan
         .a
@@ -441,7 +437,7 @@ fn values<'a>(
         .first()
         .map(|a| a.addr().to_string())
         .unwrap_or_default();
-    [
+    let fixed = [
         (fields::CONNECTION_ID, id.to_owned()),
         (fields::INTERFACE, rec.plan.a.name.clone()),
         (fields::PROXY_PORT, rules.outbound_port.0.to_string()),
@@ -449,8 +445,17 @@ fn values<'a>(
         (fields::DNS_PORT, rules.dns_port.0.to_string()),
         (fields::CLIENT_IP, client_ip),
         (fields::NAME, name.to_owned()),
-    ]
-    .into()
+        (fields::LABELS, String::new()),
+    ];
+    let labels = rec
+        .labels
+        .iter()
+        .map(|(k, v)| (format!("{}{k}", fields::LABEL_PREFIX), v.clone()));
+    fixed
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .chain(labels)
+        .collect()
 }
 
 #[cfg(test)]

@@ -313,6 +313,7 @@ mod tests {
         HopRecord {
             proxy: None,
             proxy_alt: false,
+            labels: Default::default(),
             plan: VethPlan {
                 a: end(&["198.18.0.1/32", "fd00::1/128"]),
                 b: end(&["198.18.0.0/32", "fd00::/128"]),

@@ -430,6 +430,11 @@ impl Hop {
             plan,
             rules,
             capture,
+            labels: if proxy.is_some() {
+                req.connection.labels.clone().into_iter().collect()
+            } else {
+                Default::default()
+            },
             proxy,
             proxy_alt: false,
             policies: policies(req.connection)?,
@@ -465,6 +470,10 @@ impl Hop {
         record.proxy_alt = old
             .as_ref()
             .is_some_and(|o| o.proxy_alt && o.proxy == record.proxy && o.rules == record.rules);
+        // Its proxy was rendered with the labels it started with.
+        if let Some(o) = old.as_ref().filter(|o| o.proxy == record.proxy) {
+            record.labels = o.labels.clone();
+        }
         let replaced = match old {
             Some(old) if old.same_dataplane(&record) => {
                 return self.refresh(id, record, held, &client_links).await;

@@ -28,6 +28,11 @@ pub struct HopRecord {
     /// each upgrade; kept across refreshes (the endpoint does not know it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub proxy_alt: bool,
+    /// The connection's labels when it has a client proxy (its template's
+    /// `{{labels.<key>}}`), as they were at its start: an adopted proxy is
+    /// recognised by what it was rendered from.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// NSM policy routes the endpoint returned (`ip_context.policies`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<Policy>,

@@ -211,6 +211,7 @@ mod tests {
         HopRecord {
             proxy: None,
             proxy_alt: false,
+            labels: Default::default(),
             plan: VethPlan {
                 a: end(client_ns, client_if),
                 b: end("inode://4/2", endpoint_if),

@@ -404,6 +404,7 @@ pub(crate) mod tests {
         HopRecord {
             proxy: None,
             proxy_alt: false,
+            labels: Default::default(),
             plan: VethPlan {
                 a: end("inode://4/1", "nsm-1"),
                 b: end("inode://4/2", "nse-1"),

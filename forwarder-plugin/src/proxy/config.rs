@@ -16,6 +16,9 @@ use super::{ProcessSpec, Readiness};
 const MAX_ARGS: usize = 64;
 const MAX_ARG_LEN: usize = 4096;
 const MAX_ENV: usize = 64;
+/// Longest value a field renders to (labels come from the Request).
+const MAX_VALUE: usize = 1024;
+static EMPTY: String = String::new();
 const MIN_START: Duration = Duration::from_millis(100);
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// Named definitions in one proxies file.
@@ -117,9 +120,14 @@ pub struct HttpGet {
     pub path: String,
 }
 
+/// The rendered values a template field may take.
+pub type Values = BTreeMap<String, String>;
+
 /// Replaces each `{{name}}` in `text` from `values`; an unknown or
-/// unclosed one is an error naming it.
-pub fn render(text: &str, values: &BTreeMap<&str, String>) -> Result<String, String> {
+/// unclosed one is an error naming it. Where `values` has
+/// [`fields::LABELS`], `{{labels.<key>}}` is the connection's label `key`,
+/// empty when it has none.
+pub fn render(text: &str, values: &Values) -> Result<String, String> {
     let mut out = String::new();
     let mut rest = text;
     while let Some(start) = rest.find("{{") {
@@ -129,12 +137,24 @@ pub fn render(text: &str, values: &BTreeMap<&str, String>) -> Result<String, Str
             .find("}}")
             .ok_or_else(|| format!("{text:?}: \"{{{{\" is never closed"))?;
         let name = after[..end].trim();
-        let value = values.get(name).ok_or_else(|| {
+        let label = name
+            .strip_prefix(fields::LABEL_PREFIX)
+            .filter(|k| !k.is_empty() && values.contains_key(fields::LABELS));
+        let value = values.get(name).or(label.map(|_| &EMPTY)).ok_or_else(|| {
             format!(
                 "{text:?}: unknown template field {{{{{name}}}}} (known: {})",
-                values.keys().copied().collect::<Vec<_>>().join(", ")
+                values
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         })?;
+        if value.len() > MAX_VALUE {
+            return Err(format!(
+                "{text:?}: {{{{{name}}}}} is longer than {MAX_VALUE} bytes"
+            ));
+        }
         out.push_str(value);
         rest = &after[end + 2..];
     }
@@ -156,11 +176,7 @@ impl ProcessConfig {
     /// What to run, with every `{{field}}` taken from `values`;
     /// `proxy_port` is the readiness port when none is configured. Every
     /// check of the configuration happens here.
-    pub fn spec(
-        &self,
-        values: &BTreeMap<&str, String>,
-        proxy_port: u16,
-    ) -> Result<ProcessSpec, String> {
+    pub fn spec(&self, values: &Values, proxy_port: u16) -> Result<ProcessSpec, String> {
         if self.command.is_empty() || self.command[0].trim().is_empty() {
             return Err("command: give the program and its arguments".into());
         }
@@ -227,7 +243,10 @@ impl ProcessConfig {
     /// Checks the configuration for a renderer that knows `fields`
     /// (rendered with placeholder values).
     pub fn check(&self, fields: &[&str]) -> Result<(), String> {
-        let values = fields.iter().map(|f| (*f, "1".to_owned())).collect();
+        let values = fields
+            .iter()
+            .map(|f| ((*f).to_owned(), "1".to_owned()))
+            .collect();
         self.spec(&values, 1).map(|_| ())
     }
 }
@@ -248,7 +267,11 @@ pub mod fields {
     pub const CLIENT_IP: &str = "clientIp";
     /// The definition's name.
     pub const NAME: &str = "name";
-    pub const ALL: [&str; 7] = [
+    /// Present among the values: `{{labels.<key>}}` is the connection's
+    /// label `key` (NSM's `podName`, `nodeName`, the nsurl's query).
+    pub const LABELS: &str = "labels.*";
+    pub const LABEL_PREFIX: &str = "labels.";
+    pub const ALL: [&str; 8] = [
         CONNECTION_ID,
         INTERFACE,
         PROXY_PORT,
@@ -256,6 +279,7 @@ pub mod fields {
         DNS_PORT,
         CLIENT_IP,
         NAME,
+        LABELS,
     ];
 }
 
@@ -362,8 +386,14 @@ mod tests {
         serde_norway::from_str(yaml).unwrap()
     }
 
-    fn ports() -> BTreeMap<&'static str, String> {
-        [("proxyPort", "15001".into()), ("dnsPort", "15053".into())].into()
+    fn values(v: &[(&str, &str)]) -> Values {
+        v.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn ports() -> Values {
+        values(&[("proxyPort", "15001"), ("dnsPort", "15053")])
     }
 
     #[test]
@@ -434,11 +464,36 @@ mod tests {
 
     #[test]
     fn a_rendered_value_with_a_nul_byte_is_refused() {
-        let values = [("connectionId", "a\0b".to_owned())].into();
         let e = parse("command: [envoy, '--id={{connectionId}}']")
-            .spec(&values, 1)
+            .spec(&values(&[("connectionId", "a\0b")]), 1)
             .unwrap_err();
         assert!(e.contains("NUL"), "{e}");
+    }
+
+    #[test]
+    fn labels_render_where_the_renderer_offers_them_and_are_bounded() {
+        let c = parse("command: [envoy, '--service-node={{labels.podName}}', '{{labels.zone}}']");
+        // The endpoint's shared proxy has no connection, so no labels.
+        let e = c.check(&["proxyPort"]).unwrap_err();
+        assert!(
+            e.contains("unknown template field {{labels.podName}}"),
+            "{e}"
+        );
+        c.check(&fields::ALL).unwrap();
+        let with = |pod: &str| values(&[(fields::LABELS, ""), ("labels.podName", pod)]);
+        let s = c.spec(&with("web-1"), 1).unwrap();
+        assert_eq!(
+            s.argv,
+            ["envoy", "--service-node=web-1", ""],
+            "an absent label is empty"
+        );
+        let e = c.spec(&with(&"x".repeat(MAX_VALUE + 1)), 1).unwrap_err();
+        assert!(e.contains("longer than"), "{e}");
+        assert!(
+            parse("command: ['{{labels.}}']")
+                .check(&fields::ALL)
+                .is_err()
+        );
     }
 
     #[test]

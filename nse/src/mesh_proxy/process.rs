@@ -4,8 +4,6 @@
 //! (spawn, readiness, restarts, drain) are [`forwarder_plugin::proxy`];
 //! here are the template fields the endpoint fills: its proxy's ports.
 
-use std::collections::BTreeMap;
-
 use forwarder_plugin::proxy::ProcessSpec;
 
 pub use forwarder_plugin::proxy::ProcessConfig;
@@ -15,9 +13,9 @@ use super::config::ProxyConfig;
 /// What to run for the proxy `proxy` describes: `{{proxyPort}}` and
 /// `{{dnsPort}}` are `proxy.port` and `proxy.dnsPort`.
 pub fn spec(process: &ProcessConfig, proxy: &ProxyConfig) -> Result<ProcessSpec, String> {
-    let values: BTreeMap<&str, String> = [
-        ("proxyPort", proxy.port.0.to_string()),
-        ("dnsPort", proxy.dns_port.0.to_string()),
+    let values = [
+        ("proxyPort".to_owned(), proxy.port.0.to_string()),
+        ("dnsPort".to_owned(), proxy.dns_port.0.to_string()),
     ]
     .into();
     process.spec(&values, proxy.port.0)
