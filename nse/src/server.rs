@@ -176,8 +176,12 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         let meshes = started.meshes.clone();
         let chains = started.chains.clone();
         tokio::spawn(async move {
+            let mut memory = nsm_api::memory::Trim::default();
             loop {
                 tokio::time::sleep(crate::functions::MAINTENANCE_PERIOD).await;
+                if memory.after(ep.stats().connections) {
+                    tracing::debug!("connections gone: freed memory returned to the kernel");
+                }
                 let c = chains.clone();
                 let _ = tokio::task::spawn_blocking(move || c.reload_if_changed()).await;
                 if let Some(r) = reload.clone()

@@ -42,6 +42,7 @@ pub mod limits;
 pub mod listen;
 pub mod logging;
 pub mod mechanism;
+pub mod memory;
 pub mod metadata;
 pub mod metrics;
 pub mod monitor;

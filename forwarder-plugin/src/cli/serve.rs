@@ -28,6 +28,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Kernel work runs on blocking threads; a burst of Requests makes
+        // many that soon idle: their stacks go back when they do.
+        .thread_keep_alive(std::time::Duration::from_secs(2))
         .build()
     {
         Ok(rt) => rt,

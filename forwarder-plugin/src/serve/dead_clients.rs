@@ -7,7 +7,8 @@
 //! downstream, and DELETEd on our monitor so the caller learns it.
 //!
 //! The same task keeps live connections' client-side rules in place:
-//! rules someone flushed in the pod are applied again (fail closed).
+//! rules someone flushed in the pod are applied again (fail closed); and
+//! returns freed memory once many connections have gone.
 //!
 //! A namespace is matched by inode: should a new namespace get the dead
 //! one's inode before the scan, the connection is taken for alive and
@@ -32,9 +33,11 @@ pub const RULES_PERIOD: Duration = Duration::from_secs(5);
 /// long as the task runs.
 pub async fn watch(forwarder: Arc<Forwarder>, monitor: MonitorHub) {
     let mut last_rules = tokio::time::Instant::now();
+    let mut memory = nsm_api::memory::Trim::default();
     loop {
         tokio::time::sleep(PERIOD).await;
         sweep(&forwarder, &monitor).await;
+        memory.after(forwarder.hop().len());
         if last_rules.elapsed() >= RULES_PERIOD {
             last_rules = tokio::time::Instant::now();
             for id in forwarder.hop().repair_rules().await {
