@@ -203,6 +203,17 @@ pub fn pids_running(ns_name: &str, needle: &str) -> Vec<u32> {
 }
 
 /// The effective uid of process `pid`.
+/// The environment of process `pid`, one `KEY=value` a line (empty when
+/// it is gone).
+pub fn environ(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
 pub fn uid(pid: u32) -> Option<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?

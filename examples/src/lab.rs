@@ -595,6 +595,22 @@ impl Lab {
         Ok(ex)
     }
 
+    /// A TCP connection from `client` to the server on `port`, held open
+    /// (both ends), e.g. to see it survive a proxy's upgrade.
+    pub fn hold(&self, client: &Namespace, port: u16) -> std::io::Result<HeldConnection> {
+        let target = SocketAddr::from((SERVER_IP, port));
+        let listener = self
+            .server_ns
+            .run(move || std::net::TcpListener::bind(target))
+            .map_err(std::io::Error::other)??;
+        let app = client
+            .run(move || std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)))
+            .map_err(std::io::Error::other)??;
+        let (server, peer) = listener.accept()?;
+        server.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(HeldConnection { app, server, peer })
+    }
+
     /// The destination the proxy logged for a connection from `client`.
     pub fn proxy_saw(&self, client: SocketAddr) -> Option<SocketAddr> {
         find_in_log(&self.proxy.log(), client)
@@ -619,5 +635,27 @@ impl Lab {
             ));
         }
         out
+    }
+}
+
+/// A connection [`Lab::hold`] keeps open.
+pub struct HeldConnection {
+    pub app: std::net::TcpStream,
+    pub server: std::net::TcpStream,
+    /// The source the server saw (a proxy's, when one is in the path).
+    pub peer: SocketAddr,
+}
+
+impl HeldConnection {
+    /// Sends `msg` from the app; the server must receive it whole.
+    pub fn echo(&mut self, msg: &[u8]) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        self.app.write_all(msg)?;
+        let mut got = vec![0; msg.len()];
+        self.server.read_exact(&mut got)?;
+        if got != msg {
+            return Err(std::io::Error::other("the server got other bytes"));
+        }
+        Ok(())
     }
 }

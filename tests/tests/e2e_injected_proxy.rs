@@ -10,7 +10,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use examples::inspect::{self, NsState};
 use examples::lab::{Lab, LabConfig, STATIC_CLIENT_IP, server_addr};
@@ -97,28 +97,6 @@ fn proxies_in(ns: &Namespace) -> Vec<u32> {
     inspect::pids_running(ns.name(), CFG)
 }
 
-fn environ(pid: u32) -> Vec<String> {
-    std::fs::read(format!("/proc/{pid}/environ"))
-        .unwrap_or_default()
-        .split(|b| *b == 0)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .collect()
-}
-
-/// Waits until `f` holds, at most `within`.
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A request from `client` went through its own proxy: the server saw a
 /// connection from the client's own address (the pod network) that is not
 /// the app's (the proxy's), and the endpoint's proxy saw nothing of it.
@@ -164,7 +142,7 @@ fn the_injected_proxy_is_ready_before_nsc_init_returns_restarts_and_goes_with_cl
         Some(1337),
         "the proxy runs as the proxy uid"
     );
-    let env = environ(first);
+    let env = inspect::environ(first);
     assert!(
         env.contains(&format!("MESH_IF={}", up.iface)),
         "the template had the client's interface: {env:?}"
@@ -187,7 +165,7 @@ fn the_injected_proxy_is_ready_before_nsc_init_returns_restarts_and_goes_with_cl
     // bypasses it (a bypass would reach the server as the app's own connection).
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
     let mut refused = 0;
-    let back = eventually(Duration::from_secs(15), || {
+    let back = nsm_tests::eventually(Duration::from_secs(15), || {
         match http_get(&client, server_addr(), Duration::from_secs(1)) {
             Ok(ex) => assert_ne!(
                 ex.server_saw,
@@ -202,7 +180,7 @@ fn the_injected_proxy_is_ready_before_nsc_init_returns_restarts_and_goes_with_cl
     assert!(back, "the proxy came back{}", lab.logs());
     eprintln!("requests refused while the injected proxy restarted: {refused}");
     assert!(
-        eventually(Duration::from_secs(5), || http_get(
+        nsm_tests::eventually(Duration::from_secs(5), || http_get(
             &client,
             server_addr(),
             IO
@@ -322,7 +300,7 @@ fn a_dead_pod_takes_its_proxy_and_a_restarted_node_agent_adopts_the_running_ones
     let _ = gone.wait(UP);
     doomed.delete_leaving_processes();
     assert!(
-        eventually(Duration::from_secs(15), || {
+        nsm_tests::eventually(Duration::from_secs(15), || {
             !Path::new(&format!("/proc/{}", doomed_proxy[0])).exists()
         }),
         "the dead pod's proxy was stopped{}",
@@ -351,7 +329,7 @@ fn a_dead_pod_takes_its_proxy_and_a_restarted_node_agent_adopts_the_running_ones
     // Adopted means supervised: kill -9 of the adopted proxy starts it again.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(old[0] as i32), Signal::SIGKILL).unwrap();
     assert!(
-        eventually(UP, || {
+        nsm_tests::eventually(UP, || {
             let now = proxies_in(&alive);
             now.len() == 1 && now != old
         }),
@@ -359,7 +337,7 @@ fn a_dead_pod_takes_its_proxy_and_a_restarted_node_agent_adopts_the_running_ones
         lab.logs()
     );
     assert!(
-        eventually(Duration::from_secs(5), || http_get(
+        nsm_tests::eventually(Duration::from_secs(5), || http_get(
             &alive,
             server_addr(),
             IO
@@ -384,7 +362,7 @@ fn a_dead_pod_takes_its_proxy_and_a_restarted_node_agent_adopts_the_running_ones
     });
     assert!(upgraded.is_ok(), "{upgraded:?}{}", lab.logs());
     assert!(
-        eventually(Duration::from_secs(10), || {
+        nsm_tests::eventually(Duration::from_secs(10), || {
             let now = proxies_in(&alive);
             now.len() == 1 && !before.contains(&now[0])
         }),
@@ -393,7 +371,7 @@ fn a_dead_pod_takes_its_proxy_and_a_restarted_node_agent_adopts_the_running_ones
         lab.logs()
     );
     let now = proxies_in(&alive);
-    assert!(environ(now[0]).contains(&"VERSION=2".to_owned()));
+    assert!(inspect::environ(now[0]).contains(&"VERSION=2".to_owned()));
     assert_through_the_injected_proxy(&lab, &alive);
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
@@ -445,27 +423,13 @@ fn an_upgrade_sends_new_connections_to_the_new_proxy_while_the_old_one_drains() 
     assert!(examples::proxy::listening(old[0], 15001));
 
     // A long-lived connection through the first proxy.
-    let target = std::net::SocketAddr::from((examples::lab::SERVER_IP, 9090));
-    let listener = lab
-        .server_ns
-        .run(move || std::net::TcpListener::bind(target))
-        .unwrap()
-        .unwrap();
-    let mut app = client
-        .run(move || std::net::TcpStream::connect_timeout(&target, IO))
-        .unwrap()
-        .unwrap();
-    let (mut server_side, proxy_peer) = listener.accept().unwrap();
-    assert_ne!(proxy_peer, app.local_addr().unwrap(), "through the proxy");
-    let echo = |app: &mut std::net::TcpStream, server: &mut std::net::TcpStream, msg: &[u8]| {
-        use std::io::{Read, Write};
-        server.set_read_timeout(Some(IO)).unwrap();
-        app.write_all(msg).unwrap();
-        let mut got = vec![0; msg.len()];
-        server.read_exact(&mut got).unwrap();
-        assert_eq!(got, msg);
-    };
-    echo(&mut app, &mut server_side, b"before");
+    let mut held = lab.hold(&client, 9090).unwrap();
+    assert_ne!(
+        held.peer,
+        held.app.local_addr().unwrap(),
+        "through the proxy"
+    );
+    held.echo(b"before").unwrap();
 
     // The definition changes: a new proxy on the upgrade ports, the rules
     // switched to it, the old one draining.
@@ -480,7 +444,7 @@ fn an_upgrade_sends_new_connections_to_the_new_proxy_while_the_old_one_drains() 
         1,
         "one new proxy beside the draining one: {now:?}"
     );
-    assert!(environ(new[0]).contains(&"VERSION=2".to_owned()));
+    assert!(inspect::environ(new[0]).contains(&"VERSION=2".to_owned()));
     // Its readiness was checked without a connection to its port, which a
     // transparent proxy would relay to itself, over and over.
     let to_itself = std::fs::read_to_string(format!("/proc/{}/net/tcp", new[0]))
@@ -503,7 +467,7 @@ fn an_upgrade_sends_new_connections_to_the_new_proxy_while_the_old_one_drains() 
         "the new proxy listens on {shift}"
     );
     assert!(
-        eventually(Duration::from_secs(5), || !examples::proxy::listening(
+        nsm_tests::eventually(Duration::from_secs(5), || !examples::proxy::listening(
             old[0], 15001
         )),
         "the old proxy stopped listening (draining)"
@@ -512,17 +476,16 @@ fn an_upgrade_sends_new_connections_to_the_new_proxy_while_the_old_one_drains() 
     // New connections reach the server (only the new proxy listens), the
     // old connection still flows through the old proxy, which is alive.
     assert_through_the_injected_proxy(&lab, &client);
-    echo(&mut app, &mut server_side, b"during the drain");
+    held.echo(b"during the drain").unwrap();
     assert!(
         Path::new(&format!("/proc/{}", old[0])).exists(),
         "the old proxy drains"
     );
 
     // Its last connection ends: it exits.
-    drop(app);
-    drop(server_side);
+    drop(held);
     assert!(
-        eventually(Duration::from_secs(10), || proxies_in(&client) == new),
+        nsm_tests::eventually(Duration::from_secs(10), || proxies_in(&client) == new),
         "the old proxy exited once drained: {:?}",
         proxies_in(&client)
     );

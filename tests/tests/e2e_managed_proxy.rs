@@ -145,25 +145,8 @@ fn upgradable_config(dir: &std::path::Path, version: u32, program: &str) -> std:
     config
 }
 
-fn environ(pid: u32) -> String {
-    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default())
-        .replace('\0', "\n")
-}
-
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
-
 #[test]
 fn an_upgrade_of_the_endpoints_proxy_moves_new_connections_while_open_ones_drain() {
-    use std::io::{Read, Write};
     if !nsm_tests::require_root("managed proxy upgrade") {
         return;
     }
@@ -195,26 +178,9 @@ fn an_upgrade_of_the_endpoints_proxy_moves_new_connections_while_open_ones_drain
     assert!(examples::proxy::listening(old[0], PORT));
 
     // A long-lived connection through the first proxy.
-    let target = std::net::SocketAddr::from((examples::lab::SERVER_IP, 9090));
-    let listener = lab
-        .server_ns
-        .run(move || std::net::TcpListener::bind(target))
-        .unwrap()
-        .unwrap();
-    let mut app = client
-        .run(move || std::net::TcpStream::connect_timeout(&target, IO))
-        .unwrap()
-        .unwrap();
-    let (mut server_side, proxy_peer) = listener.accept().unwrap();
-    assert_eq!(proxy_peer.ip(), IpAddr::V4(NSE_UPLINK), "through the proxy");
-    let echo = |app: &mut std::net::TcpStream, server: &mut std::net::TcpStream, msg: &[u8]| {
-        server.set_read_timeout(Some(IO)).unwrap();
-        app.write_all(msg).unwrap();
-        let mut got = vec![0; msg.len()];
-        server.read_exact(&mut got).unwrap();
-        assert_eq!(got, msg);
-    };
-    echo(&mut app, &mut server_side, b"before");
+    let mut held = lab.hold(&client, 9090).unwrap();
+    assert_eq!(held.peer.ip(), IpAddr::V4(NSE_UPLINK), "through the proxy");
+    held.echo(b"before").unwrap();
 
     // The definition changes: the endpoint reads its config again, starts
     // the new proxy on the other port, moves its rules there in one
@@ -231,7 +197,7 @@ fn an_upgrade_of_the_endpoints_proxy_moves_new_connections_while_open_ones_drain
         "one new proxy beside the draining one: {now:?}"
     );
     assert!(
-        environ(new[0]).contains("VERSION=2"),
+        examples::inspect::environ(new[0]).contains(&"VERSION=2".to_owned()),
         "the new definition runs"
     );
     assert!(
@@ -239,7 +205,7 @@ fn an_upgrade_of_the_endpoints_proxy_moves_new_connections_while_open_ones_drain
         "the new proxy listens on {shifted}"
     );
     assert!(
-        eventually(IO, || !examples::proxy::listening(old[0], PORT)),
+        nsm_tests::eventually(IO, || !examples::proxy::listening(old[0], PORT)),
         "the old proxy stopped listening (draining)"
     );
 
@@ -247,15 +213,14 @@ fn an_upgrade_of_the_endpoints_proxy_moves_new_connections_while_open_ones_drain
     // the open one still flows through the old one, which is alive.
     lab.get_through_proxy(&client, IO)
         .unwrap_or_else(|e| panic!("after the upgrade: {e}"));
-    echo(&mut app, &mut server_side, b"during the drain");
+    held.echo(b"during the drain").unwrap();
     assert!(
         std::path::Path::new(&format!("/proc/{}", old[0])).exists(),
         "the old proxy drains"
     );
-    drop(app);
-    drop(server_side);
+    drop(held);
     assert!(
-        eventually(Duration::from_secs(10), || managed_haproxy_pids(&lab)
+        nsm_tests::eventually(Duration::from_secs(10), || managed_haproxy_pids(&lab)
             == new),
         "the old proxy exited once drained: {:?}",
         managed_haproxy_pids(&lab)

@@ -193,7 +193,9 @@ impl SharedProxy {
             return false;
         }
         let from = self.alt.load(Ordering::SeqCst);
-        let to = !from;
+        let in_place = !Self::moves(&def, &self.base);
+        // In place: the same slot; else the other.
+        let to = if in_place { from } else { !from };
         let spec = match Self::spec(&def, &self.base, to) {
             Ok(s) => s,
             Err(why) => {
@@ -202,8 +204,8 @@ impl SharedProxy {
                 return false;
             }
         };
-        if !Self::moves(&def, &self.base) {
-            return self.upgrade_in_place(def, old_sup, from).await;
+        if in_place {
+            return self.upgrade_in_place(def, spec, old_sup, from).await;
         }
         let port = slot_ports(&self.base, to).map(|p| p.port.0);
         let keep = self.dir.as_deref().map(|d| keep(d, &self.name, to));
@@ -258,20 +260,18 @@ impl SharedProxy {
     /// rules stay, so new connections wait (refused, never past the proxy)
     /// meanwhile. A new process that is not ready is retried by its
     /// supervisor, as after a crash.
-    async fn upgrade_in_place(&self, def: ProcessConfig, old: Arc<Supervisor>, slot: bool) -> bool {
+    async fn upgrade_in_place(
+        &self,
+        def: ProcessConfig,
+        spec: ProcessSpec,
+        old: Arc<Supervisor>,
+        slot: bool,
+    ) -> bool {
         tracing::warn!(
             "proxy.process has fixed ports (neither {{{{proxyPort}}}} nor {{{{dnsPort}}}} used, or a \
              ready port of its own): upgraded in place, new connections wait while it restarts \
              (template its ports and keep the default readiness for an upgrade without a gap)"
         );
-        let spec = match Self::spec(&def, &self.base, slot) {
-            Ok(s) => s,
-            Err(why) => {
-                tracing::error!(%why, "cannot upgrade the proxy: the running one stays");
-                crate::metrics::proxy_upgraded(false);
-                return false;
-            }
-        };
         let old_pid = old.pid();
         stop(old).await;
         let keep = self.dir.as_deref().map(|d| keep(d, &self.name, slot));
