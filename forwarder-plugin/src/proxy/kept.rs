@@ -215,6 +215,17 @@ pub fn forget(pidfile: &Path) {
     let _ = std::fs::remove_file(pidfile);
 }
 
+/// Forgets `pid`'s record (`None`: ours was not running), unless
+/// `pidfile` names another process by now (a newer proxy on the same ports
+/// started while this one drained).
+pub fn forget_pid(pidfile: &Path, pid: Option<u32>) {
+    match (read(pidfile), pid) {
+        (Some(rec), Some(pid)) if rec.pid != pid => {}
+        (Some(rec), None) if still_recorded(&rec) => {}
+        _ => forget(pidfile),
+    }
+}
+
 /// The live process `pidfile` names, if it is the one recorded and lives in
 /// `netns`. A process only the child's own record names (we crashed before
 /// recording it) is stopped: what it runs is unknown. Anything else the
@@ -398,6 +409,28 @@ mod tests {
             stop_signal: nix::sys::signal::Signal::SIGTERM,
             limits: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_drained_proxy_forgets_only_its_own_record() {
+        let dir = std::env::temp_dir().join(format!("kept-forget-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = Keep::in_dir(&dir, "p");
+        record(&k.pidfile, 4_194_400, &spec(&["x"])).unwrap();
+        forget_pid(&k.pidfile, Some(4_194_401));
+        assert!(k.pidfile.exists(), "a newer proxy's record stays");
+        forget_pid(&k.pidfile, Some(4_194_400));
+        assert!(!k.pidfile.exists());
+        record(&k.pidfile, 4_194_400, &spec(&["x"])).unwrap();
+        forget_pid(&k.pidfile, None);
+        assert!(
+            !k.pidfile.exists(),
+            "ours was not running, nor is the recorded one"
+        );
+        record(&k.pidfile, std::process::id(), &spec(&["x"])).unwrap();
+        forget_pid(&k.pidfile, None);
+        assert!(k.pidfile.exists(), "a live process's record stays");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

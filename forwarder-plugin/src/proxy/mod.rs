@@ -263,13 +263,14 @@ impl Supervisor {
     /// finish what it serves, then SIGKILL. Blocks until it is gone.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        if let Some(pid) = self.pid() {
+        let pid = self.pid();
+        if let Some(pid) = pid {
             tracing::info!(pid, signal = %self.stop_signal, drain = ?self.drain, "proxy draining");
             terminate(pid, self.stop_signal, self.drain);
             tracing::info!(pid, "proxy stopped");
         }
         if let Some(k) = &self.keep {
-            kept::forget(&k.pidfile);
+            kept::forget_pid(&k.pidfile, pid);
         }
     }
 }

@@ -53,6 +53,9 @@ pub struct SharedProxy {
     /// One upgrade at a time, to the definition asked for last.
     upgrading: tokio::sync::Mutex<()>,
     wanted: Mutex<Option<ProcessConfig>>,
+    /// The drain of the proxy the last upgrade replaced, which ran on the
+    /// ports the next upgrade moves to.
+    draining: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 fn keep(dir: &Path, name: &str, alt: bool) -> Keep {
@@ -124,6 +127,7 @@ impl SharedProxy {
             name,
             upgrading: tokio::sync::Mutex::new(()),
             wanted: Mutex::default(),
+            draining: Mutex::default(),
         })
     }
 
@@ -192,6 +196,17 @@ impl SharedProxy {
         if same && old_sup.adopted() != Some(true) {
             return false;
         }
+        // The proxy that last left these ports may still drain there (and
+        // answer a readiness check meant for the new one): wait for it.
+        let draining = self
+            .draining
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(d) = draining {
+            tracing::info!("waiting for the proxy the last upgrade replaced to drain");
+            let _ = d.await;
+        }
         let from = self.alt.load(Ordering::SeqCst);
         let in_place = !Self::moves(&def, &self.base);
         // In place: the same slot; else the other.
@@ -240,7 +255,8 @@ impl SharedProxy {
         crate::metrics::proxy_upgraded(true);
         tracing::info!(old = ?old_sup.pid(), new = ?new.pid(), port, "proxy upgraded: new connections go to the new proxy, the old one drains");
         // Drains in the background (its stop signal, its drain timeout).
-        tokio::spawn(stop(old_sup));
+        *self.draining.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(tokio::spawn(stop(old_sup)));
         true
     }
 
