@@ -320,12 +320,16 @@ impl OwnTable {
             self.record(&st.live);
             return Err(e);
         }
+        let removed = entry.is_none();
         match entry {
             Some(e) => st.live.insert(id.to_owned(), e),
             None => st.live.remove(id),
         };
         st.applied = Some(rules_only);
-        self.record(&st.live);
+        // An added entry was recorded before it joined.
+        if removed {
+            self.record(&st.live);
+        }
         Ok(())
     }
 

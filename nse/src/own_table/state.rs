@@ -180,8 +180,11 @@ impl StateFile {
             .mode(0o640)
             .open(&tmp)
             .map_err(io)?;
+        // Written aside and renamed: whole or not at all. Not synced: what
+        // it records (links, rules) does not outlive a reboot either, and a
+        // crash of the process keeps the page cache (an fsync cost ~0.7 ms
+        // here, twice per Request and Close).
         f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &self.path).map_err(io)
     }
 }
