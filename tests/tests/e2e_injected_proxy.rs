@@ -54,9 +54,7 @@ fn lab_with(dir: &Path, proxies: &Path, sidecar_proxy: &str, args: &[&str]) -> O
     if !nsm_tests::require_root("injected proxy") {
         return None;
     }
-    if examples::proxy::haproxy_path().is_none() {
-        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
-        eprintln!("SKIPPED: haproxy is not installed");
+    if !nsm_tests::require_tool("injected proxy", "haproxy") {
         return None;
     }
     let config = dir.join("config.yaml");

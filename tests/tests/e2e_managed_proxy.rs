@@ -28,9 +28,7 @@ fn the_endpoints_own_proxy_carries_every_client_and_never_lets_one_past_it() {
     if !nsm_tests::require_root("managed proxy") {
         return;
     }
-    if examples::proxy::haproxy_path().is_none() {
-        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
-        eprintln!("SKIPPED: haproxy is not installed");
+    if !nsm_tests::require_tool("managed proxy", "haproxy") {
         return;
     }
     let dir = std::env::temp_dir().join(nsm_tests::unique("managed-proxy"));
@@ -150,9 +148,7 @@ fn an_upgrade_of_the_endpoints_proxy_moves_new_connections_while_open_ones_drain
     if !nsm_tests::require_root("managed proxy upgrade") {
         return;
     }
-    if examples::proxy::haproxy_path().is_none() {
-        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
-        eprintln!("SKIPPED: haproxy is not installed");
+    if !nsm_tests::require_tool("managed proxy upgrade", "haproxy") {
         return;
     }
     const UP: Duration = Duration::from_secs(30);

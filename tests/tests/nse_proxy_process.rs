@@ -89,9 +89,7 @@ fn can_run() -> bool {
     if !nsm_tests::require_root("proxy.process") {
         return false;
     }
-    if examples::proxy::haproxy_path().is_none() {
-        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
-        eprintln!("SKIPPED: haproxy is not installed");
+    if !nsm_tests::require_tool("proxy.process", "haproxy") {
         return false;
     }
     true

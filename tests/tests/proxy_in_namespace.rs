@@ -23,11 +23,10 @@ async fn a_proxy_in_a_pods_namespace_is_probed_there_restarted_and_stopped() {
     if !nsm_tests::require_root("proxy in a namespace") {
         return;
     }
-    let Some(haproxy) = examples::proxy::haproxy_path() else {
-        assert!(!nsm_tests::in_ci(), "CI=true: haproxy is not installed");
-        eprintln!("SKIPPED: haproxy is not installed");
+    if !nsm_tests::require_tool("proxy in a namespace", "haproxy") {
         return;
-    };
+    }
+    let haproxy = examples::proxy::haproxy_path().expect("haproxy, found on PATH");
     let ns = TestNetns::new("pxyns");
     let dir = std::env::temp_dir().join(nsm_tests::unique("pxyns"));
     std::fs::create_dir_all(&dir).unwrap();

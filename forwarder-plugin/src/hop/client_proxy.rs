@@ -371,7 +371,7 @@ impl ClientProxies {
                 .ok()
         };
         match (spec(from), spec(to)) {
-            (Some(a), Some(b)) if (a.argv != b.argv || a.env != b.env) && a.ready != b.ready => Ok(()),
+            (Some(a), Some(b)) if b.runs_beside(&a) => Ok(()),
             (Some(_), Some(_)) => Err(HopError::ProxyRefused {
                 name: name.to_owned(),
                 why: "an upgrade starts the new proxy beside the old one on other ports, but this \

@@ -77,6 +77,17 @@ pub struct ProcessSpec {
     pub limits: Limits,
 }
 
+impl ProcessSpec {
+    /// Whether this spec, rendered for other ports, runs beside `other`
+    /// (the same definition on the old ports) and can be told apart from
+    /// it: its command or environment follows the ports, and so does its
+    /// readiness check (else the old process would answer it). Only then
+    /// can an upgrade start the new process before the old one goes.
+    pub fn runs_beside(&self, other: &ProcessSpec) -> bool {
+        (self.argv != other.argv || self.env != other.env) && self.ready != other.ready
+    }
+}
+
 /// Where the proxy is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyState {

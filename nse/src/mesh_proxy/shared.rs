@@ -153,11 +153,6 @@ impl SharedProxy {
         self.current().sup.clone()
     }
 
-    /// The running proxy's pid.
-    pub fn pid(&self) -> Option<u32> {
-        self.supervisor().pid()
-    }
-
     /// Waits until the proxy is ready (at most its start timeout).
     pub async fn ready(&self) -> Result<u32, forwarder_plugin::proxy::ProxyError> {
         let sup = self.supervisor();
@@ -261,12 +256,11 @@ impl SharedProxy {
     }
 
     /// Whether `def` follows the ports it is given (`{{proxyPort}}`,
-    /// `{{dnsPort}}` in its command or environment) and so does its
-    /// readiness check (the default, the proxy's port): only then can a new
-    /// process start beside the old one and be told apart from it.
+    /// `{{dnsPort}}`) with its readiness check too
+    /// ([`ProcessSpec::runs_beside`]).
     fn moves(def: &ProcessConfig, base: &ProxyConfig) -> bool {
         match (Self::spec(def, base, false), Self::spec(def, base, true)) {
-            (Ok(a), Ok(b)) => (a.argv != b.argv || a.env != b.env) && a.ready != b.ready,
+            (Ok(a), Ok(b)) => b.runs_beside(&a),
             _ => false,
         }
     }
