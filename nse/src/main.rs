@@ -27,10 +27,9 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Kernel work runs on blocking threads, serialised per table: a
-        // burst of Requests makes many that soon idle. Their stacks and
-        // allocator arenas are given back when they go.
+        // burst of Requests makes many that soon idle. Their stacks go
+        // back when they do.
         .thread_keep_alive(std::time::Duration::from_secs(2))
-        .max_blocking_threads(8)
         .build()
     {
         Ok(rt) => rt,
